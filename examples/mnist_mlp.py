@@ -1,0 +1,131 @@
+"""Sparse MLP vs dense MLP on MNIST: same architecture, a few percent of the weights.
+
+Trains 784-1000-1000-1000-10 twice, once with `keras.layers.Dense` hidden layers
+and once with `keras_sparse_moe.layers.SparseDense` (Erdős–Rényi, SET's
+epsilon=20), prints a results table and writes the accuracy curves.
+
+    python examples/mnist_mlp.py [--data mnist.npz] [--epochs 3] [--out demo_output]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import keras
+import numpy as np
+
+import keras_sparse_moe as ksm
+
+HIDDEN = (1000, 1000, 1000)
+
+
+def build_mlp(input_dim, num_classes, hidden_layer):
+    inputs = keras.Input((input_dim,))
+    x = inputs
+    for units in HIDDEN:
+        x = hidden_layer(units)(x)
+    # At epsilon=20 a 1000x10 layer would be denser than full, so the output stays Dense.
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    return model
+
+
+def weight_count(model):
+    """(weights used, weights of the same model fully connected): kernels + biases."""
+    used = full = 0
+    for layer in model.layers:
+        for weight in layer.trainable_weights:
+            size = int(np.prod(weight.shape))
+            full += size
+            if isinstance(layer, ksm.layers.SparseDense) and weight is layer.kernel:
+                size = layer.num_connections
+            used += size
+    return used, full
+
+
+def plot_curves(histories, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install keras-sparse-moe[plots]): no picture")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, history in histories.items():
+        epochs = np.arange(1, len(history["val_accuracy"]) + 1)
+        ax.plot(epochs, history["val_accuracy"], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=None, help=".npz with x_train, y_train, x_test, y_test")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epsilon", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="demo_output", help="folder for the pictures")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    data = ksm.datasets.load_image_classification(args.data)
+    print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test images")
+    keras.utils.set_random_seed(args.seed)
+    models = {
+        "Dense MLP": build_mlp(
+            data.x_train.shape[1],
+            data.num_classes,
+            lambda units: keras.layers.Dense(units, activation="relu"),
+        ),
+        f"SparseDense MLP (epsilon={args.epsilon:g})": build_mlp(
+            data.x_train.shape[1],
+            data.num_classes,
+            lambda units: ksm.layers.SparseDense(
+                units, epsilon=args.epsilon, activation="relu", seed=args.seed + units
+            ),
+        ),
+    }
+    rows, histories = [], {}
+    for name, model in models.items():
+        print(f"\n== {name}")
+        history = model.fit(
+            data.x_train,
+            data.y_train,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            validation_data=(data.x_test, data.y_test),
+            verbose=1 if os.environ.get("CI") is None else 2,
+        )
+        histories[name] = history.history
+        _, accuracy = model.evaluate(data.x_test, data.y_test, verbose=0)
+        used, full = weight_count(model)
+        rows.append((name, accuracy, used, full))
+
+    print(f"\nResults on {data.name} after {args.epochs} epochs")
+    print("| model | test accuracy | weights used | weights of the dense model |")
+    print("|---|---|---|---|")
+    for name, accuracy, used, full in rows:
+        print(f"| {name} | {accuracy:.4f} | {used:,} ({used / full:.1%}) | {full:,} |")
+    os.makedirs(args.out, exist_ok=True)
+    plot_curves(histories, os.path.join(args.out, "accuracy.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Checks every public class of the library must pass, reused by the test files."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def assert_config_covers_init(instance):
+    """Every `__init__` argument of `type(instance)` appears in `get_config()`."""
+    cls = type(instance)
+    params = [
+        name
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    config = instance.get_config()
+    missing = [name for name in params if name not in config]
+    assert not missing, f"{cls.__name__}.get_config() lacks {missing}"
+    # The config must rebuild an equivalent object.
+    clone = cls.from_config(config)
+    assert clone.get_config() == config
+
+
+def masked_layers(model):
+    from keras_sparse_moe.layers import SparseDense
+
+    return [layer for layer in model._flatten_layers() if isinstance(layer, SparseDense)]
+
+
+def assert_masked_weights_zero(model):
+    layers = masked_layers(model)
+    assert layers, "the model has no SparseDense layer"
+    for layer in layers:
+        kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
+        assert np.all(kernel[mask == 0] == 0), f"{layer.name}: masked weights moved"
