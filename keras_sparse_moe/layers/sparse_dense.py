@@ -53,6 +53,11 @@ class SparseDense(keras.layers.Layer):
         kernel_regularizer, bias_regularizer, activity_regularizer: Optional
             regularizers, as in `keras.layers.Dense`.
         kernel_constraint, bias_constraint: Optional constraints.
+        density_aware_init: If True (default) and `kernel_initializer` is a
+            `keras.initializers.VarianceScaling` (Glorot, He, LeCun, ...), its
+            fan-in and fan-out count only kept connections: the drawn kernel
+            is scaled by `1 / sqrt(density)`, so activations keep the variance
+            the initializer intends (Evci et al. 2020 use the same scaling).
         seed: Optional non-negative int making the topology reproducible.
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
@@ -93,6 +98,7 @@ class SparseDense(keras.layers.Layer):
         activity_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        density_aware_init=True,
         seed=None,
         **kwargs,
     ):
@@ -168,6 +174,12 @@ class SparseDense(keras.layers.Layer):
         self.bias_regularizer = regularizers.get(bias_regularizer)
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.bias_constraint = constraints.get(bias_constraint)
+        if not isinstance(density_aware_init, bool):
+            raise TypeError(
+                f"`{owner}` got an invalid `density_aware_init`. Expected a bool. "
+                f"Received: density_aware_init={density_aware_init!r}"
+            )
+        self.density_aware_init = density_aware_init
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -210,6 +222,11 @@ class SparseDense(keras.layers.Layer):
                 f"input_shape={input_shape}"
             )
         mask = self._draw_mask(int(input_dim))
+        scale = 1.0
+        if self.density_aware_init and isinstance(
+            self.kernel_initializer, initializers.VarianceScaling
+        ):
+            scale = float(np.sqrt(mask.size / max(1.0, float(mask.sum()))))
         self.mask = self.add_weight(
             name="mask",
             shape=mask.shape,
@@ -224,7 +241,7 @@ class SparseDense(keras.layers.Layer):
             # Masked at creation: `build` may run in a stateless scope where an
             # `assign` would be dropped.
             initializer=lambda shape, dtype: ops.multiply(
-                self.kernel_initializer(shape, dtype), ops.cast(mask, dtype)
+                self.kernel_initializer(shape, dtype), ops.cast(mask * scale, dtype)
             ),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
@@ -305,6 +322,7 @@ class SparseDense(keras.layers.Layer):
                 "activity_regularizer": regularizers.serialize(self.activity_regularizer),
                 "kernel_constraint": constraints.serialize(self.kernel_constraint),
                 "bias_constraint": constraints.serialize(self.bias_constraint),
+                "density_aware_init": self.density_aware_init,
                 "seed": self.seed,
             }
         )

@@ -34,6 +34,28 @@ def test_matches_numpy_reference_and_reports_density():
     np.testing.assert_array_equal(mask, topologies.erdos_renyi(11, 7, density=0.3, seed=2))
 
 
+@pytest.mark.parametrize("density_aware_init", [True, False])
+def test_density_aware_init_scales_variance_scaling(density_aware_init):
+    layer = SparseDense(
+        400,
+        density=0.04,
+        kernel_initializer="he_normal",
+        density_aware_init=density_aware_init,
+        seed=0,
+    )
+    layer.build((None, 500))
+    kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
+    # He: Var = 2 / fan_in; fan_in counts kept inputs only when density-aware.
+    fan_in = 500 * (0.04 if density_aware_init else 1.0)
+    assert np.var(kernel[mask == 1]) == pytest.approx(2 / fan_in, rel=0.1)
+    # Other initializers are left as they are.
+    ones = SparseDense(
+        4, density=0.5, kernel_initializer="ones", density_aware_init=density_aware_init, seed=0
+    )
+    ones.build((None, 4))
+    np.testing.assert_array_equal(to_numpy(ones.kernel), to_numpy(ones.mask))
+
+
 def test_epsilon_and_default_density():
     layer = SparseDense(100, epsilon=5, seed=0)
     layer.build((None, 80))
@@ -244,6 +266,7 @@ def test_saved_model_export(tmp_path):
         ({"units": 8, "seed": "0"}, TypeError, "seed='0'"),
         ({"units": 8, "seed": 1.0}, TypeError, "seed=1.0"),
         ({"units": 8, "topology_kwargs": 3}, TypeError, "topology_kwargs=3"),
+        ({"units": 8, "density_aware_init": "yes"}, TypeError, "density_aware_init='yes'"),
         (
             {
                 "units": 8,
