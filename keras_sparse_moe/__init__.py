@@ -1,8 +1,20 @@
 """keras_sparse_moe: sparse layers and mixtures of sparse experts for Keras 3."""
 
-from keras_sparse_moe import datasets, layers, ops, topologies
+from keras_sparse_moe import callbacks, datasets, layers, ops, plots, schedules, topologies
+from keras_sparse_moe.conversion import sparsify
 from keras_sparse_moe.layers import SparseDense
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseDense", "__version__", "datasets", "layers", "ops", "topologies"]
+__all__ = [
+    "SparseDense",
+    "__version__",
+    "callbacks",
+    "datasets",
+    "layers",
+    "ops",
+    "plots",
+    "schedules",
+    "sparsify",
+    "topologies",
+]

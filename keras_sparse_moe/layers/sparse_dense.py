@@ -182,6 +182,7 @@ class SparseDense(keras.layers.Layer):
         self.density_aware_init = density_aware_init
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
+        self._dense_gradient = False
 
     # ------------------------------------------------------------------ #
     def _draw_mask(self, input_dim):
@@ -264,7 +265,10 @@ class SparseDense(keras.layers.Layer):
         self.kernel.assign(ops.multiply(self.kernel, ops.cast(self.mask, self.kernel.dtype)))
 
     def call(self, inputs):
-        kernel = mask_gradient(self.kernel, self.mask)
+        # The stored kernel is zero where the mask is, so the forward pass needs
+        # no multiply; only the gradient is masked. RigL flips `_dense_gradient`
+        # (outside compiled steps) to read the gradient at empty positions.
+        kernel = self.kernel if self._dense_gradient else mask_gradient(self.kernel, self.mask)
         outputs = ops.matmul(inputs, kernel)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)

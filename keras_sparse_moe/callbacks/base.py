@@ -1,0 +1,148 @@
+"""Shared machinery of the connectivity callbacks: finding layers, applying a rewiring."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = ["SparseTrainingCallback", "find_sparse_layers"]
+
+
+def find_sparse_layers(model, exclude=(), owner="callback"):
+    """The `SparseDense` layers of `model` (nested ones included), minus `exclude`."""
+    from keras_sparse_moe.layers import SparseDense
+
+    excluded = {x if isinstance(x, str) else x.name for x in exclude}
+    found = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, SparseDense) and layer.name not in excluded
+    ]
+    if not found:
+        raise ValueError(
+            f"`{owner}` found no `SparseDense` layer to act on in model "
+            f"'{model.name}' (excluded: {sorted(excluded) or 'none'}). Build the model "
+            "with `keras_sparse_moe.layers.SparseDense` or convert it with "
+            "`keras_sparse_moe.sparsify(model, ...)`."
+        )
+    return found
+
+
+def _check_exclude(exclude, owner):
+    if exclude is None:
+        return ()
+    if isinstance(exclude, (str, keras.layers.Layer)):
+        exclude = (exclude,)
+    exclude = tuple(exclude)
+    for item in exclude:
+        if not isinstance(item, (str, keras.layers.Layer)):
+            raise TypeError(
+                f"`{owner}` got an invalid `exclude`. Expected layer names or layers. "
+                f"Received: exclude={exclude!r}"
+            )
+    return exclude
+
+
+class SparseTrainingCallback(keras.callbacks.Callback):
+    """Base class: policy lives here, state (mask, kernel) lives in the layers.
+
+    Subclasses decide when and what to rewire; `_commit` writes the result into
+    the layer and resets the optimizer state where connections changed.
+    """
+
+    name = "sparse_training"
+
+    def __init__(self, exclude=None, seed=None):
+        super().__init__()
+        from keras_sparse_moe.topologies import check_seed
+
+        self.exclude = _check_exclude(exclude, type(self).__name__)
+        self.seed = check_seed(seed, type(self).__name__)
+        self._seed_generator = None
+        self._functions = {}
+        self._slots = {}
+
+    # ------------------------------------------------------------------ #
+    def on_train_begin(self, logs=None):
+        self.sparse_layers = find_sparse_layers(self.model, self.exclude, type(self).__name__)
+        if self._seed_generator is None:
+            self._seed_generator = keras.random.SeedGenerator(self.seed)
+        self._step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._epochs = self.params.get("epochs") or 1
+        self._steps_per_epoch = self.params.get("steps")
+        self._epoch = 0
+        self._rewired_in_epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._rewired_in_epoch = 0
+
+    def _is_last_step(self, batch):
+        return (
+            self._steps_per_epoch is not None
+            and self._epoch == self._epochs - 1
+            and batch == self._steps_per_epoch - 1
+        )
+
+    def _sync_model_state(self):
+        """On JAX, `fit` keeps variables in its own state between steps; bring them
+        back into the model (and have the next step read our assignments)."""
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+
+    def _report(self, logs, rewired=None):
+        """Adds per-layer density and the rewired count to `logs` (progress bar, History)."""
+        if logs is None:
+            return
+        for layer in self.sparse_layers:
+            logs[f"density/{layer.name}"] = layer.actual_density
+        if rewired is not None:
+            logs[f"{self.name}/rewired"] = rewired
+
+    # ------------------------------------------------------------------ #
+    def _function(self, layer, key, make):
+        """Compiled per layer (static sizes), reused across calls and fits."""
+        cache_key = (id(layer), key)
+        if cache_key not in self._functions:
+            self._functions[cache_key] = make()
+        return self._functions[cache_key]
+
+    def _optimizer_slots(self, layer):
+        """Optimizer variables shaped like the kernel that belong to it (momenta, moments)."""
+        optimizer = self.model.optimizer
+        key = (id(layer), id(optimizer), len(optimizer.variables))
+        if key not in self._slots:
+            prefix = layer.kernel.path.replace("/", "_") + "_"
+            variables = list(optimizer.variables)
+            inner = getattr(optimizer, "inner_optimizer", None)
+            if inner is not None:
+                variables += list(inner.variables)
+            self._slots[key] = [
+                v
+                for v in variables
+                if v.name.startswith(prefix) and tuple(v.shape) == tuple(layer.kernel.shape)
+            ]
+        return self._slots[key]
+
+    def _commit(self, layer, kernel, mask, unchanged):
+        """Writes a new kernel and mask; zeroes optimizer state outside `unchanged`.
+
+        `unchanged` is 1 where a connection existed before and after: momentum
+        and Adam moments survive there and are reset everywhere else, so a
+        dropped weight is not pushed back and a regrown one starts fresh.
+        """
+        shape = layer.kernel.shape
+        layer.kernel.assign(ops.reshape(ops.cast(kernel, layer.kernel.dtype), shape))
+        layer.mask.assign(ops.reshape(ops.cast(mask, "float32"), shape))
+        unchanged = ops.reshape(unchanged, shape)
+        for slot in self._optimizer_slots(layer):
+            slot.assign(ops.multiply(slot, ops.cast(unchanged, slot.dtype)))
+
+    def _noise(self, size):
+        return keras.random.uniform((size,), seed=self._seed_generator)
+
+
+def as_int(x) -> int:
+    return int(np.asarray(ops.convert_to_numpy(x)).round())

@@ -1,0 +1,137 @@
+"""Gradual magnitude pruning inside `model.fit` (Zhu & Gupta 2017)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_sparse_moe import schedules
+from keras_sparse_moe.callbacks.base import SparseTrainingCallback
+from keras_sparse_moe.ops import rewiring
+
+__all__ = ["MagnitudePruning"]
+
+
+def _is_tfmot_schedule(schedule):
+    return any(
+        cls.__module__.startswith("tensorflow_model_optimization")
+        and cls.__name__ == "PruningSchedule"
+        for cls in type(schedule).__mro__
+    )
+
+
+def _bucket(n, size):
+    """Next power of two >= n (capped at `size`): few compiled variants."""
+    return int(min(size, 1 << max(0, int(n - 1).bit_length())))
+
+
+@keras.saving.register_keras_serializable(package="keras_sparse_moe")
+class MagnitudePruning(SparseTrainingCallback):
+    """Removes the smallest-magnitude connections of `SparseDense` layers on a schedule.
+
+    Whenever `schedule(step)` says so, each layer keeps its
+    `round(density * n_in * n_out)` largest-magnitude connections and drops the
+    rest (never regrows). Start from dense layers (`SparseDense(..., density=1.0)`
+    or `keras_sparse_moe.sparsify(model, density=1.0)`) for classic gradual
+    pruning. Optimizer state is zeroed at pruned positions.
+
+    Args:
+        schedule: A `keras_sparse_moe.schedules.PolynomialDecay` /
+            `ConstantSparsity`, or a tfmot `PruningSchedule` (with the `[tfmot]`
+            extra installed).
+        exclude: Layers (or names) left unchanged.
+
+    Logs: `density/<layer>` and `pruning/rewired` (connections removed).
+
+    Example:
+
+    >>> import numpy as np, keras, keras_sparse_moe
+    >>> model = keras.Sequential([keras.Input((20,)),
+    ...     keras_sparse_moe.layers.SparseDense(32, density=1.0), keras.layers.Dense(1)])
+    >>> model.compile("adam", "mse")
+    >>> schedule = keras_sparse_moe.schedules.PolynomialDecay(0.0, 0.8, 0, 4, frequency=2)
+    >>> _ = model.fit(np.ones((64, 20)), np.ones((64, 1)), batch_size=16, verbose=0,
+    ...     callbacks=[keras_sparse_moe.callbacks.MagnitudePruning(schedule)])
+    >>> round(model.layers[0].actual_density, 2)
+    0.2
+    """
+
+    name = "pruning"
+
+    def __init__(self, schedule, exclude=None):
+        super().__init__(exclude=exclude)
+        if not isinstance(schedule, schedules.PruningSchedule) and not _is_tfmot_schedule(schedule):
+            raise TypeError(
+                "`MagnitudePruning` got an invalid `schedule`. Expected a "
+                "`keras_sparse_moe.schedules.PruningSchedule` (PolynomialDecay, "
+                "ConstantSparsity) or a tfmot `PruningSchedule`. "
+                f"Received: schedule={schedule!r} of type {type(schedule).__name__}"
+            )
+        self.schedule = schedule
+
+    def get_config(self):
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "exclude": [x if isinstance(x, str) else x.name for x in self.exclude],
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        return cls(**config)
+
+    def _target(self, step):
+        should_prune, value = self.schedule(step)
+        if isinstance(self.schedule, schedules.PruningSchedule):
+            return should_prune, value
+        # tfmot schedules return tensors and speak of sparsity.
+        return bool(np.asarray(should_prune)), 1.0 - float(np.asarray(value))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        should_prune, density = self._target(self._step)
+        if should_prune:
+            removed = self.prune(density)
+            self._rewired_in_epoch += removed
+            if logs is not None:
+                logs[f"{self.name}/rewired"] = removed
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._report(logs, self._rewired_in_epoch)
+
+    def prune(self, density):
+        """Prunes every layer to `density` now; returns the connections removed."""
+        if not 0.0 < density <= 1.0:
+            raise ValueError(
+                f"`MagnitudePruning` got a target density outside (0, 1] from its "
+                f"schedule. Received: density={density}"
+            )
+        self._sync_model_state()
+        removed = 0
+        for layer in self.sparse_layers:
+            size = int(np.prod(layer.kernel.shape))
+            count = layer.num_connections - max(1, int(round(density * size)))
+            if count <= 0:
+                continue
+            k_max = _bucket(count, size)
+            step = self._function(layer, ("prune", k_max), lambda k=k_max: _make_prune(k))
+            kernel, mask = step(
+                ops.convert_to_tensor(layer.kernel),
+                ops.convert_to_tensor(layer.mask),
+                ops.convert_to_tensor(count, "int32"),
+            )
+            self._commit(layer, kernel, mask, mask)
+            removed += count
+        return removed
+
+
+def _make_prune(k_max):
+    def step(kernel, mask, count):
+        kernel = ops.reshape(kernel, (-1,))
+        mask = ops.reshape(mask, (-1,))
+        kept = mask - rewiring.magnitude_drop(kernel, mask, count, k_max)
+        return kernel * kept, kept
+
+    return rewiring.compile_function(step)

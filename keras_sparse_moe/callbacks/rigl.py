@@ -1,0 +1,225 @@
+"""RigL: drop by magnitude, grow by dense gradient, inside `model.fit` (Evci et al. 2020)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_sparse_moe.callbacks.base import SparseTrainingCallback
+from keras_sparse_moe.callbacks.set_evolution import check_fraction, check_update_every
+from keras_sparse_moe.ops import rewiring
+
+__all__ = ["RigL"]
+
+DECAYS = ("cosine", "constant")
+
+
+@contextlib.contextmanager
+def _dense_gradients(layers):
+    for layer in layers:
+        layer._dense_gradient = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._dense_gradient = False
+
+
+def dense_kernel_gradients(model, layers, x, y, sample_weight=None):
+    """Gradient of the model's compiled loss w.r.t. each layer's full kernel.
+
+    Unlike training, empty (masked) positions get their true gradient too:
+    that is RigL's growth criterion.
+    """
+    backend = keras.backend.backend()
+    with _dense_gradients(layers):
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=True)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            return tape.gradient(loss, [layer.kernel for layer in layers])
+        if backend == "jax":
+            import jax
+
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            metrics = [v.value for v in model.metrics_variables]
+            optimizer = [v.value for v in model.optimizer.variables]
+
+            def loss_fn(trainable):
+                loss, _ = model.compute_loss_and_updates(
+                    trainable,
+                    non_trainable,
+                    metrics,
+                    x,
+                    y,
+                    sample_weight,
+                    training=True,
+                    optimizer_variables=optimizer,
+                )
+                return loss
+
+            grads = jax.grad(loss_fn)(trainable)
+            index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+            return [grads[index[id(layer.kernel)]] for layer in layers]
+    raise NotImplementedError(f"RigL supports the TensorFlow and JAX backends, not {backend}.")
+
+
+@keras.saving.register_keras_serializable(package="keras_sparse_moe")
+class RigL(SparseTrainingCallback):
+    """Rigged Lottery: periodically swaps weak connections for promising ones.
+
+    Every `update_every` steps until `end_step`, each `SparseDense` layer drops
+    the fraction `f(t)` of its connections with the smallest magnitude and
+    grows as many where the dense gradient magnitude of one batch is largest
+    among empty positions; new weights start at zero and their optimizer state
+    is reset. `f(t) = drop_fraction / 2 * (1 + cos(pi * t / end_step))` with
+    `decay="cosine"`. The connection count is unchanged.
+
+    Keras callbacks do not see the training batch, so the dense gradient is
+    taken on `data`: an `(x, y)` tuple of arrays from which a batch of
+    `batch_size` rows is drawn at each update (cycling through it).
+
+    Reference: Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
+
+    Args:
+        data: `(x, y)` arrays used for the dense gradient (a few thousand rows).
+        update_every: Steps between updates (`ΔT`, 100 in the paper).
+        drop_fraction: Initial fraction dropped per update, in (0, 1).
+        decay: `"cosine"` or `"constant"`.
+        end_step: Last step with updates; default 75 % of the training steps.
+        batch_size: Rows of `data` per gradient (default 128).
+        exclude: Layers (or names) left unchanged.
+        seed: Optional int.
+
+    Logs: `density/<layer>` and `rigl/rewired`.
+    """
+
+    name = "rigl"
+
+    def __init__(
+        self,
+        data=None,
+        update_every=100,
+        drop_fraction=0.3,
+        decay="cosine",
+        end_step=None,
+        batch_size=128,
+        exclude=None,
+        seed=None,
+    ):
+        super().__init__(exclude=exclude, seed=seed)
+        owner = "RigL"
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise TypeError(
+                f"`{owner}` needs `data=(x, y)`: arrays for the dense gradient (Keras "
+                f"callbacks do not see the training batch). Received: data={type(data).__name__}"
+            )
+        self.data = (np.asarray(data[0]), np.asarray(data[1]))
+        if len(self.data[0]) != len(self.data[1]) or len(self.data[0]) == 0:
+            raise ValueError(
+                f"`{owner}` got `data` with mismatched or empty arrays. Received: "
+                f"len(x)={len(self.data[0])}, len(y)={len(self.data[1])}"
+            )
+        self.update_every = check_update_every(update_every, owner, allow_epoch=False)
+        self.drop_fraction = check_fraction(drop_fraction, "drop_fraction", owner)
+        if decay not in DECAYS:
+            raise ValueError(
+                f"`{owner}` got an invalid `decay`. Expected one of {DECAYS}. "
+                f"Received: decay={decay!r}"
+            )
+        self.decay = decay
+        if end_step is not None:
+            end_step = check_update_every(end_step, owner + " end_step", allow_epoch=False)
+        self.end_step = end_step
+        self.batch_size = check_update_every(batch_size, owner + " batch_size", allow_epoch=False)
+        self._cursor = 0
+
+    def get_config(self):
+        return {
+            "update_every": self.update_every,
+            "drop_fraction": self.drop_fraction,
+            "decay": self.decay,
+            "end_step": self.end_step,
+            "batch_size": self.batch_size,
+            "exclude": [x if isinstance(x, str) else x.name for x in self.exclude],
+            "seed": self.seed,
+        }
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._end_step = self.end_step
+        if self._end_step is None:
+            if self._steps_per_epoch is None:
+                raise ValueError(
+                    "`RigL` cannot infer `end_step` (unknown steps per epoch): pass end_step."
+                )
+            self._end_step = max(1, int(0.75 * self._epochs * self._steps_per_epoch))
+
+    def fraction(self, step):
+        """Fraction of connections replaced at `step`."""
+        if step >= self._end_step:
+            return 0.0
+        if self.decay == "constant":
+            return self.drop_fraction
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self._end_step))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step % self.update_every == 0 and not self._is_last_step(batch):
+            rewired = self.update(self.fraction(self._step))
+            self._rewired_in_epoch += rewired
+            if logs is not None:
+                logs[f"{self.name}/rewired"] = rewired
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._report(logs, self._rewired_in_epoch)
+
+    def _batch(self):
+        x, y = self.data
+        rows = (self._cursor + np.arange(min(self.batch_size, len(x)))) % len(x)
+        self._cursor = int(rows[-1] + 1) % len(x)
+        return x[rows], y[rows]
+
+    def update(self, fraction):
+        """Runs one drop-and-grow with `fraction` now; returns connections replaced."""
+        if fraction <= 0:
+            return 0
+        self._sync_model_state()
+        x, y = self._batch()
+        grads = dense_kernel_gradients(self.model, self.sparse_layers, x, y)
+        rewired = 0
+        for layer, grad in zip(self.sparse_layers, grads):
+            size = int(np.prod(layer.kernel.shape))
+            nnz = layer.num_connections
+            count = int(math.floor(fraction * nnz))
+            if count == 0:
+                continue
+            k_max = max(1, min(size, math.floor(self.drop_fraction * nnz) + 1))
+            step = self._function(layer, "rigl", lambda k=k_max: _make_rigl(k))
+            kernel, mask, unchanged = step(
+                ops.convert_to_tensor(layer.kernel),
+                ops.convert_to_tensor(layer.mask),
+                ops.reshape(ops.abs(grad), (-1,)),
+                ops.convert_to_tensor(count, "int32"),
+            )
+            self._commit(layer, kernel, mask, unchanged)
+            rewired += count
+        return rewired
+
+
+def _make_rigl(k_max):
+    def step(kernel, mask, scores, count):
+        kernel = ops.reshape(kernel, (-1,))
+        mask = ops.reshape(mask, (-1,))
+        kept = mask - rewiring.magnitude_drop(kernel, mask, count, k_max)
+        added = rewiring.grow(kept, ops.cast(scores, "float32"), count, k_max)
+        return kernel * kept, kept + added, kept
+
+    return rewiring.compile_function(step)

@@ -1,0 +1,92 @@
+"""`sparsify`: turn the `Dense` layers of a Keras 3 model into `SparseDense`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_sparse_moe.layers import SparseDense
+
+__all__ = ["sparsify"]
+
+_SHARED = (
+    "units",
+    "activation",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+    "name",
+    "dtype",
+    "trainable",
+)
+
+
+def sparsify(model, density=None, epsilon=None, topology="erdos_renyi", exclude=None, seed=None):
+    """Returns a copy of `model` whose `Dense` layers are `SparseDense`.
+
+    Each converted layer keeps the `Dense` layer's weights wherever its mask
+    (drawn from `topology` at `density` or SET's `epsilon`) keeps a connection
+    and zero elsewhere; every other layer keeps its weights. The Keras 3
+    counterpart of tfmot's `prune_low_magnitude`: follow it with
+    `MagnitudePruning` (start from `density=1.0`), `SETEvolution` or `RigL`.
+    Works for Sequential and Functional models (Keras' `clone_model`).
+
+    Args:
+        model: A built Sequential or Functional Keras model.
+        density, epsilon, topology: As in `SparseDense`.
+        exclude: Names of `Dense` layers to leave dense.
+        seed: Optional int; layer `i` uses `seed + i`.
+
+    Example:
+    >>> import keras, keras_sparse_moe
+    >>> dense = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(2)])
+    >>> sparse = keras_sparse_moe.sparsify(dense, density=0.5, exclude=[dense.layers[-1].name])
+    >>> [type(layer).__name__ for layer in sparse.layers]
+    ['SparseDense', 'Dense']
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`sparsify` expects a Keras 3 model. Received: model of type {type(model).__name__}"
+        )
+    excluded = set(exclude or ())
+    counter = iter(range(10**9))
+
+    def convert(layer):
+        if type(layer) is keras.layers.Dense and layer.name not in excluded:
+            config = layer.get_config()
+            kwargs = {k: config[k] for k in _SHARED if k in config}
+            index = next(counter)
+            return SparseDense(
+                density=density,
+                epsilon=epsilon,
+                topology=topology,
+                density_aware_init=False,
+                seed=None if seed is None else seed + index,
+                **kwargs,
+            )
+        return layer.__class__.from_config(layer.get_config())
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=convert)
+    except ValueError as error:
+        raise ValueError(
+            "`sparsify` works on Sequential and Functional models; rebuild a subclassed "
+            f"model with `SparseDense` layers instead. Keras said: {error}"
+        ) from error
+    for old, new in zip(
+        model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
+    ):
+        if isinstance(new, SparseDense) and not isinstance(old, SparseDense):
+            mask = ops.convert_to_numpy(new.mask)
+            new.kernel.assign(ops.convert_to_numpy(old.kernel) * mask)
+            if old.use_bias:
+                new.bias.assign(ops.convert_to_numpy(old.bias))
+        elif old.weights:
+            new.set_weights([np.asarray(ops.convert_to_numpy(w)) for w in old.weights])
+    return clone

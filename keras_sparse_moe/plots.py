@@ -1,0 +1,57 @@
+"""Pictures of sparse connectivity (matplotlib, from the `[plots]` extra)."""
+
+from __future__ import annotations
+
+import numpy as np
+from keras import ops
+
+__all__ = ["input_connectivity"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "keras_sparse_moe.plots needs matplotlib: pip install keras-sparse-moe[plots]"
+        ) from error
+    return plt
+
+
+def input_connectivity(layer, image_shape, ax=None, path=None, title=None):
+    """Heatmap of the connections each input pixel keeps (SET paper, Fig. 5).
+
+    Args:
+        layer: A built `SparseDense` layer whose inputs are flattened images.
+        image_shape: `(height, width)` of the images (`prod == input_dim`).
+        ax: Optional matplotlib axes to draw on.
+        path: Optional file to save the figure to.
+        title: Optional title.
+
+    Returns:
+        The `(height, width)` array of per-pixel connection counts.
+    """
+    mask = np.asarray(ops.convert_to_numpy(layer.mask))
+    if int(np.prod(image_shape)) != mask.shape[0]:
+        raise ValueError(
+            f"`image_shape` must multiply to the layer's input size {mask.shape[0]}. "
+            f"Received: image_shape={tuple(image_shape)}"
+        )
+    counts = mask.sum(axis=1).reshape(image_shape)
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4, 3.6))
+    image = ax.imshow(counts, cmap="viridis")
+    ax.figure.colorbar(image, ax=ax, label="connections kept")
+    ax.set_title(title or f"{layer.name}: connections per input")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if path is not None:
+        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    if fig is not None:
+        plt.close(fig)
+    return counts

@@ -1,0 +1,160 @@
+"""Pruning schedules: step -> (prune now?, target density), serializable.
+
+The two classes mirror `tensorflow_model_optimization`'s schedules of the same
+names and arguments (which speak of *sparsity* = 1 - density), so code written
+for tfmot ports unchanged; `MagnitudePruning` also accepts tfmot's own objects.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+__all__ = ["ConstantSparsity", "PolynomialDecay", "PruningSchedule"]
+
+
+def _check_sparsity(value, name, owner, allow_zero=True):
+    low_ok = value >= 0 if allow_zero else value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not (low_ok and value < 1)
+    ):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(
+            f"`{owner}` got an invalid `{name}`. Expected a float in {interval} "
+            f"(the fraction of weights removed; density = 1 - {name}). "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def _check_step(value, name, owner, allow_negative=False):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"`{owner}` got an invalid `{name}`. Expected an int. Received: {name}={value!r}"
+        )
+    if value < 0 and not (allow_negative and value == -1):
+        raise ValueError(
+            f"`{owner}` got an invalid `{name}`. Expected a non-negative int"
+            f"{' or -1' if allow_negative else ''}. Received: {name}={value}"
+        )
+    return int(value)
+
+
+class PruningSchedule:
+    """Base class: `schedule(step)` returns `(should_prune, density)`."""
+
+    def __init__(self, begin_step, end_step, frequency):
+        owner = type(self).__name__
+        self.begin_step = _check_step(begin_step, "begin_step", owner)
+        self.end_step = _check_step(end_step, "end_step", owner, allow_negative=True)
+        self.frequency = _check_step(frequency, "frequency", owner)
+        if self.frequency < 1:
+            raise ValueError(
+                f"`{owner}` got an invalid `frequency`. Expected a positive int. "
+                f"Received: frequency={frequency}"
+            )
+        if self.end_step != -1 and self.end_step < self.begin_step:
+            raise ValueError(
+                f"`{owner}` needs end_step >= begin_step (or -1 for no end). "
+                f"Received: begin_step={begin_step}, end_step={end_step}"
+            )
+
+    def should_prune(self, step: int) -> bool:
+        in_range = step >= self.begin_step and (self.end_step == -1 or step <= self.end_step)
+        return bool(in_range and (step - self.begin_step) % self.frequency == 0)
+
+    def density(self, step: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, step: int):
+        return self.should_prune(int(step)), self.density(int(step))
+
+    def get_config(self):
+        return {
+            "begin_step": self.begin_step,
+            "end_step": self.end_step,
+            "frequency": self.frequency,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_sparse_moe")
+class ConstantSparsity(PruningSchedule):
+    """Prunes to a fixed `target_sparsity` every `frequency` steps in range.
+
+    Example:
+    >>> s = ConstantSparsity(0.9, begin_step=0, frequency=10)
+    >>> s(20), s(25)
+    ((True, 0.1), (False, 0.1))
+    """
+
+    def __init__(self, target_sparsity, begin_step=0, end_step=-1, frequency=100):
+        super().__init__(begin_step, end_step, frequency)
+        self.target_sparsity = _check_sparsity(
+            target_sparsity, "target_sparsity", "ConstantSparsity", allow_zero=False
+        )
+
+    def density(self, step):
+        return 1.0 - self.target_sparsity
+
+    def get_config(self):
+        return {"target_sparsity": self.target_sparsity, **super().get_config()}
+
+
+@keras.saving.register_keras_serializable(package="keras_sparse_moe")
+class PolynomialDecay(PruningSchedule):
+    """Gradual magnitude pruning schedule of Zhu & Gupta (2017).
+
+    Sparsity grows from `initial_sparsity` at `begin_step` to `final_sparsity`
+    at `end_step` as `s_t = s_f + (s_i - s_f) * (1 - p)^power`, where
+    `p = (t - begin_step) / (end_step - begin_step)`; pruning happens every
+    `frequency` steps in that range.
+
+    Example:
+    >>> s = PolynomialDecay(0.0, 0.9, begin_step=0, end_step=100, frequency=50)
+    >>> [(p, round(d, 4)) for p, d in (s(0), s(50), s(100))]
+    [(True, 1.0), (True, 0.2125), (True, 0.1)]
+    """
+
+    def __init__(
+        self, initial_sparsity, final_sparsity, begin_step, end_step, power=3, frequency=100
+    ):
+        super().__init__(begin_step, end_step, frequency)
+        owner = "PolynomialDecay"
+        if self.end_step == -1 or self.end_step == self.begin_step:
+            raise ValueError(
+                f"`{owner}` needs end_step > begin_step. "
+                f"Received: begin_step={begin_step}, end_step={end_step}"
+            )
+        self.initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity", owner)
+        self.final_sparsity = _check_sparsity(
+            final_sparsity, "final_sparsity", owner, allow_zero=False
+        )
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+            raise ValueError(
+                f"`{owner}` got an invalid `power`. Expected a positive number. "
+                f"Received: power={power!r}"
+            )
+        self.power = power
+
+    def density(self, step):
+        progress = (step - self.begin_step) / (self.end_step - self.begin_step)
+        progress = min(1.0, max(0.0, progress))
+        sparsity = (
+            self.final_sparsity
+            + (self.initial_sparsity - self.final_sparsity) * (1.0 - progress) ** self.power
+        )
+        return 1.0 - sparsity
+
+    def get_config(self):
+        return {
+            "initial_sparsity": self.initial_sparsity,
+            "final_sparsity": self.final_sparsity,
+            "power": self.power,
+            **super().get_config(),
+        }
