@@ -1,0 +1,354 @@
+"""SET, RigL and magnitude pruning inside model.fit: invariants, references, errors."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_sparse_moe as ksm
+from keras_sparse_moe.callbacks import MagnitudePruning, RigL, SETEvolution
+from keras_sparse_moe.schedules import ConstantSparsity, PolynomialDecay
+from tests.test_case import assert_masked_weights_zero, masked_layers, to_numpy
+
+RNG = np.random.default_rng(0)
+X = RNG.random((128, 24), dtype=np.float32)
+Y = (X[:, :3] @ RNG.standard_normal((3, 2))).astype("float32")
+
+
+def _model(density=0.25, optimizer=None, jit_compile=True):
+    model = keras.Sequential(
+        [
+            keras.Input((24,)),
+            ksm.layers.SparseDense(32, density=density, activation="relu", seed=0, name="h1"),
+            ksm.layers.SparseDense(32, density=density, activation="relu", seed=1, name="h2"),
+            keras.layers.Dense(2, name="out"),
+        ]
+    )
+    model.compile(optimizer or keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
+    return model
+
+
+def _state(model):
+    return {
+        layer.name: (to_numpy(layer.kernel).copy(), to_numpy(layer.mask).copy())
+        for layer in masked_layers(model)
+    }
+
+
+def _slots(model, layer):
+    prefix = layer.kernel.path.replace("/", "_") + "_"
+    return [to_numpy(v) for v in model.optimizer.variables if v.name.startswith(prefix)]
+
+
+# --------------------------------------------------------------------------- #
+# SET
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_set_epoch_schedule_keeps_counts_and_zeros(jit_compile):
+    model = _model(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit_compile)
+    counts = {layer.name: layer.num_connections for layer in masked_layers(model)}
+    callback = SETEvolution(zeta=0.3, seed=0)
+    history = model.fit(X, Y, batch_size=32, epochs=3, verbose=0, callbacks=[callback])
+    for layer in masked_layers(model):
+        assert layer.num_connections == counts[layer.name]
+    assert_masked_weights_zero(model)
+    rewired = history.history["set/rewired"]
+    assert rewired[0] > 0 and rewired[1] > 0
+    assert rewired[-1] == 0  # no evolution after the last epoch
+    assert history.history["density/h1"][-1] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_set_step_against_numpy_reference():
+    model = _model(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    callback = SETEvolution(zeta=0.3, seed=0)
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    before = _state(model)
+    rewired = callback.evolve()
+    after = _state(model)
+    total = 0
+    for layer in masked_layers(model):
+        kernel, mask = before[layer.name]
+        new_kernel, new_mask = after[layer.name]
+        pos = np.flatnonzero((mask.ravel() > 0) & (kernel.ravel() >= 0))
+        neg = np.flatnonzero((mask.ravel() > 0) & (kernel.ravel() < 0))
+        k_pos, k_neg = int(0.3 * len(pos)), int(0.3 * len(neg))
+        dropped = set(pos[np.argsort(kernel.ravel()[pos])][:k_pos]) | set(
+            neg[np.argsort(-kernel.ravel()[neg])][:k_neg]
+        )
+        after_drop = mask.ravel().copy()
+        after_drop[list(dropped)] = 0
+        grown = np.flatnonzero((new_mask.ravel() > 0) & (after_drop == 0))
+        # Kept connections are the old ones minus the dropped; as many are regrown.
+        np.testing.assert_array_equal(new_mask.ravel() * after_drop, after_drop)
+        assert len(grown) == len(dropped)
+        assert new_mask.sum() == mask.sum()
+        assert np.all(new_kernel.ravel()[grown] == 0)  # regrown start at zero
+        survivors = (mask > 0) & (new_mask > 0)
+        survivors.ravel()[list(dropped)] = False
+        np.testing.assert_array_equal(new_kernel[survivors], kernel[survivors])
+        # Momentum survives where the connection did, and is zero everywhere else.
+        (momentum,) = _slots(model, layer)
+        assert np.all(momentum.ravel()[list(dropped)] == 0)
+        assert np.all(momentum[new_mask == 0] == 0)
+        total += len(dropped)
+    assert rewired == total
+
+
+def test_set_resets_adam_moments_at_changed_positions():
+    model = _model(optimizer=keras.optimizers.Adam(0.01))
+    callback = SETEvolution(zeta=0.5, seed=3)
+    model.fit(X, Y, batch_size=32, epochs=2, verbose=0, callbacks=[callback])
+    for layer in masked_layers(model):
+        slots = _slots(model, layer)
+        assert len(slots) == 2  # m and v
+        mask = to_numpy(layer.mask)
+        for slot in slots:
+            assert np.all(slot[mask == 0] == 0)
+
+
+def test_set_step_schedule_probability_and_reuse():
+    model = _model()
+    callback = SETEvolution(zeta=0.2, update_every=3, seed=0)
+    history = model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[callback])
+    assert all(r > 0 for r in history.history["set/rewired"])  # 16 steps: evolutions at 3, 6, ...
+    # The same callback on a second fit continues from optimizer.iterations.
+    history = model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    assert history.history["set/rewired"][0] > 0
+    assert_masked_weights_zero(model)
+
+    model = _model()
+    never = SETEvolution(probability=1e-9, seed=0)
+    history = model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[never])
+    assert history.history["set/rewired"] == [0, 0]
+    always = SETEvolution(probability=0.999999, seed=0)
+    history = model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[always])
+    assert history.history["set/rewired"][0] > 0
+
+
+def test_set_is_deterministic_by_seed_and_respects_exclude():
+    masks = []
+    for _ in range(2):
+        keras.utils.set_random_seed(7)
+        model = _model()
+        model.fit(
+            X,
+            Y,
+            batch_size=32,
+            epochs=2,
+            verbose=0,
+            shuffle=False,
+            callbacks=[SETEvolution(seed=5, exclude=["h2"])],
+        )
+        masks.append({k: v[1] for k, v in _state(model).items()})
+        np.testing.assert_array_equal(masks[-1]["h2"], to_numpy(_model().layers[1].mask))
+    np.testing.assert_array_equal(masks[0]["h1"], masks[1]["h1"])
+
+
+def test_set_regrow_initializer():
+    model = _model()
+    callback = SETEvolution(zeta=0.3, regrow_initializer="ones", seed=0)
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    before = _state(model)
+    callback.evolve()
+    for layer in masked_layers(model):
+        kernel, mask = before[layer.name]
+        new = to_numpy(layer.kernel)
+        grown = (to_numpy(layer.mask) > 0) & (mask == 0)
+        assert grown.any() and np.all(new[grown] == 1)
+
+
+# --------------------------------------------------------------------------- #
+# RigL
+# --------------------------------------------------------------------------- #
+def test_rigl_grows_where_dense_gradient_is_largest():
+    model = _model(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    callback = RigL(data=(X, Y), update_every=1000, drop_fraction=0.3, batch_size=64, seed=0)
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    before = _state(model)
+    from keras_sparse_moe.callbacks.rigl import dense_kernel_gradients
+
+    layers = masked_layers(model)
+    grads = [np.abs(to_numpy(g)) for g in dense_kernel_gradients(model, layers, X[:64], Y[:64])]
+    callback._cursor = 0
+    rewired = callback.update(0.3)
+    total = 0
+    for layer, grad in zip(layers, grads):
+        kernel, mask = before[layer.name]
+        new_kernel, new_mask = (to_numpy(layer.kernel), to_numpy(layer.mask))
+        count = int(0.3 * mask.sum())
+        kept = np.flatnonzero(mask.ravel())
+        dropped = kept[np.argsort(np.abs(kernel.ravel()[kept]))][:count]
+        after_drop = mask.ravel().copy()
+        after_drop[dropped] = 0
+        empty = np.flatnonzero(after_drop == 0)
+        grown = empty[np.argsort(-grad.ravel()[empty], kind="stable")][:count]
+        expected = after_drop.copy()
+        expected[grown] = 1
+        np.testing.assert_array_equal(new_mask.ravel(), expected)
+        assert np.all(new_kernel.ravel()[grown] == 0)
+        assert new_mask.sum() == mask.sum()
+        total += count
+    assert rewired == total
+
+
+def test_rigl_in_fit_with_cosine_decay_and_reuse():
+    model = _model()
+    counts = [layer.num_connections for layer in masked_layers(model)]
+    callback = RigL(data=(X, Y), update_every=2, drop_fraction=0.3, seed=0)
+    history = model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[callback])
+    assert history.history["rigl/rewired"][0] > 0
+    assert [layer.num_connections for layer in masked_layers(model)] == counts
+    assert_masked_weights_zero(model)
+    assert callback.fraction(0) == pytest.approx(0.3)
+    assert callback.fraction(callback._end_step // 2) == pytest.approx(0.15)
+    assert callback.fraction(callback._end_step) == 0
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    assert_masked_weights_zero(model)
+
+
+# --------------------------------------------------------------------------- #
+# Magnitude pruning and schedules
+# --------------------------------------------------------------------------- #
+def test_polynomial_decay_matches_zhu_gupta():
+    schedule = PolynomialDecay(0.1, 0.9, begin_step=10, end_step=110, power=3, frequency=10)
+    for step in (10, 40, 60, 110, 500):
+        progress = min(1.0, (step - 10) / 100)
+        sparsity = 0.9 + (0.1 - 0.9) * (1 - progress) ** 3
+        assert schedule.density(step) == pytest.approx(1 - sparsity)
+    assert schedule.should_prune(20) and not schedule.should_prune(25)
+    assert not schedule.should_prune(5) and not schedule.should_prune(120)
+    assert PolynomialDecay.from_config(schedule.get_config()).get_config() == schedule.get_config()
+    constant = ConstantSparsity(0.75, begin_step=4, frequency=2)
+    assert constant(6) == (True, 0.25) and constant(7) == (False, 0.25)
+
+
+def test_magnitude_pruning_reaches_target_and_keeps_largest():
+    model = _model(density=1.0, optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    schedule = PolynomialDecay(0.0, 0.8, begin_step=0, end_step=8, frequency=2)
+    callback = MagnitudePruning(schedule)
+    history = model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[callback])
+    for layer in masked_layers(model):
+        assert layer.actual_density == pytest.approx(0.2, abs=0.002)
+        kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
+        (momentum,) = _slots(model, layer)
+        assert np.all(momentum[mask == 0] == 0)
+    assert_masked_weights_zero(model)
+    assert sum(history.history["pruning/rewired"]) == sum(
+        round(0.8 * 24 * 32) if i == 0 else round(0.8 * 32 * 32) for i in range(2)
+    )
+    # One more pruning step keeps exactly the largest magnitudes.
+    layer = masked_layers(model)[0]
+    kernel = to_numpy(layer.kernel)
+    callback.prune(0.1)
+    keep = np.argsort(-np.abs(kernel.ravel()))[: round(0.1 * kernel.size)]
+    expected = np.zeros(kernel.size)
+    expected[keep] = 1
+    np.testing.assert_array_equal(to_numpy(layer.mask).ravel(), expected)
+
+
+@pytest.mark.tensorflow_only
+def test_magnitude_pruning_accepts_tfmot_schedules():
+    tfmot = pytest.importorskip(
+        "tensorflow_model_optimization", reason="the [tfmot] extra is not installed"
+    )
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=4, frequency=2)
+    model = _model(density=1.0)
+    model.fit(X, Y, batch_size=32, epochs=2, verbose=0, callbacks=[MagnitudePruning(schedule)])
+    for layer in masked_layers(model):
+        assert layer.actual_density == pytest.approx(0.5, abs=0.002)
+
+
+# --------------------------------------------------------------------------- #
+# sparsify and plots
+# --------------------------------------------------------------------------- #
+def test_sparsify_keeps_weights_where_the_mask_does():
+    inputs = keras.Input((10,))
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.Dropout(0.1)(hidden))
+    dense = keras.Model(inputs, outputs)
+    sparse = ksm.sparsify(dense, density=0.5, topology="random_regular", seed=0, exclude=["logits"])
+    layer = sparse.get_layer("hidden")
+    assert isinstance(layer, ksm.layers.SparseDense)
+    assert isinstance(sparse.get_layer("logits"), keras.layers.Dense)
+    assert np.all(to_numpy(layer.mask).sum(axis=1) == 8)
+    np.testing.assert_array_equal(
+        to_numpy(layer.kernel), to_numpy(dense.get_layer("hidden").kernel) * to_numpy(layer.mask)
+    )
+    x = RNG.random((4, 10), dtype=np.float32)
+    full = ksm.sparsify(dense, density=1.0)
+    np.testing.assert_allclose(to_numpy(full(x)), to_numpy(dense(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="Keras 3 model"):
+        ksm.sparsify("model", density=0.5)
+
+
+def test_input_connectivity_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="the [plots] extra is not installed")
+    layer = ksm.layers.SparseDense(10, density=0.3, seed=0)
+    layer.build((None, 36))
+    path = tmp_path / "connectivity.png"
+    counts = ksm.plots.input_connectivity(layer, (6, 6), path=str(path))
+    np.testing.assert_array_equal(counts, to_numpy(layer.mask).sum(axis=1).reshape(6, 6))
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="image_shape"):
+        ksm.plots.input_connectivity(layer, (5, 5))
+
+
+# --------------------------------------------------------------------------- #
+# Configs and errors
+# --------------------------------------------------------------------------- #
+def test_callback_configs_cover_init():
+    import inspect
+
+    for callback in (
+        SETEvolution(zeta=0.2, update_every=5, seed=1, exclude=["a"]),
+        RigL(data=(X, Y), update_every=10, end_step=100),
+        MagnitudePruning(ConstantSparsity(0.5)),
+    ):
+        params = set(inspect.signature(type(callback).__init__).parameters) - {"self", "data"}
+        assert params <= set(callback.get_config())
+
+
+def test_callbacks_need_a_sparse_layer():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="found no `SparseDense` layer"):
+        model.fit(np.ones((4, 4)), np.ones((4, 1)), verbose=0, callbacks=[SETEvolution()])
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: SETEvolution(zeta=0), ValueError, "zeta=0"),
+        (lambda: SETEvolution(zeta=1.0), ValueError, "zeta=1.0"),
+        (lambda: SETEvolution(update_every=0), ValueError, "update_every=0"),
+        (lambda: SETEvolution(update_every="batch"), ValueError, "update_every='batch'"),
+        (lambda: SETEvolution(probability=1.5), ValueError, "probability=1.5"),
+        (lambda: SETEvolution(probability=0.1, update_every=5), ValueError, "not both"),
+        (lambda: SETEvolution(exclude=[3]), TypeError, "exclude"),
+        (lambda: SETEvolution(seed="x"), TypeError, "seed='x'"),
+        (lambda: RigL(), TypeError, "data=\\(x, y\\)"),
+        (lambda: RigL(data=(X, Y[:3])), ValueError, "mismatched"),
+        (lambda: RigL(data=(X, Y), drop_fraction=1.2), ValueError, "drop_fraction=1.2"),
+        (lambda: RigL(data=(X, Y), decay="linear"), ValueError, "decay='linear'"),
+        (lambda: RigL(data=(X, Y), update_every=-2), ValueError, "update_every=-2"),
+        (lambda: MagnitudePruning(0.5), TypeError, "schedule=0.5"),
+        (lambda: ConstantSparsity(1.0), ValueError, "target_sparsity=1.0"),
+        (lambda: ConstantSparsity(0.5, frequency=0), ValueError, "frequency=0"),
+        (lambda: PolynomialDecay(0.0, 1.2, 0, 10), ValueError, "final_sparsity=1.2"),
+        (lambda: PolynomialDecay(0.0, 0.5, 10, 5), ValueError, "end_step >= begin_step"),
+        (lambda: PolynomialDecay(0.0, 0.5, 0, 10, power=0), ValueError, "power=0"),
+    ],
+)
+def test_invalid_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_invalid_target_density_changes_nothing():
+    model = _model()
+    callback = MagnitudePruning(ConstantSparsity(0.5))
+    model.fit(X, Y, epochs=1, verbose=0, callbacks=[callback])
+    before = _state(model)
+    with pytest.raises(ValueError, match="density=1.5"):
+        callback.prune(1.5)
+    for name, (kernel, mask) in _state(model).items():
+        np.testing.assert_array_equal(mask, before[name][1])
