@@ -57,26 +57,42 @@ def sparsify(model, density=None, epsilon=None, topology="erdos_renyi", exclude=
     excluded = set(exclude or ())
     counter = iter(range(10**9))
 
+    def make(layer):
+        if layer.name in excluded:
+            return None
+        index = next(counter)
+        return dict(
+            density=density,
+            epsilon=epsilon,
+            topology=topology,
+            seed=None if seed is None else seed + index,
+        )
+
+    return replace_dense_layers(model, make)
+
+
+def replace_dense_layers(model, sparse_arguments):
+    """Clones `model`, turning each `Dense` layer into a `SparseDense`.
+
+    `sparse_arguments(layer)` returns the SparseDense-only arguments (density,
+    mask, ...) for a Dense layer, or None to keep it dense. Weights are copied;
+    converted kernels are multiplied by their mask.
+    """
+
     def convert(layer):
-        if type(layer) is keras.layers.Dense and layer.name not in excluded:
-            config = layer.get_config()
-            kwargs = {k: config[k] for k in _SHARED if k in config}
-            index = next(counter)
-            return SparseDense(
-                density=density,
-                epsilon=epsilon,
-                topology=topology,
-                density_aware_init=False,
-                seed=None if seed is None else seed + index,
-                **kwargs,
-            )
+        if type(layer) is keras.layers.Dense:
+            arguments = sparse_arguments(layer)
+            if arguments is not None:
+                config = layer.get_config()
+                kwargs = {k: config[k] for k in _SHARED if k in config}
+                return SparseDense(density_aware_init=False, **arguments, **kwargs)
         return layer.__class__.from_config(layer.get_config())
 
     try:
         clone = keras.models.clone_model(model, clone_function=convert)
     except ValueError as error:
         raise ValueError(
-            "`sparsify` works on Sequential and Functional models; rebuild a subclassed "
+            "Converting works on Sequential and Functional models; rebuild a subclassed "
             f"model with `SparseDense` layers instead. Keras said: {error}"
         ) from error
     for old, new in zip(

@@ -350,5 +350,5 @@ def test_invalid_target_density_changes_nothing():
     before = _state(model)
     with pytest.raises(ValueError, match="density=1.5"):
         callback.prune(1.5)
-    for name, (kernel, mask) in _state(model).items():
+    for name, (_kernel, mask) in _state(model).items():
         np.testing.assert_array_equal(mask, before[name][1])
