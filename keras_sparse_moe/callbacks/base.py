@@ -62,6 +62,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._seed_generator = None
         self._functions = {}
         self._slots = {}
+        self._indices = {}
 
     # ------------------------------------------------------------------ #
     def on_train_begin(self, logs=None):
@@ -73,6 +74,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._steps_per_epoch = self.params.get("steps")
         self._epoch = 0
         self._rewired_in_epoch = 0
+        self._indices = {}
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -126,22 +128,54 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             ]
         return self._slots[key]
 
-    def _commit(self, layer, kernel, mask, unchanged):
-        """Writes a new kernel and mask; zeroes optimizer state outside `unchanged`.
+    def _kept_indices(self, layer):
+        """int32 positions of the layer's connections, derived from its mask.
 
-        `unchanged` is 1 where a connection existed before and after: momentum
-        and Adam moments survive there and are reset everywhere else, so a
-        dropped weight is not pushed back and a regrown one starts fresh.
+        A cache: rebuilt from the mask (the source of truth) at every
+        `on_train_begin` and whenever a step finds it out of date.
         """
-        shape = layer.kernel.shape
-        layer.kernel.assign(ops.reshape(ops.cast(kernel, layer.kernel.dtype), shape))
-        layer.mask.assign(ops.reshape(ops.cast(mask, "float32"), shape))
-        unchanged = ops.reshape(unchanged, shape)
-        for slot in self._optimizer_slots(layer):
-            slot.assign(ops.multiply(slot, ops.cast(unchanged, slot.dtype)))
+        indices = self._indices.get(id(layer))
+        if indices is None:
+            mask = np.asarray(ops.convert_to_numpy(layer.mask)).ravel()
+            indices = ops.convert_to_tensor(np.flatnonzero(mask).astype("int32"))
+            self._indices[id(layer)] = indices
+        return indices
 
-    def _noise(self, size):
-        return keras.random.uniform((size,), seed=self._seed_generator)
+    def _step_inputs(self, layer):
+        """Tensors a compiled step reads: kernel, mask, optimizer slots, indices."""
+        slots = self._optimizer_slots(layer)
+        return (
+            ops.convert_to_tensor(layer.kernel),
+            ops.convert_to_tensor(layer.mask),
+            [ops.convert_to_tensor(slot) for slot in slots],
+            self._kept_indices(layer),
+        )
+
+    def _commit(self, layer, kernel, mask, slot_values, indices):
+        """Writes the new kernel, mask and optimizer state; caches `indices`."""
+        shape = layer.kernel.shape
+        layer.kernel.assign(ops.reshape(kernel, shape))
+        layer.mask.assign(ops.reshape(mask, shape))
+        for slot, value in zip(self._optimizer_slots(layer), slot_values):
+            slot.assign(ops.reshape(value, shape))
+        self._indices[id(layer)] = indices
+
+    def _candidates(self, size, count):
+        return keras.random.randint((count,), 0, size, seed=self._seed_generator, dtype="int32")
+
+
+def flat_inputs(kernel, mask, slots, indices):
+    """Flattens what `_step_inputs` returns and checks `indices` against the mask.
+
+    `consistent` is False when the mask no longer has exactly the cached
+    connections (changed outside this callback); the caller then rebuilds.
+    """
+    kernel = ops.reshape(kernel, (-1,))
+    mask = ops.reshape(mask, (-1,))
+    slots = [ops.reshape(slot, (-1,)) for slot in slots]
+    nnz = ops.shape(indices)[0]
+    consistent = ops.logical_and(ops.sum(ops.take(mask, indices)) == nnz, ops.sum(mask) == nnz)
+    return kernel, mask, slots, consistent
 
 
 def as_int(x) -> int:

@@ -21,11 +21,6 @@ def _is_tfmot_schedule(schedule):
     )
 
 
-def _bucket(n, size):
-    """Next power of two >= n (capped at `size`): few compiled variants."""
-    return int(min(size, 1 << max(0, int(n - 1).bit_length())))
-
-
 @keras.saving.register_keras_serializable(package="keras_sparse_moe")
 class MagnitudePruning(SparseTrainingCallback):
     """Removes the smallest-magnitude connections of `SparseDense` layers on a schedule.
@@ -115,23 +110,33 @@ class MagnitudePruning(SparseTrainingCallback):
             count = layer.num_connections - max(1, int(round(density * size)))
             if count <= 0:
                 continue
-            k_max = _bucket(count, size)
-            step = self._function(layer, ("prune", k_max), lambda k=k_max: _make_prune(k))
-            kernel, mask = step(
+            slots = self._optimizer_slots(layer)
+            step = self._function(layer, ("prune", len(slots)), _make_prune)
+            kernel, mask, new_slots = step(
                 ops.convert_to_tensor(layer.kernel),
                 ops.convert_to_tensor(layer.mask),
+                [ops.convert_to_tensor(slot) for slot in slots],
                 ops.convert_to_tensor(count, "int32"),
             )
-            self._commit(layer, kernel, mask, mask)
+            self._commit(layer, kernel, mask, new_slots, None)
+            self._indices.pop(id(layer), None)
             removed += count
         return removed
 
 
-def _make_prune(k_max):
-    def step(kernel, mask, count):
-        kernel = ops.reshape(kernel, (-1,))
-        mask = ops.reshape(mask, (-1,))
-        kept = mask - rewiring.magnitude_drop(kernel, mask, count, k_max)
-        return kernel * kept, kept
+def _make_prune():
+    # Pruning is rare and changes the number of connections, so it works on the
+    # full arrays (fixed shapes: compiled once per layer).
+    def step(kernel, mask, slots, count):
+        shape = ops.shape(kernel)
+        flat_mask = ops.reshape(mask, (-1,))
+        keys = rewiring.magnitude_keys(ops.reshape(kernel, (-1,)))
+        drop = rewiring.select_smallest(keys, flat_mask > 0, count)
+        keep = ops.reshape(ops.where(drop, 0.0, flat_mask), shape)
+        return (
+            kernel * ops.cast(keep, kernel.dtype),
+            keep,
+            [s * ops.cast(keep, s.dtype) for s in slots],
+        )
 
     return rewiring.compile_function(step)

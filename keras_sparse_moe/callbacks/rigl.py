@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse_moe.callbacks.base import SparseTrainingCallback
+from keras_sparse_moe.callbacks.base import SparseTrainingCallback, flat_inputs
 from keras_sparse_moe.callbacks.set_evolution import check_fraction, check_update_every
 from keras_sparse_moe.ops import rewiring
 
@@ -29,46 +29,67 @@ def _dense_gradients(layers):
             layer._dense_gradient = False
 
 
-def dense_kernel_gradients(model, layers, x, y, sample_weight=None):
-    """Gradient of the model's compiled loss w.r.t. each layer's full kernel.
+def compiled_dense_gradients(model, layers):
+    """A compiled `(x, y) -> [dL/dW for each layer's full kernel]`.
 
     Unlike training, empty (masked) positions get their true gradient too:
-    that is RigL's growth criterion.
+    that is RigL's growth criterion. The layers' `_dense_gradient` flag is set
+    only while the function is traced, so training steps are unaffected.
     """
     backend = keras.backend.backend()
-    with _dense_gradients(layers):
-        if backend == "tensorflow":
-            import tensorflow as tf
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-            with tf.GradientTape() as tape:
+        kernels = [layer.kernel for layer in layers]
+
+        @tf.function(jit_compile=True, reduce_retracing=True)
+        def gradients(x, y):
+            with _dense_gradients(layers), tf.GradientTape() as tape:
                 y_pred = model(x, training=True)
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-            return tape.gradient(loss, [layer.kernel for layer in layers])
-        if backend == "jax":
-            import jax
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
+            return tape.gradient(loss, kernels)
 
-            trainable = [v.value for v in model.trainable_variables]
-            non_trainable = [v.value for v in model.non_trainable_variables]
-            metrics = [v.value for v in model.metrics_variables]
-            optimizer = [v.value for v in model.optimizer.variables]
+        return gradients
+    if backend == "jax":
+        import jax
 
-            def loss_fn(trainable):
+        index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        positions = [index[id(layer.kernel)] for layer in layers]
+
+        def loss_fn(trainable, non_trainable, metrics, optimizer, x, y):
+            with _dense_gradients(layers):
                 loss, _ = model.compute_loss_and_updates(
                     trainable,
                     non_trainable,
                     metrics,
                     x,
                     y,
-                    sample_weight,
+                    None,
                     training=True,
                     optimizer_variables=optimizer,
                 )
-                return loss
+            return loss
 
-            grads = jax.grad(loss_fn)(trainable)
-            index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-            return [grads[index[id(layer.kernel)]] for layer in layers]
+        grad_fn = jax.jit(jax.grad(loss_fn))
+
+        def gradients(x, y):
+            grads = grad_fn(
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                [v.value for v in model.metrics_variables],
+                [v.value for v in model.optimizer.variables],
+                x,
+                y,
+            )
+            return [grads[i] for i in positions]
+
+        return gradients
     raise NotImplementedError(f"RigL supports the TensorFlow and JAX backends, not {backend}.")
+
+
+def dense_kernel_gradients(model, layers, x, y):
+    """Dense gradients of the compiled loss w.r.t. each layer's kernel (see above)."""
+    return compiled_dense_gradients(model, layers)(x, y)
 
 
 @keras.saving.register_keras_serializable(package="keras_sparse_moe")
@@ -140,6 +161,7 @@ class RigL(SparseTrainingCallback):
         self.end_step = end_step
         self.batch_size = check_update_every(batch_size, owner + " batch_size", allow_epoch=False)
         self._cursor = 0
+        self._gradients = None
 
     def get_config(self):
         return {
@@ -193,33 +215,46 @@ class RigL(SparseTrainingCallback):
             return 0
         self._sync_model_state()
         x, y = self._batch()
-        grads = dense_kernel_gradients(self.model, self.sparse_layers, x, y)
-        rewired = 0
-        for layer, grad in zip(self.sparse_layers, grads):
-            size = int(np.prod(layer.kernel.shape))
-            nnz = layer.num_connections
-            count = int(math.floor(fraction * nnz))
-            if count == 0:
-                continue
-            k_max = max(1, min(size, math.floor(self.drop_fraction * nnz) + 1))
-            step = self._function(layer, "rigl", lambda k=k_max: _make_rigl(k))
-            kernel, mask, unchanged = step(
-                ops.convert_to_tensor(layer.kernel),
-                ops.convert_to_tensor(layer.mask),
-                ops.reshape(ops.abs(grad), (-1,)),
-                ops.convert_to_tensor(count, "int32"),
-            )
-            self._commit(layer, kernel, mask, unchanged)
-            rewired += count
-        return rewired
+        grads = self._gradient_function()(x, y)
+        return sum(
+            self._update_layer(layer, grad, fraction)
+            for layer, grad in zip(self.sparse_layers, grads)
+        )
+
+    def _gradient_function(self):
+        if self._gradients is None or self._gradients[0] is not self.model:
+            self._gradients = (self.model, compiled_dense_gradients(self.model, self.sparse_layers))
+        return self._gradients[1]
+
+    def _update_layer(self, layer, grad, fraction):
+        kernel, mask, slots, indices = self._step_inputs(layer)
+        nnz = int(indices.shape[0])
+        count = int(math.floor(fraction * nnz))
+        if count == 0:
+            return 0
+        k_max = max(1, min(nnz, math.floor(self.drop_fraction * nnz)))
+        step = self._function(layer, ("rigl", len(slots), k_max), lambda: _make_rigl(k_max))
+        new_kernel, new_mask, new_slots, new_indices, consistent = step(
+            kernel, mask, slots, indices, grad, ops.convert_to_tensor(count, "int32")
+        )
+        if not bool(ops.convert_to_numpy(consistent)):
+            self._indices.pop(id(layer), None)  # mask changed elsewhere: rebuild
+            return self._update_layer(layer, grad, fraction)
+        self._commit(layer, new_kernel, new_mask, new_slots, new_indices)
+        return count
 
 
 def _make_rigl(k_max):
-    def step(kernel, mask, scores, count):
-        kernel = ops.reshape(kernel, (-1,))
-        mask = ops.reshape(mask, (-1,))
-        kept = mask - rewiring.magnitude_drop(kernel, mask, count, k_max)
-        added = rewiring.grow(kept, ops.cast(scores, "float32"), count, k_max)
-        return kernel * kept, kept + added, kept
+    def step(kernel, mask, slots, indices, grad, count):
+        kernel, mask, slots, consistent = flat_inputs(kernel, mask, slots, indices)
+        values = ops.take(kernel, indices)
+        drop = rewiring.select_smallest(
+            rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
+        )
+        emptied = rewiring.remove(mask, indices, drop)
+        scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
+        grown = rewiring.top_empty_positions(emptied, scores, k_max)
+        kernel, mask, slots, indices = rewiring.rewire(kernel, emptied, slots, indices, drop, grown)
+        return kernel, mask, slots, indices, consistent
 
     return rewiring.compile_function(step)

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import initializers, ops
 
-from keras_sparse_moe.callbacks.base import SparseTrainingCallback, as_int
+from keras_sparse_moe.callbacks.base import SparseTrainingCallback, as_int, flat_inputs
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["SETEvolution"]
@@ -153,37 +153,49 @@ class SETEvolution(SparseTrainingCallback):
         if not getattr(self, "sparse_layers", None):
             raise ValueError("`SETEvolution.evolve()` runs during `fit` (after `on_train_begin`).")
         self._sync_model_state()
-        counts = []
-        for layer in self.sparse_layers:
-            size = int(np.prod(layer.kernel.shape))
-            nnz = layer.num_connections
-            k_max = max(1, min(size, math.floor(self.zeta * nnz) + 1))
-            step = self._function(layer, "set", lambda k=k_max: self._make_step(k))
-            args = [
-                ops.convert_to_tensor(layer.kernel),
-                ops.convert_to_tensor(layer.mask),
-                self._noise(size),
-            ]
-            if not self._regrow_zeros:
-                args.append(ops.reshape(self.regrow_initializer(layer.kernel.shape), (-1,)))
-            kernel, mask, unchanged, count = step(*args)
-            self._commit(layer, kernel, mask, unchanged)
-            counts.append(count)
-        return sum(as_int(c) for c in counts)
+        return sum(self._evolve_layer(layer) for layer in self.sparse_layers)
+
+    def _evolve_layer(self, layer, attempt=0):
+        size = int(np.prod(layer.kernel.shape))
+        kernel, mask, slots, indices = self._step_inputs(layer)
+        nnz = int(indices.shape[0])
+        k_max = max(1, min(nnz, math.floor(self.zeta * nnz)))
+        # Random candidates for regrowth; about 1 - density of them land on empty
+        # positions. The margin makes a redraw (`enough` False) very unlikely.
+        free = max(1.0 - nnz / size, 1.0 / size)
+        n_candidates = int(min(8 * size, (k_max / free) * 1.3 + 1024) * (2**attempt))
+        extra = []
+        if not self._regrow_zeros:
+            extra = [ops.reshape(self.regrow_initializer((k_max,)), (-1,))]
+        step = self._function(
+            layer,
+            ("set", len(slots), k_max, n_candidates, bool(extra)),
+            lambda: self._make_step(k_max),
+        )
+        outputs = step(kernel, mask, slots, indices, self._candidates(size, n_candidates), *extra)
+        new_kernel, new_mask, new_slots, new_indices, count, enough, consistent = outputs
+        if not bool(ops.convert_to_numpy(consistent)):
+            self._indices.pop(id(layer), None)  # mask changed elsewhere: rebuild
+            return self._evolve_layer(layer, attempt)
+        if not bool(ops.convert_to_numpy(enough)):
+            if attempt >= 3:
+                raise RuntimeError(f"SETEvolution could not find empty positions in {layer.name}.")
+            return self._evolve_layer(layer, attempt + 1)
+        self._commit(layer, new_kernel, new_mask, new_slots, new_indices)
+        return as_int(count)
 
     def _make_step(self, k_max):
         zeta = self.zeta
 
-        def step(kernel, mask, noise, regrow_values=None):
-            kernel = ops.reshape(kernel, (-1,))
-            mask = ops.reshape(mask, (-1,))
-            drop = rewiring.set_drop(kernel, mask, zeta, k_max)
-            kept = mask - drop
-            count = ops.sum(drop)
-            added = rewiring.grow(kept, noise, count, k_max)
-            new_kernel = kernel * kept
-            if regrow_values is not None:
-                new_kernel = new_kernel + added * ops.cast(regrow_values, kernel.dtype)
-            return new_kernel, kept + added, kept, count
+        def step(kernel, mask, slots, indices, candidates, regrow_values=None):
+            kernel, mask, slots, consistent = flat_inputs(kernel, mask, slots, indices)
+            drop = rewiring.set_drop(ops.take(kernel, indices), zeta)
+            count = ops.sum(ops.cast(drop, "int32"))
+            emptied = rewiring.remove(mask, indices, drop)
+            grown, enough = rewiring.random_empty_positions(emptied, candidates, count, k_max)
+            kernel, mask, slots, indices = rewiring.rewire(
+                kernel, emptied, slots, indices, drop, grown, regrow_values
+            )
+            return kernel, mask, slots, indices, count, enough, consistent
 
         return rewiring.compile_function(step)

@@ -1,10 +1,15 @@
 """Drop-and-grow primitives for dynamic sparse training, in `keras.ops`.
 
 All functions are pure and shape-static: counts that change from call to call
-are tensors, and every selection is a `top_k` of a fixed size `k_max` whose
-first `count` entries are kept. So one compiled function serves every call
-(XLA on TensorFlow, `jax.jit` on JAX) and nothing leaves the device.
-Masks and kernels are handled flattened; callers reshape.
+are tensors and every array has a size fixed per layer, so one compiled
+function serves every call (XLA on TensorFlow, `jax.jit` on JAX) and nothing
+leaves the device. Kernels and masks are handled flattened.
+
+Connections are addressed through a compact list `indices` of the kept
+positions (size nnz), so SET and RigL work on O(nnz) values instead of the
+full `n_in * n_out` array: exact selection is a bisection on the float bits
+of the values (an int32 key that orders non-negative floats), ties broken by
+position, instead of a sort or a large `top_k`.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ from keras import ops
 
 __all__ = [
     "compile_function",
-    "magnitude_drop",
-    "select_top",
+    "magnitude_keys",
+    "random_empty_positions",
+    "remove",
+    "rewire",
+    "select_smallest",
     "set_drop",
-    "grow",
+    "top_empty_positions",
 ]
+
+_INT_MAX = 2**31 - 1
 
 _NEG = -3.0e38  # below any score: never selected while `count` allows
 
@@ -37,45 +47,138 @@ def compile_function(fn):
     return fn
 
 
-def select_top(scores, count, k_max: int):
-    """A 0/1 vector marking the `count` highest `scores` (`count <= k_max`).
+def _count(x):
+    return ops.sum(ops.cast(x, "int32"))
+
+
+def select_smallest(keys, valid, count):
+    """Selects exactly `count` `valid` entries with the smallest int32 `keys`.
+
+    Ties are broken by position (earlier first). Bisection over the key range
+    (31 counting passes) then one cumulative sum: O(n) work, no sort.
+    `count` must not exceed the number of valid entries.
+    """
+    count = ops.cast(count, "int32")
+    keys = ops.where(valid, keys, _INT_MAX)
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = _count(ops.logical_and(valid, keys <= middle)) >= count
+        return ops.where(enough, low, middle + 1), ops.where(enough, middle, high)
+
+    # A loop, not 31 unrolled passes: smaller programs compile much faster.
+    low, _ = ops.fori_loop(
+        0, 31, halve, (ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(_INT_MAX, "int32"))
+    )
+    below = ops.logical_and(valid, keys < low)
+    need = count - _count(below)
+    at = ops.logical_and(valid, keys == low)
+    rank = ops.cumsum(ops.cast(at, "int32"))
+    return ops.logical_or(below, ops.logical_and(at, rank <= need))
+
+
+def magnitude_keys(values):
+    """int32 keys ordering `|values|` (IEEE bits of a non-negative float are monotonic)."""
+    return ops.view(ops.abs(ops.cast(values, "float32")), "int32")
+
+
+def set_drop(values, zeta):
+    """SET's removal over the kept `values`: the fraction `zeta` of the positive
+    ones closest to zero and of the negative ones closest to zero.
+
+    Exact zeros count as positive. Returns a boolean over the values.
+    """
+    keys = magnitude_keys(values)
+    positive = values >= 0
+    negative = ops.logical_not(positive)
+    n_pos = ops.floor(zeta * ops.cast(_count(positive), "float32"))
+    n_neg = ops.floor(zeta * ops.cast(_count(negative), "float32"))
+    return ops.logical_or(
+        select_smallest(keys, positive, n_pos), select_smallest(keys, negative, n_neg)
+    )
+
+
+def random_empty_positions(mask, candidates, count, k_max: int):
+    """`count` distinct empty positions from random `candidates`, in rank order.
+
+    Candidates (uniform random ints in `[0, len(mask))`) that hit a kept
+    position, or appear more than once, are rejected; the first `count` of the
+    rest are taken, so the result is a uniform sample of empty positions.
+    Returns `(positions, enough)`: `positions` has `k_max` entries of which
+    the first `count` are valid; `enough` is False if too few candidates
+    survived (the caller then draws again).
+    """
+    hits = ops.scatter(
+        ops.expand_dims(candidates, -1),
+        ops.ones(ops.shape(candidates), "int32"),
+        ops.shape(mask),
+    )
+    valid = ops.logical_and(ops.take(mask, candidates) == 0, ops.take(hits, candidates) == 1)
+    rank = ops.cumsum(ops.cast(valid, "int32"))
+    chosen = ops.logical_and(valid, rank <= ops.cast(count, "int32"))
+    slot = ops.where(chosen, rank - 1, k_max)
+    positions = ops.scatter(
+        ops.expand_dims(slot, -1), ops.where(chosen, candidates, 0), (k_max + 1,)
+    )
+    return positions[:k_max], rank[-1] >= ops.cast(count, "int32")
+
+
+def top_empty_positions(mask, scores, k_max: int):
+    """Empty positions with the highest `scores`, best first (`k_max` of them)."""
+    _, positions = ops.top_k(ops.where(mask > 0, _NEG, scores), k_max, sorted=True)
+    return ops.cast(positions, "int32")
+
+
+def remove(mask, indices, drop):
+    """`mask` with the connections `indices[drop]` set to 0."""
+    kept = ops.take(mask, indices)
+    return ops.scatter_update(
+        mask, ops.expand_dims(indices, -1), ops.where(drop, ops.zeros_like(kept), kept)
+    )
+
+
+def rewire(kernel, mask_after_drop, slots, indices, drop, grown, grown_values=None):
+    """Applies a drop-and-grow to flat `kernel`, mask and optimizer `slots`.
 
     Args:
-        scores: 1-D float tensor.
-        count: Scalar int tensor, the number of entries to select.
-        k_max: Static upper bound on `count`; at most `len(scores)`.
+        kernel: Flat kernel (n_in * n_out) before the change.
+        mask_after_drop: Flat mask with the dropped connections removed
+            (`remove(mask, indices, drop)`).
+        slots: Flat optimizer arrays shaped like the kernel (momenta, ...).
+        indices: int32 (nnz,) kept positions before the change.
+        drop: bool (nnz,), the connections removed.
+        grown: int32 positions to connect, in rank order: the r-th dropped
+            connection is replaced by `grown[r]`. They must be empty in
+            `mask_after_drop` (a just-dropped position may be regrown).
+        grown_values: Optional initial values of grown weights, by rank
+            (zeros when None).
+
+    Returns:
+        `(kernel, mask, slots, indices)` after the change. Dropped and grown
+        positions get zero optimizer state; the number of connections is kept.
     """
-    _, indices = ops.top_k(scores, k_max, sorted=True)
-    take = ops.cast(ops.arange(k_max) < ops.cast(count, "int32"), scores.dtype)
-    return ops.scatter(ops.expand_dims(indices, -1), take, ops.shape(scores))
+    rank = ops.maximum(ops.cumsum(ops.cast(drop, "int32")) - 1, 0)
+    new_indices = ops.where(drop, ops.take(grown, rank), indices)
+    old, new = ops.expand_dims(indices, -1), ops.expand_dims(new_indices, -1)
 
+    def write(array, old_values, new_values):
+        # Two writes in order: a regrown position may also be a dropped one.
+        return ops.scatter_update(ops.scatter_update(array, old, old_values), new, new_values)
 
-def set_drop(kernel, mask, zeta: float, k_max: int):
-    """SET's removal: the fraction `zeta` of the smallest positive weights and
-    of the largest negative weights (those closest to zero).
-
-    Kept weights that are exactly zero count as the smallest positives. Returns
-    a 0/1 vector of the connections to remove.
-    """
-    kept = mask > 0
-    positive = ops.logical_and(kept, kernel >= 0)
-    negative = ops.logical_and(kept, kernel < 0)
-    n_pos = ops.floor(zeta * ops.sum(ops.cast(positive, "float32")))
-    n_neg = ops.floor(zeta * ops.sum(ops.cast(negative, "float32")))
-    drop_pos = select_top(ops.where(positive, -kernel, _NEG), n_pos, k_max)
-    drop_neg = select_top(ops.where(negative, kernel, _NEG), n_neg, k_max)
-    return drop_pos + drop_neg
-
-
-def magnitude_drop(kernel, mask, count, k_max: int):
-    """The `count` kept connections of smallest magnitude, as a 0/1 vector."""
-    return select_top(ops.where(mask > 0, -ops.abs(kernel), _NEG), count, k_max)
-
-
-def grow(mask, scores, count, k_max: int):
-    """The `count` empty positions (mask 0) with the highest `scores`, as 0/1.
-
-    Pass uniform noise as `scores` for SET's random regrowth, or the dense
-    gradient magnitude for RigL. Scores must be non-negative.
-    """
-    return select_top(ops.where(mask > 0, _NEG, scores), count, k_max)
+    values = ops.take(kernel, indices)
+    zeros = ops.zeros_like(values)
+    if grown_values is None:
+        start = zeros
+    else:
+        start = ops.cast(ops.take(grown_values, rank), values.dtype)
+    kernel = write(kernel, ops.where(drop, zeros, values), ops.where(drop, start, values))
+    mask = ops.scatter_update(
+        mask_after_drop, new, ops.ones_like(ops.take(mask_after_drop, indices))
+    )
+    new_slots = []
+    for slot in slots:
+        kept = ops.take(slot, indices)
+        reset = ops.where(drop, ops.zeros_like(kept), kept)
+        new_slots.append(write(slot, reset, reset))
+    return kernel, mask, new_slots, new_indices

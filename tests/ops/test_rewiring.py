@@ -13,45 +13,81 @@ def _compiled(fn):
     return rewiring.compile_function(fn)
 
 
-@pytest.mark.parametrize("count", [0, 1, 7, 20])
-def test_select_top_matches_argsort(count):
-    scores = RNG.permutation(50).astype("float32")
-    picked = to_numpy(_compiled(lambda s, c: rewiring.select_top(s, c, 20))(scores, count))
-    expected = np.zeros(50)
-    expected[np.argsort(-scores)[:count]] = 1
+@pytest.mark.parametrize("count", [0, 1, 7, 30])
+def test_select_smallest_matches_stable_argsort_with_ties(count):
+    keys = RNG.integers(0, 10, 60).astype("int32")  # many ties
+    valid = RNG.random(60) < 0.7
+    picked = to_numpy(_compiled(lambda k, v, c: rewiring.select_smallest(k, v, c))(keys, valid, count))
+    candidates = np.flatnonzero(valid)
+    expected = np.zeros(60, bool)
+    expected[candidates[np.argsort(keys[candidates], kind="stable")][:count]] = True
     np.testing.assert_array_equal(picked, expected)
 
 
+def test_magnitude_keys_order_like_absolute_values():
+    values = np.array([0.0, -0.0, 1e-30, -2.5, 3.0, -1e-3, np.inf], "float32")
+    keys = to_numpy(_compiled(rewiring.magnitude_keys)(values))
+    np.testing.assert_array_equal(np.argsort(keys, kind="stable"), np.argsort(np.abs(values), kind="stable"))
+
+
 def test_set_drop_removes_smallest_positive_and_largest_negative():
-    kernel = RNG.standard_normal(400).astype("float32")
-    mask = (RNG.random(400) < 0.5).astype("float32")
-    kernel *= mask
+    values = RNG.standard_normal(400).astype("float32")
+    values[:5] = 0.0  # exact zeros count as the smallest positives
     zeta = 0.3
-    drop = to_numpy(_compiled(lambda k, m: rewiring.set_drop(k, m, zeta, 200))(kernel, mask))
-    pos = np.flatnonzero((mask > 0) & (kernel >= 0))
-    neg = np.flatnonzero((mask > 0) & (kernel < 0))
-    expected = np.zeros(400)
-    expected[pos[np.argsort(kernel[pos])][: int(zeta * len(pos))]] = 1
-    expected[neg[np.argsort(-kernel[neg])][: int(zeta * len(neg))]] = 1
+    drop = to_numpy(_compiled(lambda v: rewiring.set_drop(v, zeta))(values))
+    pos, neg = np.flatnonzero(values >= 0), np.flatnonzero(values < 0)
+    expected = np.zeros(400, bool)
+    expected[pos[np.argsort(values[pos], kind="stable")][: int(zeta * len(pos))]] = True
+    expected[neg[np.argsort(-values[neg], kind="stable")][: int(zeta * len(neg))]] = True
     np.testing.assert_array_equal(drop, expected)
-    assert np.all(mask[drop > 0] == 1)
 
 
-def test_magnitude_drop_and_grow():
-    kernel = RNG.standard_normal(300).astype("float32")
-    mask = (RNG.random(300) < 0.3).astype("float32")
-    kernel *= mask
-    drop = to_numpy(
-        _compiled(lambda k, m, c: rewiring.magnitude_drop(k, m, c, 64))(kernel, mask, 10)
+def test_random_empty_positions_are_distinct_empty_and_in_candidate_order():
+    mask = (RNG.random(500) < 0.3).astype("float32")
+    candidates = RNG.integers(0, 500, 200).astype("int32")
+    positions, enough = _compiled(lambda m, c: rewiring.random_empty_positions(m, c, 40, 64))(
+        mask, candidates
     )
-    kept = np.flatnonzero(mask)
-    expected = np.zeros(300)
-    expected[kept[np.argsort(np.abs(kernel[kept]))][:10]] = 1
-    np.testing.assert_array_equal(drop, expected)
+    positions = to_numpy(positions)[:40]
+    values, counts = np.unique(candidates, return_counts=True)
+    unique = set(values[counts == 1])
+    expected = [c for c in candidates if mask[c] == 0 and c in unique][:40]
+    np.testing.assert_array_equal(positions, expected)
+    assert bool(to_numpy(enough))
+    _, enough = _compiled(lambda m, c: rewiring.random_empty_positions(m, c, 64, 64))(
+        mask, candidates[:10]
+    )
+    assert not bool(to_numpy(enough))
 
-    scores = RNG.random(300).astype("float32")
-    grown = to_numpy(_compiled(lambda m, s, c: rewiring.grow(m, s, c, 64))(mask, scores, 10))
-    empty = np.flatnonzero(mask == 0)
-    expected = np.zeros(300)
-    expected[empty[np.argsort(-scores[empty])][:10]] = 1
-    np.testing.assert_array_equal(grown, expected)
+
+def test_rewire_moves_connections_and_resets_state():
+    mask = (RNG.random(100) < 0.4).astype("float32")
+    kernel = (RNG.standard_normal(100) * mask).astype("float32")
+    slot = (RNG.random(100) * mask).astype("float32")
+    indices = np.flatnonzero(mask).astype("int32")
+    drop = np.zeros(len(indices), bool)
+    drop[[1, 4, 6]] = True
+    emptied = mask.copy()
+    emptied[indices[drop]] = 0
+    grown = np.array([indices[4], *np.flatnonzero(mask == 0)[:2]], "int32")  # one regrown at once
+
+    start = np.full(3, 7.0, "float32")
+    fn = _compiled(lambda k, e, s, i, d, g, v: rewiring.rewire(k, e, [s], i, d, g, v))
+    new_kernel, new_mask, (new_slot,), new_indices = fn(
+        kernel, emptied, slot, indices, drop, grown, start
+    )
+    new_kernel, new_mask, new_slot, new_indices = map(
+        to_numpy, (new_kernel, new_mask, new_slot, new_indices)
+    )
+    expected_indices = indices.copy()
+    expected_indices[drop] = grown
+    np.testing.assert_array_equal(new_indices, expected_indices)
+    np.testing.assert_array_equal(np.flatnonzero(new_mask), np.sort(expected_indices))
+    assert new_mask.sum() == mask.sum()
+    np.testing.assert_array_equal(new_kernel[grown], [7.0, 7.0, 7.0])
+    gone = np.setdiff1d(indices[drop], grown)
+    assert np.all(new_kernel[gone] == 0) and np.all(new_slot[gone] == 0)
+    assert np.all(new_slot[grown] == 0)
+    stay = indices[~drop]
+    np.testing.assert_array_equal(new_kernel[stay], kernel[stay])
+    np.testing.assert_array_equal(new_slot[stay], slot[stay])

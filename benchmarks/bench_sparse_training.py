@@ -1,0 +1,232 @@
+"""Dynamic sparse training side by side: dense, static sparse, SET, RigL and tfmot pruning.
+
+Part `training`: 784-1000-1000-1000-10 MLPs (ReLU, Adam 1e-3, batch 128), same epochs for all,
+trained in turns, one epoch each, so machine noise hits all alike. The sparse
+models use SparseDense(epsilon=20) hidden layers (~4 % of their weights); tfmot's
+`prune_low_magnitude` prunes the equivalent tf_keras dense model to the same
+per-layer density (polynomial schedule over the first 75 % of training).
+
+Part `rewiring`: time of one SET evolution and one RigL drop/grow (gradient
+excluded) of a 1024x1024 layer at epsilon=20, median of repeats.
+
+    python benchmarks/bench_sparse_training.py --data-dir ../shared/data --epochs 10
+    python benchmarks/bench_sparse_training.py --part rewiring
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import keras
+import numpy as np
+
+import keras_sparse_moe as ksm
+from keras_sparse_moe.layers import SparseDense
+
+HIDDEN = (1000, 1000, 1000)
+EPSILON = 20.0
+
+
+def load(path):
+    data = ksm.datasets.load_image_classification(path)
+    return data.x_train, data.y_train, data.x_test, data.y_test
+
+
+def keras3_mlp(sparse, seed):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((784,))
+    x = inputs
+    for i, units in enumerate(HIDDEN):
+        if sparse:
+            x = SparseDense(units, epsilon=EPSILON, activation="relu", seed=seed + i)(x)
+        else:
+            x = keras.layers.Dense(units, activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    return model
+
+
+def tfmot_mlp(densities, end_step, seed):
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(seed)
+    layers = [tf_keras.layers.Input((784,))]
+    for units, density in zip(HIDDEN, densities):
+        schedule = tfmot.sparsity.keras.PolynomialDecay(
+            0.0, 1.0 - density, begin_step=0, end_step=end_step, frequency=100
+        )
+        layers.append(
+            tfmot.sparsity.keras.prune_low_magnitude(
+                tf_keras.layers.Dense(units, activation="relu"), pruning_schedule=schedule
+            )
+        )
+    layers.append(tf_keras.layers.Dense(10, activation="softmax"))
+    model = tf_keras.Sequential(layers)
+    model.compile(
+        tf_keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    return model, [tfmot.sparsity.keras.UpdatePruningStep()]
+
+
+class Timed(keras.callbacks.Callback):
+    """Wraps a callback and adds up the seconds its hooks take."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seconds = inner, 0.0
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def _timed(name):  # noqa: N805 - a decorator factory used in the class body
+        def hook(self, *args, **kwargs):
+            start = time.perf_counter()
+            getattr(self.inner, name)(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+
+        return hook
+
+    on_train_begin = _timed("on_train_begin")
+    on_epoch_begin = _timed("on_epoch_begin")
+    on_epoch_end = _timed("on_epoch_end")
+    on_train_batch_end = _timed("on_train_batch_end")
+
+
+def hidden_weights(model):
+    used = total = 0
+    for layer in model.layers:
+        if isinstance(layer, SparseDense):
+            used += layer.num_connections
+            total += int(np.prod(layer.kernel.shape))
+        elif hasattr(layer, "kernel") and layer.kernel.shape[-1] != 10:
+            weights = np.asarray(layer.kernel)
+            used += int(np.count_nonzero(weights))
+            total += weights.size
+    return used, total
+
+
+def training(args):
+    rows = []
+    for dataset in args.datasets:
+        x, y, xt, yt = load(os.path.join(args.data_dir, f"{dataset}.npz"))
+        steps = int(np.ceil(len(x) / args.batch_size))
+        total_steps = steps * args.epochs
+        sparse_probe = keras3_mlp(True, args.seed)
+        densities = [layer.actual_density for layer in sparse_probe.layers if isinstance(
+            layer, SparseDense)]
+        runs = {
+            "Dense MLP": (keras3_mlp(False, args.seed), []),
+            "static sparse": (keras3_mlp(True, args.seed), []),
+            "SET (zeta=0.3, per epoch)": (
+                keras3_mlp(True, args.seed),
+                [Timed(ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed))],
+            ),
+            "RigL (dT=100, 0.3, cosine)": (
+                keras3_mlp(True, args.seed),
+                [Timed(ksm.callbacks.RigL(data=(x, y), update_every=100, seed=args.seed))],
+            ),
+        }
+        if not args.skip_tfmot:
+            runs["tfmot prune_low_magnitude"] = tfmot_mlp(
+                densities, int(0.75 * total_steps), args.seed
+            )
+        wall = {name: 0.0 for name in runs}
+        epoch_times = {name: [] for name in runs}
+        for epoch in range(args.epochs):
+            for name, (model, callbacks) in runs.items():
+                start = time.perf_counter()
+                model.fit(
+                    x, y, batch_size=args.batch_size, initial_epoch=epoch, epochs=epoch + 1,
+                    verbose=0, callbacks=callbacks,
+                )
+                elapsed = time.perf_counter() - start
+                wall[name] += elapsed
+                epoch_times[name].append(elapsed)
+            print(f"{dataset}: epoch {epoch + 1}/{args.epochs} done", flush=True)
+        for name, (model, callbacks) in runs.items():
+            if name.startswith("tfmot"):
+                import tensorflow_model_optimization as tfmot
+
+                model = tfmot.sparsity.keras.strip_pruning(model)
+                model.compile(metrics=["accuracy"], loss="sparse_categorical_crossentropy")
+            _, accuracy = model.evaluate(xt, yt, verbose=0)
+            used, total = hidden_weights(model)
+            overhead = sum(c.seconds for c in callbacks if isinstance(c, Timed))
+            rows.append(
+                (dataset, name, accuracy, used / total, wall[name],
+                 statistics.median(epoch_times[name][1:] or epoch_times[name]),
+                 overhead / wall[name] if overhead else None)
+            )
+    base = {r[0]: r[5] for r in rows if r[1] == "Dense MLP"}
+    print(f"\n{args.epochs} epochs, batch {args.batch_size}, Adam 1e-3, backend "
+          f"{keras.backend.backend()}, {platform.machine()} x{os.cpu_count()}")
+    print("| data | model | test accuracy | hidden weights used | wall (s) | epoch time / dense "
+          "| callback share of time |")
+    print("|---|---|---|---|---|---|---|")
+    for data, name, acc, frac, wall_s, epoch_s, share in rows:
+        share_s = f"{share:.2%}" if share is not None else "-"
+        print(f"| {data} | {name} | {acc:.4f} | {frac:.2%} | {wall_s:.0f} | "
+              f"{epoch_s / base[data]:.3f} | {share_s} |")
+
+
+def rewiring(args):
+    x = np.random.default_rng(0).random((256, 1024), dtype=np.float32)
+    model = keras.Sequential([keras.Input((1024,)), SparseDense(1024, epsilon=EPSILON, seed=0)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    set_cb = ksm.callbacks.SETEvolution(zeta=0.3, seed=0)
+    rigl_cb = ksm.callbacks.RigL(data=(x, x), update_every=10**9, end_step=10**9, seed=0)
+    model.fit(x, x, epochs=1, verbose=0, callbacks=[set_cb, rigl_cb])
+    layer = model.layers[0]
+    nnz = layer.num_connections
+    grad = keras.random.normal((1024, 1024), seed=1)
+
+    def rigl_once():
+        rigl_cb._update_layer(layer, grad, 0.3)
+        keras.ops.convert_to_numpy(layer.mask[0, 0])
+
+    timings = {"SET evolution (noise, drop, grow, assign, optimizer reset)": set_cb.evolve,
+               "RigL drop/grow (dense gradient given)": rigl_once}
+    print(f"1024x1024 layer, epsilon={EPSILON:g}: {nnz} connections, zeta/drop fraction 0.3; "
+          f"backend {keras.backend.backend()}, {platform.machine()} x{os.cpu_count()}")
+    print("| operation | median (ms) | min (ms) |\n|---|---|---|")
+    for name, fn in timings.items():
+        fn()  # compile
+        samples = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        print(f"| {name} | {statistics.median(samples):.2f} | {min(samples):.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("training", "rewiring"), default="training")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-tfmot", action="store_true")
+    args = parser.parse_args()
+    (training if args.part == "training" else rewiring)(args)
+
+
+if __name__ == "__main__":
+    main()
