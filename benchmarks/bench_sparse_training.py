@@ -79,11 +79,18 @@ def tfmot_mlp(densities, end_step, seed):
 
 
 class Timed(keras.callbacks.Callback):
-    """Wraps a callback and adds up the seconds its hooks take."""
+    """Wraps a callback and adds up the seconds its hooks take.
 
-    def __init__(self, inner):
+    The models are trained one `fit(initial_epoch=e, epochs=e + 1)` at a time
+    (in turns); the wrapped callback is told the whole run's epoch count so SET
+    knows which epoch is really the last and RigL's schedule spans the run.
+    """
+
+    def __init__(self, inner, total_epochs):
         super().__init__()
-        self.inner, self.seconds = inner, 0.0
+        self.inner, self.seconds, self.total_epochs = inner, 0.0, total_epochs
+        self.rewired = 0
+        self.longest = 0.0  # the first rewiring, which compiles the per-layer functions
 
     def set_model(self, model):
         super().set_model(model)
@@ -91,13 +98,18 @@ class Timed(keras.callbacks.Callback):
 
     def set_params(self, params):
         super().set_params(params)
-        self.inner.set_params(params)
+        self.inner.set_params({**params, "epochs": self.total_epochs})
 
     def _timed(name):  # noqa: N805 - a decorator factory used in the class body
         def hook(self, *args, **kwargs):
             start = time.perf_counter()
             getattr(self.inner, name)(*args, **kwargs)
-            self.seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            self.longest = max(self.longest, elapsed)
+            logs = args[1] if len(args) > 1 else kwargs.get("logs")
+            if name == "on_epoch_end" and logs:
+                self.rewired += int(logs.get(f"{self.inner.name}/rewired", 0))
 
         return hook
 
@@ -127,18 +139,24 @@ def training(args):
         steps = int(np.ceil(len(x) / args.batch_size))
         total_steps = steps * args.epochs
         sparse_probe = keras3_mlp(True, args.seed)
-        densities = [layer.actual_density for layer in sparse_probe.layers if isinstance(
-            layer, SparseDense)]
+        densities = [
+            layer.actual_density for layer in sparse_probe.layers if isinstance(layer, SparseDense)
+        ]
         runs = {
             "Dense MLP": (keras3_mlp(False, args.seed), []),
             "static sparse": (keras3_mlp(True, args.seed), []),
             "SET (zeta=0.3, per epoch)": (
                 keras3_mlp(True, args.seed),
-                [Timed(ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed))],
+                [Timed(ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed), args.epochs)],
             ),
             "RigL (dT=100, 0.3, cosine)": (
                 keras3_mlp(True, args.seed),
-                [Timed(ksm.callbacks.RigL(data=(x, y), update_every=100, seed=args.seed))],
+                [
+                    Timed(
+                        ksm.callbacks.RigL(data=(x, y), update_every=100, seed=args.seed),
+                        args.epochs,
+                    )
+                ],
             ),
         }
         if not args.skip_tfmot:
@@ -151,8 +169,13 @@ def training(args):
             for name, (model, callbacks) in runs.items():
                 start = time.perf_counter()
                 model.fit(
-                    x, y, batch_size=args.batch_size, initial_epoch=epoch, epochs=epoch + 1,
-                    verbose=0, callbacks=callbacks,
+                    x,
+                    y,
+                    batch_size=args.batch_size,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    verbose=0,
+                    callbacks=callbacks,
                 )
                 elapsed = time.perf_counter() - start
                 wall[name] += elapsed
@@ -166,22 +189,41 @@ def training(args):
                 model.compile(metrics=["accuracy"], loss="sparse_categorical_crossentropy")
             _, accuracy = model.evaluate(xt, yt, verbose=0)
             used, total = hidden_weights(model)
-            overhead = sum(c.seconds for c in callbacks if isinstance(c, Timed))
+            timed = [c for c in callbacks if isinstance(c, Timed)]
+            overhead = sum(c.seconds for c in timed)
+            steady = overhead - sum(c.longest for c in timed)
+            rewired = sum(c.rewired for c in timed) if timed else None
             rows.append(
-                (dataset, name, accuracy, used / total, wall[name],
-                 statistics.median(epoch_times[name][1:] or epoch_times[name]),
-                 overhead / wall[name] if overhead else None)
+                (
+                    dataset,
+                    name,
+                    accuracy,
+                    used / total,
+                    wall[name],
+                    statistics.median(epoch_times[name][1:] or epoch_times[name]),
+                    overhead / wall[name] if overhead else None,
+                    steady / wall[name] if overhead else None,
+                    rewired,
+                )
             )
     base = {r[0]: r[5] for r in rows if r[1] == "Dense MLP"}
-    print(f"\n{args.epochs} epochs, batch {args.batch_size}, Adam 1e-3, backend "
-          f"{keras.backend.backend()}, {platform.machine()} x{os.cpu_count()}")
-    print("| data | model | test accuracy | hidden weights used | wall (s) | epoch time / dense "
-          "| callback share of time |")
-    print("|---|---|---|---|---|---|---|")
-    for data, name, acc, frac, wall_s, epoch_s, share in rows:
-        share_s = f"{share:.2%}" if share is not None else "-"
-        print(f"| {data} | {name} | {acc:.4f} | {frac:.2%} | {wall_s:.0f} | "
-              f"{epoch_s / base[data]:.3f} | {share_s} |")
+    print(
+        f"\n{args.epochs} epochs, batch {args.batch_size}, Adam 1e-3, backend "
+        f"{keras.backend.backend()}, {platform.machine()} x{os.cpu_count()}"
+    )
+    print(
+        "| data | model | test accuracy | hidden weights used | wall (s) | epoch time / dense "
+        "| callback share of time | same, without the first (compiling) call "
+        "| connections rewired |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for data, name, acc, frac, wall_s, epoch_s, share, steady, rewired in rows:
+        share_s = f"{share:.2%} | {steady:.2%}" if share is not None else "- | -"
+        rewired_s = f"{rewired:,}" if rewired is not None else "-"
+        print(
+            f"| {data} | {name} | {acc:.4f} | {frac:.2%} | {wall_s:.0f} | "
+            f"{epoch_s / base[data]:.3f} | {share_s} | {rewired_s} |"
+        )
 
 
 def rewiring(args):
@@ -199,10 +241,14 @@ def rewiring(args):
         rigl_cb._update_layer(layer, grad, 0.3)
         keras.ops.convert_to_numpy(layer.mask[0, 0])
 
-    timings = {"SET evolution (noise, drop, grow, assign, optimizer reset)": set_cb.evolve,
-               "RigL drop/grow (dense gradient given)": rigl_once}
-    print(f"1024x1024 layer, epsilon={EPSILON:g}: {nnz} connections, zeta/drop fraction 0.3; "
-          f"backend {keras.backend.backend()}, {platform.machine()} x{os.cpu_count()}")
+    timings = {
+        "SET evolution (noise, drop, grow, assign, optimizer reset)": set_cb.evolve,
+        "RigL drop/grow (dense gradient given)": rigl_once,
+    }
+    print(
+        f"1024x1024 layer, epsilon={EPSILON:g}: {nnz} connections, zeta/drop fraction 0.3; "
+        f"backend {keras.backend.backend()}, {platform.machine()} x{os.cpu_count()}"
+    )
     print("| operation | median (ms) | min (ms) |\n|---|---|---|")
     for name, fn in timings.items():
         fn()  # compile

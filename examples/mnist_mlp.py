@@ -1,8 +1,11 @@
-"""Sparse MLP vs dense MLP on MNIST: same architecture, a few percent of the weights.
+"""Sparse MLPs vs a dense MLP on MNIST: same architecture, a few percent of the weights.
 
-Trains 784-1000-1000-1000-10 twice, once with `keras.layers.Dense` hidden layers
-and once with `keras_sparse_moe.layers.SparseDense` (Erdős–Rényi, SET's
-epsilon=20), prints a results table and writes the accuracy curves.
+Trains 784-1000-1000-1000-10 three times: with `keras.layers.Dense` hidden
+layers; with `keras_sparse_moe.layers.SparseDense` (Erdős–Rényi, SET's
+epsilon=20) kept static; and with the same sparse layers evolved by SET
+(`keras_sparse_moe.callbacks.SETEvolution`) inside `model.fit`. Prints a
+results table and writes the accuracy curves and the SET paper's picture of the
+connections each input pixel keeps.
 
     python examples/mnist_mlp.py [--data mnist.npz] [--epochs 3] [--out demo_output]
 """
@@ -88,22 +91,31 @@ def main(argv=None):
     data = ksm.datasets.load_image_classification(args.data)
     print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test images")
     keras.utils.set_random_seed(args.seed)
-    models = {
-        "Dense MLP": build_mlp(
-            data.x_train.shape[1],
-            data.num_classes,
-            lambda units: keras.layers.Dense(units, activation="relu"),
-        ),
-        f"SparseDense MLP (epsilon={args.epsilon:g})": build_mlp(
+
+    def sparse_mlp():
+        return build_mlp(
             data.x_train.shape[1],
             data.num_classes,
             lambda units: ksm.layers.SparseDense(
                 units, epsilon=args.epsilon, activation="relu", seed=args.seed + units
             ),
+        )
+
+    set_name = f"SparseDense MLP + SET (epsilon={args.epsilon:g}, zeta=0.3)"
+    runs = {
+        "Dense MLP": (
+            build_mlp(
+                data.x_train.shape[1],
+                data.num_classes,
+                lambda units: keras.layers.Dense(units, activation="relu"),
+            ),
+            [],
         ),
+        f"SparseDense MLP, static (epsilon={args.epsilon:g})": (sparse_mlp(), []),
+        set_name: (sparse_mlp(), [ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed)]),
     }
     rows, histories = [], {}
-    for name, model in models.items():
+    for name, (model, callbacks) in runs.items():
         print(f"\n== {name}")
         history = model.fit(
             data.x_train,
@@ -111,6 +123,7 @@ def main(argv=None):
             batch_size=args.batch_size,
             epochs=args.epochs,
             validation_data=(data.x_test, data.y_test),
+            callbacks=callbacks,
             verbose=1 if os.environ.get("CI") is None else 2,
         )
         histories[name] = history.history
@@ -125,6 +138,15 @@ def main(argv=None):
         print(f"| {name} | {accuracy:.4f} | {used:,} ({used / full:.1%}) | {full:,} |")
     os.makedirs(args.out, exist_ok=True)
     plot_curves(histories, os.path.join(args.out, "accuracy.png"))
+    try:
+        first = runs[set_name][0].layers[1]
+        path = os.path.join(args.out, "input_connectivity.png")
+        ksm.plots.input_connectivity(
+            first, data.image_shape, path=path, title="connections per pixel after SET"
+        )
+        print(f"wrote {path}")
+    except ImportError as error:
+        print(error)
 
 
 if __name__ == "__main__":

@@ -151,14 +151,18 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             self._kept_indices(layer),
         )
 
-    def _commit(self, layer, kernel, mask, slot_values, indices):
-        """Writes the new kernel, mask and optimizer state; caches `indices`."""
+    def _commit(self, layer, kernel, mask, slot_values, indices=None):
+        """Writes the new kernel, mask and optimizer state; caches `indices`
+        (None: rebuild from the mask when next needed)."""
         shape = layer.kernel.shape
         layer.kernel.assign(ops.reshape(kernel, shape))
         layer.mask.assign(ops.reshape(mask, shape))
         for slot, value in zip(self._optimizer_slots(layer), slot_values):
             slot.assign(ops.reshape(value, shape))
-        self._indices[id(layer)] = indices
+        if indices is None:
+            self._indices.pop(id(layer), None)
+        else:
+            self._indices[id(layer)] = indices
 
     def _candidates(self, size, count):
         return keras.random.randint((count,), 0, size, seed=self._seed_generator, dtype="int32")

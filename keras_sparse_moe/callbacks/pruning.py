@@ -118,8 +118,7 @@ class MagnitudePruning(SparseTrainingCallback):
                 [ops.convert_to_tensor(slot) for slot in slots],
                 ops.convert_to_tensor(count, "int32"),
             )
-            self._commit(layer, kernel, mask, new_slots, None)
-            self._indices.pop(id(layer), None)
+            self._commit(layer, kernel, mask, new_slots)
             removed += count
         return removed
 

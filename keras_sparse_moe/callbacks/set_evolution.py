@@ -126,12 +126,10 @@ class SETEvolution(SparseTrainingCallback):
 
     # ------------------------------------------------------------------ #
     def on_epoch_end(self, epoch, logs=None):
-        if self.update_every == "epoch" and self.probability is None:
-            if epoch < self._epochs - 1:
-                self._rewired_in_epoch = self.evolve()
-            self._report(logs, self._rewired_in_epoch)
-        else:
-            self._report(logs, self._rewired_in_epoch)
+        on_schedule = self.update_every == "epoch" and self.probability is None
+        if on_schedule and epoch < self._epochs - 1:
+            self._rewired_in_epoch = self.evolve()
+        self._report(logs, self._rewired_in_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1

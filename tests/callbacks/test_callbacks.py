@@ -352,3 +352,34 @@ def test_invalid_target_density_changes_nothing():
         callback.prune(1.5)
     for name, (_kernel, mask) in _state(model).items():
         np.testing.assert_array_equal(mask, before[name][1])
+
+
+def test_set_under_mixed_precision_resets_wrapped_optimizer_state():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = _model(optimizer=keras.optimizers.Adam(0.01))
+    model.fit(X, Y, batch_size=32, epochs=3, verbose=0, callbacks=[SETEvolution(zeta=0.3, seed=0)])
+    assert_masked_weights_zero(model)
+    for layer in masked_layers(model):
+        slots = [
+            to_numpy(v)
+            for v in model.optimizer.variables
+            if v.name.startswith(layer.kernel.path.replace("/", "_") + "_")
+        ]
+        assert len(slots) >= 2
+        mask = to_numpy(layer.mask)
+        for slot in slots:
+            assert np.all(slot[mask == 0] == 0)
+
+
+def test_set_notices_a_mask_changed_elsewhere():
+    model = _model()
+    callback = SETEvolution(zeta=0.3, seed=0)
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    callback.evolve()  # caches the connection list
+    layer = masked_layers(model)[0]
+    new_mask = ksm.topologies.random_regular(24, 32, degree=4, seed=9)
+    layer.mask.assign(new_mask)
+    layer.apply_mask()
+    callback.evolve()
+    assert layer.num_connections == int(new_mask.sum())
+    assert_masked_weights_zero(model)

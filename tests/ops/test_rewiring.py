@@ -17,7 +17,9 @@ def _compiled(fn):
 def test_select_smallest_matches_stable_argsort_with_ties(count):
     keys = RNG.integers(0, 10, 60).astype("int32")  # many ties
     valid = RNG.random(60) < 0.7
-    picked = to_numpy(_compiled(lambda k, v, c: rewiring.select_smallest(k, v, c))(keys, valid, count))
+    picked = to_numpy(
+        _compiled(lambda k, v, c: rewiring.select_smallest(k, v, c))(keys, valid, count)
+    )
     candidates = np.flatnonzero(valid)
     expected = np.zeros(60, bool)
     expected[candidates[np.argsort(keys[candidates], kind="stable")][:count]] = True
@@ -27,7 +29,9 @@ def test_select_smallest_matches_stable_argsort_with_ties(count):
 def test_magnitude_keys_order_like_absolute_values():
     values = np.array([0.0, -0.0, 1e-30, -2.5, 3.0, -1e-3, np.inf], "float32")
     keys = to_numpy(_compiled(rewiring.magnitude_keys)(values))
-    np.testing.assert_array_equal(np.argsort(keys, kind="stable"), np.argsort(np.abs(values), kind="stable"))
+    np.testing.assert_array_equal(
+        np.argsort(keys, kind="stable"), np.argsort(np.abs(values), kind="stable")
+    )
 
 
 def test_set_drop_removes_smallest_positive_and_largest_negative():
