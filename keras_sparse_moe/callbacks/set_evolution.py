@@ -164,7 +164,9 @@ class SETEvolution(SparseTrainingCallback):
         n_candidates = int(min(8 * size, (k_max / free) * 1.3 + 1024) * (2**attempt))
         extra = []
         if not self._regrow_zeros:
-            extra = [ops.reshape(self.regrow_initializer((k_max,)), (-1,))]
+            # Drawn for the kernel's shape so fan-based initializers scale right.
+            values = self.regrow_initializer(layer.kernel.shape, layer.kernel.dtype)
+            extra = [ops.reshape(values, (-1,))[:k_max]]
         step = self._function(
             layer,
             ("set", len(slots), k_max, n_candidates, bool(extra)),

@@ -383,3 +383,19 @@ def test_set_notices_a_mask_changed_elsewhere():
     callback.evolve()
     assert layer.num_connections == int(new_mask.sum())
     assert_masked_weights_zero(model)
+
+
+@pytest.mark.tensorflow_only
+def test_logs_reach_tensorboard(tmp_path):
+    import tensorflow as tf
+
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is in [test])")
+
+    model = _model()
+    callbacks = [SETEvolution(seed=0), keras.callbacks.TensorBoard(log_dir=str(tmp_path))]
+    model.fit(X, Y, batch_size=32, epochs=2, verbose=0, callbacks=callbacks)
+    tags = set()
+    for path in tmp_path.rglob("events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(value.tag for value in event.summary.value)
+    assert {"epoch_density/h1", "epoch_set/rewired"} <= tags
