@@ -1,6 +1,15 @@
 """keras_sparse_moe: sparse layers and mixtures of sparse experts for Keras 3."""
 
-from keras_sparse_moe import callbacks, datasets, layers, ops, plots, schedules, topologies
+from keras_sparse_moe import (
+    callbacks,
+    datasets,
+    layers,
+    losses,
+    ops,
+    plots,
+    schedules,
+    topologies,
+)
 from keras_sparse_moe.conversion import sparsify
 from keras_sparse_moe.layers import SparseDense
 
@@ -12,6 +21,7 @@ __all__ = [
     "callbacks",
     "datasets",
     "layers",
+    "losses",
     "ops",
     "plots",
     "schedules",

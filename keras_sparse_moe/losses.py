@@ -1,0 +1,123 @@
+"""Gate-balancing losses for mixtures of experts: pure float32 functions of tensors.
+
+Every function takes gate values `G` of shape `(batch, num_experts)` (rows on
+the simplex) or router logits, computes in float32 whatever the inputs' dtype
+(router math must not run in float16), and is NaN-free at the edges (one-hot
+gates, perfectly balanced gates), where `log` and `std` are not.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+__all__ = [
+    "batch_entropy",
+    "batch_variance",
+    "coefficient_of_variation_squared",
+    "importance_cv2",
+    "load_cv2",
+    "router_z_loss",
+    "sample_entropy",
+    "sample_variance",
+    "switch_load_balancing",
+]
+
+EPSILON = 1e-10
+
+
+def _f32(x):
+    return ops.cast(x, "float32")
+
+
+def _entropy(p, axis=-1):
+    """H(p) = -sum p ln p, with 0 ln 0 = 0 (and a zero gradient there)."""
+    safe = ops.where(p > 0, p, ops.ones_like(p))
+    return -ops.sum(ops.where(p > 0, p * ops.log(safe), ops.zeros_like(p)), axis=axis)
+
+
+def batch_entropy(gates):
+    """`-H(mean_x G(x))`: minimising it spreads usage over all experts.
+
+    The seed 003 batch term (weight alpha = 0.1 there). Ranges from `-ln E`
+    (perfectly balanced usage) to 0 (one expert takes everything).
+
+    Example:
+    >>> import numpy as np
+    >>> round(float(batch_entropy(np.full((4, 2), 0.5))), 4)
+    -0.6931
+    """
+    return -_entropy(ops.mean(_f32(gates), axis=0))
+
+
+def sample_entropy(gates):
+    """`mean_x H(G(x))`: minimising it makes each sample pick one expert.
+
+    The seed 003 sample term (weight beta = 0.01 there).
+    """
+    return ops.mean(_entropy(_f32(gates)))
+
+
+def batch_variance(gates):
+    """`Var_e(mean_x G(x)_e)`: the variance form of `batch_entropy`.
+
+    Zero when every expert has the same mean gate value; minimising it
+    balances usage.
+    """
+    return ops.var(ops.mean(_f32(gates), axis=0))
+
+
+def sample_variance(gates):
+    """`-mean_x Var_e(G(x)_e)`: the variance form of `sample_entropy`.
+
+    Minimising it pushes each sample's gate vector towards one-hot.
+    """
+    return -ops.mean(ops.var(_f32(gates), axis=-1))
+
+
+def coefficient_of_variation_squared(values):
+    """`Var(v) / (Mean(v)^2 + eps)` over the last axis.
+
+    Computed from the variance, never from `std`: the gradient of `std` is
+    NaN when all values are equal, which is exactly the balanced optimum.
+    """
+    values = _f32(values)
+    mean = ops.mean(values, axis=-1)
+    return ops.var(values, axis=-1) / (ops.square(mean) + EPSILON)
+
+
+def importance_cv2(gates):
+    """CV² of the experts' importance `sum_x G(x)` (Shazeer et al. 2017)."""
+    return coefficient_of_variation_squared(ops.sum(_f32(gates), axis=0))
+
+
+def load_cv2(load):
+    """CV² of the experts' (smooth) load, as returned by `NoisyTopKGate`."""
+    return coefficient_of_variation_squared(load)
+
+
+def switch_load_balancing(router_probs, expert_index, alpha=0.01):
+    """Switch Transformer balance loss `alpha * E * sum_e f_e * P_e`.
+
+    Args:
+        router_probs: `(tokens, E)` router softmax probabilities.
+        expert_index: `(tokens,)` int expert each token was sent to (top-1),
+            or `(tokens, E)` 0/1 dispatch mask (top-k).
+        alpha: Loss weight (0.01 in Fedus et al. 2021).
+
+    `f_e` is the fraction of tokens dispatched to expert `e` and `P_e` the mean
+    router probability of `e`; the loss is `alpha` at perfect balance.
+    """
+    probs = _f32(router_probs)
+    num_experts = ops.shape(probs)[-1]
+    if len(ops.shape(expert_index)) == len(ops.shape(probs)):
+        dispatch = _f32(expert_index)
+    else:
+        dispatch = ops.one_hot(ops.cast(expert_index, "int32"), num_experts, dtype="float32")
+    fraction = ops.mean(dispatch, axis=0)
+    mean_prob = ops.mean(probs, axis=0)
+    return alpha * ops.cast(num_experts, "float32") * ops.sum(fraction * mean_prob)
+
+
+def router_z_loss(logits):
+    """`mean_x logsumexp(logits_x)^2` (ST-MoE): keeps router logits small."""
+    return ops.mean(ops.square(ops.logsumexp(_f32(logits), axis=-1)))

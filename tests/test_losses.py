@@ -1,0 +1,96 @@
+"""Gate-balancing losses against numpy references, edge cases and gradients."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_sparse_moe import losses
+
+RNG = np.random.default_rng(0)
+
+
+def _gates(n=16, e=4):
+    logits = RNG.standard_normal((n, e))
+    g = np.exp(logits)
+    return (g / g.sum(-1, keepdims=True)).astype("float32")
+
+
+def _h(p):
+    p = np.asarray(p, np.float64)
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=-1)
+
+
+def test_entropy_and_variance_losses_match_numpy():
+    g = _gates()
+    assert float(losses.batch_entropy(g)) == pytest.approx(-_h(g.mean(0)), rel=1e-5)
+    assert float(losses.sample_entropy(g)) == pytest.approx(_h(g).mean(), rel=1e-5)
+    assert float(losses.batch_variance(g)) == pytest.approx(g.mean(0).var(), rel=1e-5)
+    assert float(losses.sample_variance(g)) == pytest.approx(-g.var(-1).mean(), rel=1e-5)
+
+
+def test_cv2_losses_match_numpy_and_are_zero_when_balanced():
+    g = _gates()
+    importance = g.sum(0)
+    expected = importance.var() / (importance.mean() ** 2 + 1e-10)
+    assert float(losses.importance_cv2(g)) == pytest.approx(expected, rel=1e-5)
+    load = np.array([3.0, 1.0, 0.0, 4.0], "float32")
+    assert float(losses.load_cv2(load)) == pytest.approx(load.var() / load.mean() ** 2, rel=1e-5)
+    assert float(losses.importance_cv2(np.full((8, 4), 0.25, "float32"))) == 0.0
+
+
+def test_switch_and_z_loss_match_numpy():
+    g = _gates(32, 4)
+    index = g.argmax(-1)
+    fraction = np.bincount(index, minlength=4) / 32
+    expected = 0.01 * 4 * np.sum(fraction * g.mean(0))
+    assert float(losses.switch_load_balancing(g, index)) == pytest.approx(expected, rel=1e-5)
+    dispatch = np.eye(4, dtype="float32")[index]
+    assert float(losses.switch_load_balancing(g, dispatch)) == pytest.approx(expected, rel=1e-5)
+    balanced = np.full((4, 4), 0.25, "float32")
+    assert float(losses.switch_load_balancing(balanced, np.arange(4))) == pytest.approx(0.01)
+    logits = RNG.standard_normal((8, 4)).astype("float32") * 3
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    assert float(losses.router_z_loss(logits)) == pytest.approx(np.mean(lse**2), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        losses.batch_entropy,
+        losses.sample_entropy,
+        losses.batch_variance,
+        losses.sample_variance,
+        losses.importance_cv2,
+    ],
+)
+@pytest.mark.parametrize("case", ["one_hot", "balanced"])
+def test_losses_and_gradients_are_finite_at_the_edges(fn, case):
+    gates = (
+        np.eye(4, dtype="float32")[[0, 0, 1, 2]]
+        if case == "one_hot"
+        else np.full((4, 4), 0.25, "float32")
+    )
+    value, grad = _value_and_grad(fn, gates)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+
+
+def test_float16_inputs_compute_in_float32():
+    g = _gates().astype("float16")
+    out = losses.batch_entropy(g)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+
+
+def _value_and_grad(fn, x):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        return float(y), tape.gradient(y, x).numpy()
+    import jax
+
+    value, grad = jax.value_and_grad(lambda v: fn(v))(x)
+    return float(value), np.asarray(grad)
