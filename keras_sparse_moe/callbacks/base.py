@@ -64,6 +64,10 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._slots = {}
         self._indices = {}
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
     # ------------------------------------------------------------------ #
     def on_train_begin(self, logs=None):
         self.sparse_layers = find_sparse_layers(self.model, self.exclude, type(self).__name__)

@@ -164,6 +164,8 @@ class RigL(SparseTrainingCallback):
         self._gradients = None
 
     def get_config(self):
+        """Every argument but `data` (arrays are not configuration): pass it to
+        `from_config` inside the config, e.g. `RigL.from_config({**c, "data": (x, y)})`."""
         return {
             "update_every": self.update_every,
             "drop_fraction": self.drop_fraction,

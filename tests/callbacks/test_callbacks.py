@@ -304,7 +304,11 @@ def test_callback_configs_cover_init():
         MagnitudePruning(ConstantSparsity(0.5)),
     ):
         params = set(inspect.signature(type(callback).__init__).parameters) - {"self", "data"}
-        assert params <= set(callback.get_config())
+        config = callback.get_config()
+        assert params <= set(config)
+        extra = {"data": (X, Y)} if isinstance(callback, RigL) else {}
+        clone = type(callback).from_config({**config, **extra})
+        assert clone.get_config() == config
 
 
 def test_callbacks_need_a_sparse_layer():
