@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sparse_moe.ops import rewiring
+
 __all__ = ["SparseTrainingCallback", "find_sparse_layers"]
 
 
@@ -47,8 +49,9 @@ def _check_exclude(exclude, owner):
 class SparseTrainingCallback(keras.callbacks.Callback):
     """Base class: policy lives here, state (mask, kernel) lives in the layers.
 
-    Subclasses decide when and what to rewire; `_commit` writes the result into
-    the layer and resets the optimizer state where connections changed.
+    Subclasses decide when and what to rewire; `rewiring.rewire`, compiled by
+    `_apply_function`, writes the result into the layer in place and resets the
+    optimizer state where connections changed.
     """
 
     name = "sparse_training"
@@ -125,65 +128,49 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             inner = getattr(optimizer, "inner_optimizer", None)
             if inner is not None:
                 variables += list(inner.variables)
+            unique = {id(v): v for v in variables}.values()  # wrappers list inner ones too
             self._slots[key] = [
                 v
-                for v in variables
+                for v in unique
                 if v.name.startswith(prefix) and tuple(v.shape) == tuple(layer.kernel.shape)
             ]
         return self._slots[key]
 
-    def _kept_indices(self, layer):
-        """int32 positions of the layer's connections, derived from its mask.
+    def _state_variables(self, layer):
+        """Variables a rewiring writes: kernel, mask and the kernel's optimizer slots."""
+        return [layer.kernel, layer.mask, *self._optimizer_slots(layer)]
 
-        A cache: rebuilt from the mask (the source of truth) at every
-        `on_train_begin` and whenever a step finds it out of date.
+    def _apply_function(self, layer, fn, key=()):
+        """`fn(state, *args)` compiled to update the layer's variables in place."""
+        slots = len(self._optimizer_slots(layer))
+        return self._function(layer, ("apply", fn, slots, key), lambda: rewiring.compile_update(fn))
+
+    def _current_indices(self, layer):
+        """int32 positions of the layer's connections (a cache of its mask).
+
+        The mask is the source of truth: the cache is rebuilt at every
+        `on_train_begin` and whenever the mask no longer matches it (changed
+        by something else), which a cheap compiled check detects.
         """
         indices = self._indices.get(id(layer))
+        if indices is not None:
+            check = self._function(
+                layer, "check", lambda: rewiring.compile_function(_list_is_current)
+            )
+            if not bool(ops.convert_to_numpy(check(ops.convert_to_tensor(layer.mask), indices))):
+                indices = None
         if indices is None:
             mask = np.asarray(ops.convert_to_numpy(layer.mask)).ravel()
             indices = ops.convert_to_tensor(np.flatnonzero(mask).astype("int32"))
             self._indices[id(layer)] = indices
         return indices
 
-    def _step_inputs(self, layer):
-        """Tensors a compiled step reads: kernel, mask, optimizer slots, indices."""
-        slots = self._optimizer_slots(layer)
-        return (
-            ops.convert_to_tensor(layer.kernel),
-            ops.convert_to_tensor(layer.mask),
-            [ops.convert_to_tensor(slot) for slot in slots],
-            self._kept_indices(layer),
-        )
-
-    def _commit(self, layer, kernel, mask, slot_values, indices=None):
-        """Writes the new kernel, mask and optimizer state; caches `indices`
-        (None: rebuild from the mask when next needed)."""
-        shape = layer.kernel.shape
-        layer.kernel.assign(ops.reshape(kernel, shape))
-        layer.mask.assign(ops.reshape(mask, shape))
-        for slot, value in zip(self._optimizer_slots(layer), slot_values):
-            slot.assign(ops.reshape(value, shape))
-        if indices is None:
-            self._indices.pop(id(layer), None)
-        else:
-            self._indices[id(layer)] = indices
-
     def _candidates(self, size, count):
         return keras.random.randint((count,), 0, size, seed=self._seed_generator, dtype="int32")
 
 
-def flat_inputs(kernel, mask, slots, indices):
-    """Flattens what `_step_inputs` returns and checks `indices` against the mask.
-
-    `consistent` is False when the mask no longer has exactly the cached
-    connections (changed outside this callback); the caller then rebuilds.
-    """
-    kernel = ops.reshape(kernel, (-1,))
-    mask = ops.reshape(mask, (-1,))
-    slots = [ops.reshape(slot, (-1,)) for slot in slots]
-    nnz = ops.shape(indices)[0]
-    consistent = ops.logical_and(ops.sum(ops.take(mask, indices)) == nnz, ops.sum(mask) == nnz)
-    return kernel, mask, slots, consistent
+def _list_is_current(mask, indices):
+    return rewiring.connection_list_is_current(ops.reshape(mask, (-1,)), indices)
 
 
 def as_int(x) -> int:

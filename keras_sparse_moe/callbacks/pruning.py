@@ -110,32 +110,19 @@ class MagnitudePruning(SparseTrainingCallback):
             count = layer.num_connections - max(1, int(round(density * size)))
             if count <= 0:
                 continue
-            slots = self._optimizer_slots(layer)
-            step = self._function(layer, ("prune", len(slots)), _make_prune)
-            kernel, mask, new_slots = step(
-                ops.convert_to_tensor(layer.kernel),
-                ops.convert_to_tensor(layer.mask),
-                [ops.convert_to_tensor(slot) for slot in slots],
-                ops.convert_to_tensor(count, "int32"),
-            )
-            self._commit(layer, kernel, mask, new_slots)
+            apply = self._apply_function(layer, _prune)
+            apply(self._state_variables(layer), ops.convert_to_tensor(count, "int32"))
+            self._indices.pop(id(layer), None)
             removed += count
         return removed
 
 
-def _make_prune():
-    # Pruning is rare and changes the number of connections, so it works on the
-    # full arrays (fixed shapes: compiled once per layer).
-    def step(kernel, mask, slots, count):
-        shape = ops.shape(kernel)
-        flat_mask = ops.reshape(mask, (-1,))
-        keys = rewiring.magnitude_keys(ops.reshape(kernel, (-1,)))
-        drop = rewiring.select_smallest(keys, flat_mask > 0, count)
-        keep = ops.reshape(ops.where(drop, 0.0, flat_mask), shape)
-        return (
-            kernel * ops.cast(keep, kernel.dtype),
-            keep,
-            [s * ops.cast(keep, s.dtype) for s in slots],
-        )
-
-    return rewiring.compile_function(step)
+def _prune(state, count):
+    """Removes the `count` smallest-magnitude connections (full arrays: pruning is
+    rare and changes the number of connections)."""
+    kernel, mask, *slots = state
+    drop = rewiring.select_smallest(rewiring.magnitude_keys(kernel), mask > 0, count)
+    keep = ops.where(drop, 0.0, mask)
+    new_state = [kernel * ops.cast(keep, kernel.dtype), keep]
+    new_state += [slot * ops.cast(keep, slot.dtype) for slot in slots]
+    return new_state, count

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse_moe.callbacks.base import SparseTrainingCallback, flat_inputs
+from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.callbacks.set_evolution import check_fraction, check_update_every
 from keras_sparse_moe.ops import rewiring
 
@@ -99,7 +100,8 @@ class RigL(SparseTrainingCallback):
     Every `update_every` steps until `end_step`, each `SparseDense` layer drops
     the fraction `f(t)` of its connections with the smallest magnitude and
     grows as many where the dense gradient magnitude of one batch is largest
-    among empty positions; new weights start at zero and their optimizer state
+    among the positions empty before the drop (so a dropped connection is not
+    regrown at once); new weights start at zero and their optimizer state
     is reset. `f(t) = drop_fraction / 2 * (1 + cos(pi * t / end_step))` with
     `decay="cosine"`. The connection count is unchanged.
 
@@ -229,34 +231,37 @@ class RigL(SparseTrainingCallback):
         return self._gradients[1]
 
     def _update_layer(self, layer, grad, fraction):
-        kernel, mask, slots, indices = self._step_inputs(layer)
+        size = int(np.prod(layer.kernel.shape))
+        indices = self._current_indices(layer)
         nnz = int(indices.shape[0])
-        count = int(math.floor(fraction * nnz))
-        if count == 0:
+        # Growth is among positions empty before the drop, so at most size - nnz.
+        count = min(int(math.floor(fraction * nnz)), size - nnz)
+        if count <= 0:
             return 0
-        k_max = max(1, min(nnz, math.floor(self.drop_fraction * nnz)))
-        step = self._function(layer, ("rigl", len(slots), k_max), lambda: _make_rigl(k_max))
-        new_kernel, new_mask, new_slots, new_indices, consistent = step(
-            kernel, mask, slots, indices, grad, ops.convert_to_tensor(count, "int32")
+        k_max = max(1, min(nnz, size - nnz, math.floor(self.drop_fraction * nnz)))
+        select = self._function(
+            layer,
+            ("rigl", k_max),
+            lambda: rewiring.compile_function(functools.partial(_select, k_max)),
         )
-        if not bool(ops.convert_to_numpy(consistent)):
-            self._indices.pop(id(layer), None)  # mask changed elsewhere: rebuild
-            return self._update_layer(layer, grad, fraction)
-        self._commit(layer, new_kernel, new_mask, new_slots, new_indices)
+        drop, grown = select(
+            ops.convert_to_tensor(layer.kernel),
+            ops.convert_to_tensor(layer.mask),
+            indices,
+            grad,
+            ops.convert_to_tensor(count, "int32"),
+        )
+        apply = self._apply_function(layer, rewiring.rewire)
+        self._indices[id(layer)] = apply(self._state_variables(layer), indices, drop, grown)
         return count
 
 
-def _make_rigl(k_max):
-    def step(kernel, mask, slots, indices, grad, count):
-        kernel, mask, slots, consistent = flat_inputs(kernel, mask, slots, indices)
-        values = ops.take(kernel, indices)
-        drop = rewiring.select_smallest(
-            rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
-        )
-        emptied = rewiring.remove(mask, indices, drop)
-        scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
-        grown = rewiring.top_empty_positions(emptied, scores, k_max)
-        kernel, mask, slots, indices = rewiring.rewire(kernel, emptied, slots, indices, drop, grown)
-        return kernel, mask, slots, indices, consistent
-
-    return rewiring.compile_function(step)
+def _select(k_max, kernel, mask, indices, grad, count):
+    """RigL's choice: drop the smallest magnitudes, grow the largest dense gradients."""
+    values = ops.take(ops.reshape(kernel, (-1,)), indices)
+    drop = rewiring.select_smallest(
+        rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
+    )
+    scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
+    grown = rewiring.top_empty_positions(ops.reshape(mask, (-1,)), scores, k_max)
+    return drop, grown

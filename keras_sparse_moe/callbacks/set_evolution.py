@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
 import numpy as np
 from keras import initializers, ops
 
-from keras_sparse_moe.callbacks.base import SparseTrainingCallback, as_int, flat_inputs
+from keras_sparse_moe.callbacks.base import SparseTrainingCallback, as_int
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["SETEvolution"]
@@ -155,47 +156,43 @@ class SETEvolution(SparseTrainingCallback):
 
     def _evolve_layer(self, layer, attempt=0):
         size = int(np.prod(layer.kernel.shape))
-        kernel, mask, slots, indices = self._step_inputs(layer)
+        indices = self._current_indices(layer)
         nnz = int(indices.shape[0])
         k_max = max(1, min(nnz, math.floor(self.zeta * nnz)))
         # Random candidates for regrowth; about 1 - density of them land on empty
         # positions. The margin makes a redraw (`enough` False) very unlikely.
         free = max(1.0 - nnz / size, 1.0 / size)
         n_candidates = int(min(8 * size, (k_max / free) * 1.3 + 1024) * (2**attempt))
+        select = self._function(
+            layer,
+            ("set", k_max, n_candidates),
+            lambda: rewiring.compile_function(functools.partial(_select, self.zeta, k_max)),
+        )
+        drop, grown, count, enough = select(
+            ops.convert_to_tensor(layer.kernel),
+            ops.convert_to_tensor(layer.mask),
+            indices,
+            self._candidates(size, n_candidates),
+        )
+        if not bool(ops.convert_to_numpy(enough)):
+            if attempt >= 3:
+                raise RuntimeError(f"SETEvolution found too few empty positions in {layer.name}.")
+            return self._evolve_layer(layer, attempt + 1)
         extra = []
         if not self._regrow_zeros:
             # Drawn for the kernel's shape so fan-based initializers scale right.
             values = self.regrow_initializer(layer.kernel.shape, layer.kernel.dtype)
             extra = [ops.reshape(values, (-1,))[:k_max]]
-        step = self._function(
-            layer,
-            ("set", len(slots), k_max, n_candidates, bool(extra)),
-            lambda: self._make_step(k_max),
-        )
-        outputs = step(kernel, mask, slots, indices, self._candidates(size, n_candidates), *extra)
-        new_kernel, new_mask, new_slots, new_indices, count, enough, consistent = outputs
-        if not bool(ops.convert_to_numpy(consistent)):
-            self._indices.pop(id(layer), None)  # mask changed elsewhere: rebuild
-            return self._evolve_layer(layer, attempt)
-        if not bool(ops.convert_to_numpy(enough)):
-            if attempt >= 3:
-                raise RuntimeError(f"SETEvolution could not find empty positions in {layer.name}.")
-            return self._evolve_layer(layer, attempt + 1)
-        self._commit(layer, new_kernel, new_mask, new_slots, new_indices)
+        apply = self._apply_function(layer, rewiring.rewire, bool(extra))
+        self._indices[id(layer)] = apply(self._state_variables(layer), indices, drop, grown, *extra)
         return as_int(count)
 
-    def _make_step(self, k_max):
-        zeta = self.zeta
 
-        def step(kernel, mask, slots, indices, candidates, regrow_values=None):
-            kernel, mask, slots, consistent = flat_inputs(kernel, mask, slots, indices)
-            drop = rewiring.set_drop(ops.take(kernel, indices), zeta)
-            count = ops.sum(ops.cast(drop, "int32"))
-            emptied = rewiring.remove(mask, indices, drop)
-            grown, enough = rewiring.random_empty_positions(emptied, candidates, count, k_max)
-            kernel, mask, slots, indices = rewiring.rewire(
-                kernel, emptied, slots, indices, drop, grown, regrow_values
-            )
-            return kernel, mask, slots, indices, count, enough, consistent
-
-        return rewiring.compile_function(step)
+def _select(zeta, k_max, kernel, mask, indices, candidates):
+    """SET's choice: which connections to drop and where to regrow (no writes)."""
+    drop = rewiring.set_drop(ops.take(ops.reshape(kernel, (-1,)), indices), zeta)
+    count = ops.sum(ops.cast(drop, "int32"))
+    grown, enough = rewiring.random_empty_positions(
+        ops.reshape(mask, (-1,)), candidates, count, k_max, indices, drop
+    )
+    return drop, grown, count, enough

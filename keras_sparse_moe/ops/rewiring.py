@@ -19,9 +19,10 @@ from keras import ops
 
 __all__ = [
     "compile_function",
+    "compile_update",
     "magnitude_keys",
     "random_empty_positions",
-    "remove",
+    "connection_list_is_current",
     "rewire",
     "select_smallest",
     "set_drop",
@@ -45,6 +46,48 @@ def compile_function(fn):
 
         return jax.jit(fn)
     return fn
+
+
+def compile_update(fn):
+    """Compiles `fn(state, *args) -> (new_state, aux)` that updates variables in place.
+
+    `state` is a list of flat arrays read from the Keras variables passed to
+    the returned function; `new_state` (same shapes, flat) is written back to
+    them without a full copy: inside the compiled function on TensorFlow
+    (XLA aliases the resource update), through buffer donation on JAX.
+    The returned function is `run(variables, *args) -> aux`.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True, reduce_retracing=True)
+        def tf_run(variables, *args):
+            flat = [tf.reshape(v, (-1,)) for v in variables]
+            new_state, aux = fn(flat, *args)
+            for variable, value in zip(variables, new_state):
+                variable.assign(tf.reshape(tf.cast(value, variable.dtype), variable.shape))
+            return aux
+
+        return lambda variables, *args: tf_run([v.value for v in variables], *args)
+    if backend == "jax":
+        import jax
+
+        def jax_fn(values, *args):
+            new_state, aux = fn([v.reshape(-1) for v in values], *args)
+            shaped = [n.reshape(v.shape).astype(v.dtype) for n, v in zip(new_state, values)]
+            return shaped, aux
+
+        jitted = jax.jit(jax_fn, donate_argnums=(0,))
+
+        def run(variables, *args):
+            new_state, aux = jitted([v.value for v in variables], *args)
+            for variable, value in zip(variables, new_state):
+                variable.assign(value)
+            return aux
+
+        return run
+    raise NotImplementedError(f"Rewiring supports TensorFlow and JAX, not {backend}.")
 
 
 def _count(x):
@@ -99,22 +142,27 @@ def set_drop(values, zeta):
     )
 
 
-def random_empty_positions(mask, candidates, count, k_max: int):
+def random_empty_positions(mask, candidates, count, k_max: int, indices=None, drop=None):
     """`count` distinct empty positions from random `candidates`, in rank order.
 
     Candidates (uniform random ints in `[0, len(mask))`) that hit a kept
     position, or appear more than once, are rejected; the first `count` of the
     rest are taken, so the result is a uniform sample of empty positions.
+    Positions `indices[drop]`, about to be removed, count as empty.
     Returns `(positions, enough)`: `positions` has `k_max` entries of which
     the first `count` are valid; `enough` is False if too few candidates
     survived (the caller then draws again).
     """
-    hits = ops.scatter(
-        ops.expand_dims(candidates, -1),
-        ops.ones(ops.shape(candidates), "int32"),
-        ops.shape(mask),
-    )
-    valid = ops.logical_and(ops.take(mask, candidates) == 0, ops.take(hits, candidates) == 1)
+    # One int32 buffer counts candidate hits (units) and marks dropped
+    # positions (+1024), so both tests cost a single scatter and gather.
+    marks = ops.ones(ops.shape(candidates), "int32")
+    where, what = candidates, marks
+    if indices is not None:
+        where = ops.concatenate([candidates, indices])
+        what = ops.concatenate([marks, ops.cast(drop, "int32") * 1024])
+    hits = ops.take(ops.scatter(ops.expand_dims(where, -1), what, ops.shape(mask)), candidates)
+    empty = ops.logical_or(ops.take(mask, candidates) == 0, hits >= 1024)
+    valid = ops.logical_and(empty, hits % 1024 == 1)
     rank = ops.cumsum(ops.cast(valid, "int32"))
     chosen = ops.logical_and(valid, rank <= ops.cast(count, "int32"))
     slot = ops.where(chosen, rank - 1, k_max)
@@ -130,34 +178,27 @@ def top_empty_positions(mask, scores, k_max: int):
     return ops.cast(positions, "int32")
 
 
-def remove(mask, indices, drop):
-    """`mask` with the connections `indices[drop]` set to 0."""
-    kept = ops.take(mask, indices)
-    return ops.scatter_update(
-        mask, ops.expand_dims(indices, -1), ops.where(drop, ops.zeros_like(kept), kept)
-    )
-
-
-def rewire(kernel, mask_after_drop, slots, indices, drop, grown, grown_values=None):
-    """Applies a drop-and-grow to flat `kernel`, mask and optimizer `slots`.
+def rewire(state, indices, drop, grown, grown_values=None):
+    """Applies a drop-and-grow to flat `[kernel, mask, *slots]`.
 
     Args:
-        kernel: Flat kernel (n_in * n_out) before the change.
-        mask_after_drop: Flat mask with the dropped connections removed
-            (`remove(mask, indices, drop)`).
-        slots: Flat optimizer arrays shaped like the kernel (momenta, ...).
+        state: Flat arrays: kernel, mask, then optimizer slots shaped like the
+            kernel (momenta, Adam moments).
         indices: int32 (nnz,) kept positions before the change.
         drop: bool (nnz,), the connections removed.
         grown: int32 positions to connect, in rank order: the r-th dropped
-            connection is replaced by `grown[r]`. They must be empty in
-            `mask_after_drop` (a just-dropped position may be regrown).
+            connection is replaced by `grown[r]`. They must be empty once the
+            dropped ones are removed (a just-dropped position may be regrown).
         grown_values: Optional initial values of grown weights, by rank
             (zeros when None).
 
     Returns:
-        `(kernel, mask, slots, indices)` after the change. Dropped and grown
-        positions get zero optimizer state; the number of connections is kept.
+        `(new_state, new_indices)`. Dropped and grown positions get zero
+        optimizer state; the number of connections is kept. Written as
+        scatters on the inputs so a donating / aliasing compiler updates the
+        arrays in place.
     """
+    kernel, mask, *slots = state
     rank = ops.maximum(ops.cumsum(ops.cast(drop, "int32")) - 1, 0)
     new_indices = ops.where(drop, ops.take(grown, rank), indices)
     old, new = ops.expand_dims(indices, -1), ops.expand_dims(new_indices, -1)
@@ -173,12 +214,17 @@ def rewire(kernel, mask_after_drop, slots, indices, drop, grown, grown_values=No
     else:
         start = ops.cast(ops.take(grown_values, rank), values.dtype)
     kernel = write(kernel, ops.where(drop, zeros, values), ops.where(drop, start, values))
-    mask = ops.scatter_update(
-        mask_after_drop, new, ops.ones_like(ops.take(mask_after_drop, indices))
-    )
+    ones = ops.ones_like(ops.take(mask, indices))
+    mask = write(mask, ops.where(drop, ops.zeros_like(ones), ones), ones)
     new_slots = []
     for slot in slots:
         kept = ops.take(slot, indices)
         reset = ops.where(drop, ops.zeros_like(kept), kept)
         new_slots.append(write(slot, reset, reset))
-    return kernel, mask, new_slots, new_indices
+    return [kernel, mask, *new_slots], new_indices
+
+
+def connection_list_is_current(mask, indices):
+    """True when `indices` are exactly the kept positions of flat `mask`."""
+    nnz = ops.shape(indices)[0]
+    return ops.logical_and(ops.sum(ops.take(mask, indices)) == nnz, ops.sum(mask) == nnz)

@@ -179,7 +179,7 @@ def test_rigl_grows_where_dense_gradient_is_largest():
         dropped = kept[np.argsort(np.abs(kernel.ravel()[kept]))][:count]
         after_drop = mask.ravel().copy()
         after_drop[dropped] = 0
-        empty = np.flatnonzero(after_drop == 0)
+        empty = np.flatnonzero(mask.ravel() == 0)  # empty before the drop
         grown = empty[np.argsort(-grad.ravel()[empty], kind="stable")][:count]
         expected = after_drop.copy()
         expected[grown] = 1

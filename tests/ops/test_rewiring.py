@@ -64,6 +64,19 @@ def test_random_empty_positions_are_distinct_empty_and_in_candidate_order():
     assert not bool(to_numpy(enough))
 
 
+def test_dropped_positions_count_as_empty_for_regrowth():
+    mask = np.zeros(50, "float32")
+    mask[:10] = 1
+    indices = np.arange(10, dtype="int32")
+    drop = np.zeros(10, bool)
+    drop[[2, 3]] = True
+    candidates = np.array([0, 2, 3, 40, 41], "int32")
+    fn = _compiled(lambda m, c, i, d: rewiring.random_empty_positions(m, c, 4, 5, i, d))
+    positions, enough = fn(mask, candidates, indices, drop)
+    np.testing.assert_array_equal(to_numpy(positions)[:4], [2, 3, 40, 41])
+    assert bool(to_numpy(enough))
+
+
 def test_rewire_moves_connections_and_resets_state():
     mask = (RNG.random(100) < 0.4).astype("float32")
     kernel = (RNG.standard_normal(100) * mask).astype("float32")
@@ -71,14 +84,11 @@ def test_rewire_moves_connections_and_resets_state():
     indices = np.flatnonzero(mask).astype("int32")
     drop = np.zeros(len(indices), bool)
     drop[[1, 4, 6]] = True
-    emptied = mask.copy()
-    emptied[indices[drop]] = 0
     grown = np.array([indices[4], *np.flatnonzero(mask == 0)[:2]], "int32")  # one regrown at once
-
     start = np.full(3, 7.0, "float32")
-    fn = _compiled(lambda k, e, s, i, d, g, v: rewiring.rewire(k, e, [s], i, d, g, v))
-    new_kernel, new_mask, (new_slot,), new_indices = fn(
-        kernel, emptied, slot, indices, drop, grown, start
+    fn = _compiled(lambda k, m, s, i, d, g, v: rewiring.rewire([k, m, s], i, d, g, v))
+    (new_kernel, new_mask, new_slot), new_indices = fn(
+        kernel, mask, slot, indices, drop, grown, start
     )
     new_kernel, new_mask, new_slot, new_indices = map(
         to_numpy, (new_kernel, new_mask, new_slot, new_indices)
@@ -95,3 +105,19 @@ def test_rewire_moves_connections_and_resets_state():
     stay = indices[~drop]
     np.testing.assert_array_equal(new_kernel[stay], kernel[stay])
     np.testing.assert_array_equal(new_slot[stay], slot[stay])
+
+
+def test_compile_update_writes_variables_in_place():
+    import keras
+
+    variables = [
+        keras.Variable(np.arange(6, dtype="float32").reshape(2, 3)),
+        keras.Variable(np.ones(4)),
+    ]
+    run = rewiring.compile_update(lambda state, k: ([state[0] * k, state[1] + k], state[0][0]))
+    first = run(variables, 2.0)
+    assert float(to_numpy(first)) == 0.0
+    np.testing.assert_array_equal(to_numpy(variables[0]), np.arange(6).reshape(2, 3) * 2)
+    np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 3.0))
+    run(variables, 1.0)  # the variables stay usable after an in-place update
+    np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 4.0))
