@@ -149,28 +149,22 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         """int32 positions of the layer's connections (a cache of its mask).
 
         The mask is the source of truth: the cache is rebuilt at every
-        `on_train_begin` and whenever the mask no longer matches it (changed
-        by something else), which a cheap compiled check detects.
+        `on_train_begin`, and each selection step also checks it against the
+        mask (`connection_list_is_current`) so a change made elsewhere is
+        noticed and the step redone (`_forget_indices`).
         """
         indices = self._indices.get(id(layer))
-        if indices is not None:
-            check = self._function(
-                layer, "check", lambda: rewiring.compile_function(_list_is_current)
-            )
-            if not bool(ops.convert_to_numpy(check(ops.convert_to_tensor(layer.mask), indices))):
-                indices = None
         if indices is None:
             mask = np.asarray(ops.convert_to_numpy(layer.mask)).ravel()
             indices = ops.convert_to_tensor(np.flatnonzero(mask).astype("int32"))
             self._indices[id(layer)] = indices
         return indices
 
+    def _forget_indices(self, layer):
+        self._indices.pop(id(layer), None)
+
     def _candidates(self, size, count):
         return keras.random.randint((count,), 0, size, seed=self._seed_generator, dtype="int32")
-
-
-def _list_is_current(mask, indices):
-    return rewiring.connection_list_is_current(ops.reshape(mask, (-1,)), indices)
 
 
 def as_int(x) -> int:

@@ -244,13 +244,16 @@ class RigL(SparseTrainingCallback):
             ("rigl", k_max),
             lambda: rewiring.compile_function(functools.partial(_select, k_max)),
         )
-        drop, grown = select(
+        drop, grown, current = select(
             ops.convert_to_tensor(layer.kernel),
             ops.convert_to_tensor(layer.mask),
             indices,
             grad,
             ops.convert_to_tensor(count, "int32"),
         )
+        if not bool(ops.convert_to_numpy(current)):
+            self._forget_indices(layer)  # the mask was changed elsewhere
+            return self._update_layer(layer, grad, fraction)
         apply = self._apply_function(layer, rewiring.rewire)
         self._indices[id(layer)] = apply(self._state_variables(layer), indices, drop, grown)
         return count
@@ -262,6 +265,7 @@ def _select(k_max, kernel, mask, indices, grad, count):
     drop = rewiring.select_smallest(
         rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
     )
+    mask = ops.reshape(mask, (-1,))
     scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
-    grown = rewiring.top_empty_positions(ops.reshape(mask, (-1,)), scores, k_max)
-    return drop, grown
+    grown = rewiring.top_empty_positions(mask, scores, k_max)
+    return drop, grown, rewiring.connection_list_is_current(mask, indices)

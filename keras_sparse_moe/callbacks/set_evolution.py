@@ -168,12 +168,15 @@ class SETEvolution(SparseTrainingCallback):
             ("set", k_max, n_candidates),
             lambda: rewiring.compile_function(functools.partial(_select, self.zeta, k_max)),
         )
-        drop, grown, count, enough = select(
+        drop, grown, count, enough, current = select(
             ops.convert_to_tensor(layer.kernel),
             ops.convert_to_tensor(layer.mask),
             indices,
             self._candidates(size, n_candidates),
         )
+        if not bool(ops.convert_to_numpy(current)):
+            self._forget_indices(layer)  # the mask was changed elsewhere
+            return self._evolve_layer(layer, attempt)
         if not bool(ops.convert_to_numpy(enough)):
             if attempt >= 3:
                 raise RuntimeError(f"SETEvolution found too few empty positions in {layer.name}.")
@@ -190,9 +193,8 @@ class SETEvolution(SparseTrainingCallback):
 
 def _select(zeta, k_max, kernel, mask, indices, candidates):
     """SET's choice: which connections to drop and where to regrow (no writes)."""
+    mask = ops.reshape(mask, (-1,))
     drop = rewiring.set_drop(ops.take(ops.reshape(kernel, (-1,)), indices), zeta)
     count = ops.sum(ops.cast(drop, "int32"))
-    grown, enough = rewiring.random_empty_positions(
-        ops.reshape(mask, (-1,)), candidates, count, k_max, indices, drop
-    )
-    return drop, grown, count, enough
+    grown, enough = rewiring.random_empty_positions(mask, candidates, count, k_max, indices, drop)
+    return drop, grown, count, enough, rewiring.connection_list_is_current(mask, indices)
