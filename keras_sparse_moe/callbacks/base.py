@@ -101,6 +101,15 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         if sync is not None:
             sync()
 
+    def on_epoch_end(self, epoch, logs=None):
+        self._report(logs, self._rewired_in_epoch)
+
+    def _record_step(self, logs, rewired):
+        """Counts a mid-epoch rewiring and shows it in the step's logs."""
+        self._rewired_in_epoch += rewired
+        if logs is not None:
+            logs[f"{self.name}/rewired"] = rewired
+
     def _report(self, logs, rewired=None):
         """Adds per-layer density and the rewired count to `logs` (progress bar, History)."""
         if logs is None:

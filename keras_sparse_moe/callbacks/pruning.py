@@ -88,13 +88,7 @@ class MagnitudePruning(SparseTrainingCallback):
         self._step += 1
         should_prune, density = self._target(self._step)
         if should_prune:
-            removed = self.prune(density)
-            self._rewired_in_epoch += removed
-            if logs is not None:
-                logs[f"{self.name}/rewired"] = removed
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._report(logs, self._rewired_in_epoch)
+            self._record_step(logs, self.prune(density))
 
     def prune(self, density):
         """Prunes every layer to `density` now; returns the connections removed."""

@@ -199,13 +199,7 @@ class RigL(SparseTrainingCallback):
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
         if self._step % self.update_every == 0 and not self._is_last_step(batch):
-            rewired = self.update(self.fraction(self._step))
-            self._rewired_in_epoch += rewired
-            if logs is not None:
-                logs[f"{self.name}/rewired"] = rewired
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._report(logs, self._rewired_in_epoch)
+            self._record_step(logs, self.update(self.fraction(self._step)))
 
     def _batch(self):
         x, y = self.data

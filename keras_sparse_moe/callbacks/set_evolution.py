@@ -141,10 +141,7 @@ class SETEvolution(SparseTrainingCallback):
         else:
             due = self._step % self.update_every == 0
         if due and not self._is_last_step(batch):
-            rewired = self.evolve()
-            self._rewired_in_epoch += rewired
-            if logs is not None:
-                logs[f"{self.name}/rewired"] = rewired
+            self._record_step(logs, self.evolve())
 
     # ------------------------------------------------------------------ #
     def evolve(self):
