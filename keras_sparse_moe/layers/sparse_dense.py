@@ -264,12 +264,19 @@ class SparseDense(keras.layers.Layer):
         """Zeroes the kernel wherever the mask is 0 (after an external assign)."""
         self.kernel.assign(ops.multiply(self.kernel, ops.cast(self.mask, self.kernel.dtype)))
 
+    def masked_kernel(self):
+        """The kernel as a tensor whose gradient is zero where the mask is.
+
+        The stored kernel is already zero there, so the forward pass needs no
+        multiply. Layers that contract the kernel their own way (the experts of
+        `SparseExpertMixture`) read it through this method. RigL flips
+        `_dense_gradient` (outside compiled steps) to read the gradient at empty
+        positions.
+        """
+        return self.kernel if self._dense_gradient else mask_gradient(self.kernel, self.mask)
+
     def call(self, inputs):
-        # The stored kernel is zero where the mask is, so the forward pass needs
-        # no multiply; only the gradient is masked. RigL flips `_dense_gradient`
-        # (outside compiled steps) to read the gradient at empty positions.
-        kernel = self.kernel if self._dense_gradient else mask_gradient(self.kernel, self.mask)
-        outputs = ops.matmul(inputs, kernel)
+        outputs = ops.matmul(inputs, self.masked_kernel())
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self.activation(outputs)

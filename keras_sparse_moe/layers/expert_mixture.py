@@ -1,0 +1,630 @@
+"""`SparseExpertMixture`: experts that are sparse sub-networks, mixed by a gate."""
+
+from __future__ import annotations
+
+import keras
+from keras import activations, initializers, ops
+
+from keras_sparse_moe import losses, topologies
+from keras_sparse_moe.layers import gates as gates_lib
+from keras_sparse_moe.layers.sparse_dense import SparseDense
+from keras_sparse_moe.ops import dispatch
+
+__all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "SparseExpertMixture"]
+
+OWNER = "SparseExpertMixture"
+
+
+def _selected(routing, index, num_experts):
+    """`(tokens, E)` 0/1: the experts each token is sent to (argmax without top-k)."""
+    if index is None:
+        index = ops.expand_dims(ops.argmax(routing["gates"], axis=-1), -1)
+    return ops.sum(ops.one_hot(index, num_experts, dtype="float32"), axis=1)
+
+
+# name -> (function of (routing, index, num_experts), what the gate must provide)
+BALANCE_LOSSES = {
+    "batch_entropy": (lambda r, i, e: losses.batch_entropy(r["gates"]), None),
+    "sample_entropy": (lambda r, i, e: losses.sample_entropy(r["gates"]), None),
+    "batch_variance": (lambda r, i, e: losses.batch_variance(r["gates"]), None),
+    "sample_variance": (lambda r, i, e: losses.sample_variance(r["gates"]), None),
+    "importance_cv2": (lambda r, i, e: losses.importance_cv2(r["gates"]), None),
+    "load_cv2": (lambda r, i, e: losses.load_cv2(r["load"]), "load"),
+    "switch_load_balancing": (
+        lambda r, i, e: losses.switch_load_balancing(r["gates"], _selected(r, i, e), alpha=1.0),
+        None,
+    ),
+    "router_z_loss": (lambda r, i, e: losses.router_z_loss(r["logits"]), "logits"),
+}
+# Seed 003: L = 0.1 * batch term + 0.01 * sample term. Switch: alpha = 0.01, z-loss 1e-3.
+BALANCE_PRESETS = {
+    "entropy": {"batch_entropy": 0.1, "sample_entropy": 0.01},
+    "variance": {"batch_variance": 0.1, "sample_variance": 0.01},
+    "switch": {"switch_load_balancing": 0.01, "router_z_loss": 1e-3},
+}
+
+
+def _check_balance_losses(balance_losses, gate):
+    if balance_losses is None:
+        return {}
+    if isinstance(balance_losses, str):
+        if balance_losses not in BALANCE_PRESETS:
+            raise ValueError(
+                f"`{OWNER}` got an unknown `balance_losses` preset. Expected one of "
+                f"{sorted(BALANCE_PRESETS)} or a dict {{loss name: weight}}. Received: "
+                f"balance_losses={balance_losses!r}"
+            )
+        return dict(BALANCE_PRESETS[balance_losses])
+    if not isinstance(balance_losses, dict):
+        raise TypeError(
+            f"`{OWNER}` got an invalid `balance_losses`. Expected None, a preset name "
+            f"or a dict {{loss name: weight}}. Received: balance_losses={balance_losses!r}"
+        )
+    checked = {}
+    for name, weight in balance_losses.items():
+        if name not in BALANCE_LOSSES:
+            raise ValueError(
+                f"`{OWNER}` got an unknown balance loss {name!r}. Expected names from "
+                f"{sorted(BALANCE_LOSSES)}."
+            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(
+                f"`{OWNER}` got an invalid weight for balance loss {name!r}. Expected a "
+                f"float >= 0. Received: {name}={weight!r}"
+            )
+        needs = BALANCE_LOSSES[name][1]
+        if needs and not getattr(gate, f"provides_{needs}"):
+            raise ValueError(
+                f"`{OWNER}`: balance loss {name!r} needs router {needs}, which "
+                f"`{type(gate).__name__}` does not provide (`NoisyTopKGate` provides a "
+                "load; `SoftmaxGate` and `NoisyTopKGate` provide logits)."
+            )
+        checked[name] = float(weight)
+    return checked
+
+
+@keras.saving.register_keras_serializable(package="keras_sparse_moe")
+class SparseExpertMixture(keras.layers.Layer):
+    """A mixture of experts whose experts are sparse sub-networks, mixed by a gate.
+
+    Output `y(x) = sum_e G_e(x) * expert_e(x)`, where `G` is the gate's output.
+    With `top_k`, each token keeps only its `top_k` largest gate values
+    (renormalised to sum to one) and only those experts contribute.
+
+    **Built-in experts** (`num_experts=E`): expert `e` is a one-hidden-layer
+    sparse network `input -> expert_units -> units`; both layers are
+    `SparseDense` layers whose connections are drawn at random at start
+    (StochasticNet-style, `expert_density`), stored for all experts together
+    (`expert_hidden`: `input_dim x E*expert_units`, `expert_output`:
+    `expert_units x E*units`), so the dynamic-sparse-training callbacks (SET,
+    RigL, pruning) evolve them like any `SparseDense`. With `route_density > 0`
+    a third `SparseDense`, `expert_routes`, adds sparse routes from each
+    expert's hidden units to the other experts' hidden units (a
+    `small_world(..., rewire=1)` mask: only links between experts), so hidden
+    unit `j` of expert `f` becomes `h_f[j] + sum_e h_e @ R[e -> f]`. Together
+    the experts and routes form a clustered small-world topology. A route from
+    an expert the gate did not select carries nothing. Note that in the masked
+    implementation the routes cost a dense `(E*expert_units)^2` matmul per token.
+
+    **User experts** (`experts=[...]`): any Keras layers or models with equal
+    output shapes, e.g. the CNN experts of seed 003.
+
+    **Dispatch.** Without `capacity_factor` every expert sees every token and
+    unselected experts are weighted by zero (the simple path, best for small
+    E). With `top_k` and `capacity_factor`, tokens are dispatched to fixed-size
+    expert buffers of `ceil(capacity_factor * top_k * tokens / E)` slots
+    (`keras_sparse_moe.ops.dispatch`): static shapes, compiled by XLA, and the
+    expert work grows with `top_k / E`. Assignments beyond capacity are
+    dropped and counted in `overflow_counts`; when capacity suffices both
+    paths give the same output.
+
+    **Balancing losses.** `balance_losses` names losses of
+    `keras_sparse_moe.losses` with weights; in training each weighted loss is
+    added with `add_loss`, and their running sums (and the dispatch overflow)
+    are kept in non-trainable variables that
+    `keras_sparse_moe.callbacks.ActivationRateLogger` reports per epoch into
+    `logs` (progress bar, `History`, TensorBoard). Router math is float32
+    under mixed precision.
+
+    Args:
+        units: Output width of the built-in experts. With `experts`, optional
+            (it is their output width; a given value must match).
+        num_experts: Number of built-in experts (give this or `experts`).
+        experts: List of Keras layers to use as experts (instead of `num_experts`).
+        expert_units: Hidden units per built-in expert (default: `units`).
+        expert_density: Connection density of the built-in experts' layers,
+            in (0, 1] (default 0.1).
+        route_density: Density of the routes between built-in experts (fraction
+            of the possible links between different experts' hidden units),
+            in [0, 1) (default 0: no routes).
+        expert_activation: Activation of the built-in experts' hidden layer.
+        gate: A `keras_sparse_moe.layers.Gate` (`SoftmaxGate`, `NoisyTopKGate`,
+            `OracleGate`, ...), or `"softmax"` / None for a softmax gate over a
+            `Dense` layer.
+        top_k: Experts per token, in `[1, num_experts]`; default: the gate's own
+            `k` (`NoisyTopKGate`) or None (every expert).
+        capacity_factor: Positive float; with `top_k`, use the capacity
+            dispatch with this slack (1.0 = exactly the average load).
+        balance_losses: Dict `{loss name: weight}` with names from
+            `BALANCE_LOSSES` (`"batch_entropy"`, `"sample_entropy"`,
+            `"batch_variance"`, `"sample_variance"`, `"importance_cv2"`,
+            `"load_cv2"`, `"switch_load_balancing"`, `"router_z_loss"`), or a
+            preset: `"entropy"` (seed 003: 0.1 * batch + 0.01 * sample entropy),
+            `"variance"` (the same with variances), `"switch"`.
+        use_bias: Whether the built-in experts' layers use biases.
+        kernel_initializer: Initializer of the built-in experts' kernels; the
+            default He-uniform scales by fan-in, which is each expert's own.
+        seed: Optional int making the built-in experts' topology reproducible.
+        **kwargs: Base layer arguments.
+
+    Call arguments:
+        inputs: The experts' input. Built-in experts: `(..., input_dim)`, every
+            position a token. User experts: `(batch, ...)`, every sample a token.
+        gate_inputs: Optional separate gate input (`OracleGate` needs the
+            expert index here). Default: the gate reads `inputs`.
+        training: Python bool; enables gate noise and the balancing losses.
+
+    Output shape:
+        Built-in experts: `(..., units)`. User experts: their output shape.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_sparse_moe
+    >>> moe = keras_sparse_moe.layers.SparseExpertMixture(
+    ...     units=8, num_experts=4, expert_units=16, expert_density=0.25,
+    ...     top_k=2, capacity_factor=2.0, seed=0)
+    >>> tuple(moe(np.ones((5, 12), dtype="float32")).shape)
+    (5, 8)
+    """
+
+    def __init__(
+        self,
+        units=None,
+        num_experts=None,
+        experts=None,
+        expert_units=None,
+        expert_density=None,
+        route_density=None,
+        expert_activation="relu",
+        gate=None,
+        top_k=None,
+        capacity_factor=None,
+        balance_losses=None,
+        use_bias=True,
+        kernel_initializer="he_uniform",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if (num_experts is None) == (experts is None):
+            raise ValueError(
+                f"`{OWNER}` takes either `num_experts` (built-in sparse experts) or "
+                f"`experts` (a list of layers), exactly one. Received: num_experts="
+                f"{num_experts!r}, experts={'None' if experts is None else 'a list'}"
+            )
+        self.seed = topologies.check_seed(seed, OWNER)
+        self.builtin = experts is None
+        if self.builtin:
+            num_experts = topologies.check_size("num_experts", num_experts, OWNER)
+            if units is None:
+                raise ValueError(
+                    f"`{OWNER}` with built-in experts needs `units`, their output width. "
+                    "Received: units=None"
+                )
+            units = topologies.check_size("units", units, OWNER)
+            hidden = units if expert_units is None else expert_units
+            hidden = topologies.check_size("expert_units", hidden, OWNER)
+            density = 0.1 if expert_density is None else expert_density
+            density = topologies.check_density(density, OWNER, "expert_density")
+            routes = 0.0 if route_density is None else route_density
+            if (
+                isinstance(routes, bool)
+                or not isinstance(routes, (int, float))
+                or not 0 <= routes < 1
+            ):
+                raise ValueError(
+                    f"`{OWNER}` got an invalid `route_density`. Expected a float in "
+                    f"[0, 1). Received: route_density={route_density!r}"
+                )
+            self.expert_list = None
+        else:
+            if not isinstance(experts, (list, tuple)) or not experts:
+                raise TypeError(
+                    f"`{OWNER}` got an invalid `experts`. Expected a non-empty list of "
+                    f"Keras layers. Received: experts={experts!r}"
+                )
+            bad = [e for e in experts if not isinstance(e, keras.layers.Layer)]
+            if bad:
+                raise TypeError(
+                    f"`{OWNER}` got an invalid expert. Expected Keras layers or models. "
+                    f"Received: {bad[0]!r}"
+                )
+            given = {
+                "expert_units": expert_units,
+                "expert_density": expert_density,
+                "route_density": route_density,
+            }
+            given = {k: v for k, v in given.items() if v is not None}
+            if given:
+                raise ValueError(
+                    f"`{OWNER}`: {sorted(given)} shape the built-in experts and do not "
+                    f"apply to user `experts`. Received: {given}"
+                )
+            if units is not None:
+                units = topologies.check_size("units", units, OWNER)
+            num_experts = len(experts)
+            self.expert_list = list(experts)
+        self.units = units
+        self.num_experts = num_experts
+        self.expert_units = expert_units
+        self.expert_density = expert_density
+        self.route_density = route_density
+        self.expert_activation = activations.get(expert_activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.gate = gates_lib.get(gate, num_experts, OWNER)
+
+        if top_k is None:
+            top_k = self.gate.top_k
+        elif self.gate.top_k is not None and top_k != self.gate.top_k:
+            raise ValueError(
+                f"`{OWNER}` got `top_k={top_k}` but its gate selects "
+                f"k={self.gate.top_k} experts per token. Leave `top_k` unset or make "
+                "them equal."
+            )
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts
+        ):
+            raise ValueError(
+                f"`{OWNER}` got an invalid `top_k`. Expected an int in [1, num_experts="
+                f"{num_experts}] or None. Received: top_k={top_k!r}"
+            )
+        self.top_k = top_k
+        if capacity_factor is not None:
+            if (
+                isinstance(capacity_factor, bool)
+                or not isinstance(capacity_factor, (int, float))
+                or not capacity_factor > 0
+            ):
+                raise ValueError(
+                    f"`{OWNER}` got an invalid `capacity_factor`. Expected a float > 0 "
+                    f"or None. Received: capacity_factor={capacity_factor!r}"
+                )
+            if top_k is None:
+                raise ValueError(
+                    f"`{OWNER}`: the capacity dispatch (`capacity_factor`) routes each "
+                    "token to its `top_k` experts; set `top_k` (or use a gate with k). "
+                    f"Received: capacity_factor={capacity_factor}, top_k=None"
+                )
+            capacity_factor = float(capacity_factor)
+        self.capacity_factor = capacity_factor
+        self.balance_losses = balance_losses
+        self.balance_weights = _check_balance_losses(balance_losses, self.gate)
+
+        if self.builtin:
+            self._hidden_units = hidden
+            self._route_density = float(routes)
+            seeds = [None] * 3 if self.seed is None else [self.seed, self.seed + 1, self.seed + 2]
+            common = {
+                "density": density,
+                "kernel_initializer": self.kernel_initializer,
+                "dtype": self.dtype_policy,
+            }
+            self.expert_hidden = SparseDense(
+                num_experts * hidden,
+                activation=self.expert_activation,
+                use_bias=self.use_bias,
+                seed=seeds[0],
+                name="expert_hidden",
+                **common,
+            )
+            self.expert_output = SparseDense(
+                num_experts * units,
+                use_bias=self.use_bias,
+                seed=seeds[1],
+                name="expert_output",
+                **common,
+            )
+            self.expert_routes = None
+            if self._route_density > 0 and num_experts > 1:
+                # Density over all E*h x E*h pairs whose links all lie between experts.
+                self.expert_routes = SparseDense(
+                    num_experts * hidden,
+                    density=self._route_density * (num_experts - 1) / num_experts,
+                    topology="small_world",
+                    topology_kwargs={"num_clusters": num_experts, "rewire": 1.0},
+                    use_bias=False,
+                    kernel_initializer=self.kernel_initializer,
+                    seed=seeds[2],
+                    dtype=self.dtype_policy,
+                    name="expert_routes",
+                )
+
+    # ------------------------------------------------------------------ #
+    def build(self, inputs_shape, gate_inputs_shape=None):
+        if self.gate.requires_gate_inputs and gate_inputs_shape is None:
+            raise ValueError(
+                f"`{OWNER}`: `{type(self.gate).__name__}` routes by a separate input. "
+                "Call the mixture as `mixture(x, gate_inputs=expert_index)`."
+            )
+        if self.builtin:
+            dim = inputs_shape[-1]
+            if dim is None:
+                raise ValueError(
+                    f"`{OWNER}` needs a known last input dimension. Received: "
+                    f"inputs_shape={inputs_shape}"
+                )
+            self.input_dim = int(dim)
+            h = self._hidden_units
+            self.expert_hidden.build((None, self.input_dim))
+            self.expert_output.build((None, h))
+            if self.expert_routes is not None:
+                self.expert_routes.build((None, self.num_experts * h))
+            token_shape = (None, self.input_dim)
+        else:
+            shapes = []
+            for expert in self.expert_list:
+                if not expert.built:
+                    expert.build(inputs_shape)
+                shapes.append(tuple(expert.compute_output_shape(inputs_shape))[1:])
+            if len(set(shapes)) > 1:
+                raise ValueError(
+                    f"`{OWNER}` needs experts with equal output shapes. Received output "
+                    f"shapes (batch axis left out): {shapes}"
+                )
+            if self.units is not None and shapes[0][-1] != self.units:
+                raise ValueError(
+                    f"`{OWNER}` got `units={self.units}` but its experts output {shapes[0]}."
+                )
+            self._expert_shape = shapes[0]
+            token_shape = inputs_shape
+        if not self.gate.built:
+            self.gate.build(gate_inputs_shape if gate_inputs_shape is not None else token_shape)
+        if self.balance_weights:
+            self.loss_sums = self.add_weight(
+                name="balance_loss_sums",
+                shape=(len(self.balance_weights),),
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+            )
+            self.loss_steps = self.add_weight(
+                name="balance_loss_steps",
+                shape=(),
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+            )
+        if self.capacity_factor is not None:
+            # [dropped assignments, all assignments] seen in training.
+            self.overflow_counts = self.add_weight(
+                name="overflow_counts",
+                shape=(2,),
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+            )
+        self.built = True
+
+    # ------------------------------------------------------------------ #
+    def _tokens(self, inputs):
+        return ops.reshape(inputs, (-1, self.input_dim)) if self.builtin else inputs
+
+    def _route(self, tokens, gate_inputs, training):
+        """Gate routing, plus the top-k `(weights, index)` (index None without top-k)."""
+        source = tokens if gate_inputs is None else gate_inputs
+        routing = self.gate.route(source, training=training)
+        if self.top_k is None:
+            return routing, routing["gates"], None
+        weights, index = dispatch.top_k_weights(routing["gates"], self.top_k)
+        return routing, weights, index
+
+    def _dense_weights(self, weights, index):
+        if index is None:
+            return weights
+        chosen = ops.one_hot(index, self.num_experts, dtype="float32")
+        return ops.sum(chosen * ops.expand_dims(weights, -1), axis=1)
+
+    def gate_values(self, inputs, gate_inputs=None):
+        """The `(tokens, num_experts)` mixing weights for `inputs` (inference mode).
+
+        Without `top_k` these are the gate's values; with `top_k`, the selected
+        experts' renormalised values and zeros elsewhere.
+        """
+        inputs = ops.convert_to_tensor(inputs)
+        if gate_inputs is not None:
+            gate_inputs = ops.convert_to_tensor(gate_inputs)
+        if not self.built:
+            self.build(
+                tuple(inputs.shape), None if gate_inputs is None else tuple(gate_inputs.shape)
+            )
+        _, weights, index = self._route(self._tokens(inputs), gate_inputs, training=False)
+        return self._dense_weights(weights, index)
+
+    # ------------------------------------------------------------------ #
+    def call(self, inputs, gate_inputs=None, training=None):
+        tokens = self._tokens(inputs)
+        routing, weights, index = self._route(tokens, gate_inputs, training)
+        if self.capacity_factor is None:
+            active = None if index is None else self._dense_weights(ops.ones_like(weights), index)
+            outputs = self._all_experts(
+                tokens, self._dense_weights(weights, index), active, training
+            )
+        else:
+            outputs, kept = self._dispatched(tokens, weights, index, training)
+            if training:
+                dropped = ops.sum(1.0 - ops.cast(kept, "float32"))
+                total = ops.cast(ops.size(kept), "float32")
+                self.overflow_counts.assign_add(ops.stack([dropped, total]))
+        if training and self.balance_weights:
+            values = []
+            for name, weight in self.balance_weights.items():
+                value = BALANCE_LOSSES[name][0](routing, index, self.num_experts)
+                self.add_loss(weight * value)
+                values.append(value)
+            self.loss_sums.assign_add(ops.stack(values))
+            self.loss_steps.assign_add(1.0)
+        if self.builtin:
+            lead = ops.shape(inputs)[:-1]
+            outputs = ops.reshape(outputs, (*lead, self.units))
+        return outputs
+
+    def _hidden_params(self):
+        e, h = self.num_experts, self._hidden_units
+        kernel = ops.reshape(self.expert_hidden.masked_kernel(), (self.input_dim, e, h))
+        bias = (
+            None
+            if self.expert_hidden.bias is None
+            else ops.reshape(self.expert_hidden.bias, (e, h))
+        )
+        return kernel, bias
+
+    def _output_params(self):
+        e, h = self.num_experts, self._hidden_units
+        kernel = ops.reshape(self.expert_output.masked_kernel(), (h, e, self.units))
+        bias = (
+            None
+            if self.expert_output.bias is None
+            else ops.reshape(self.expert_output.bias, (e, self.units))
+        )
+        return kernel, bias
+
+    def _routes(self, hidden_tokens):
+        """`(tokens, E, h)` hidden of the active experts -> what the routes add."""
+        tokens = ops.shape(hidden_tokens)[0]
+        flat = ops.reshape(hidden_tokens, (tokens, self.num_experts * self._hidden_units))
+        routed = ops.matmul(flat, self.expert_routes.masked_kernel())
+        return ops.reshape(routed, (tokens, self.num_experts, self._hidden_units))
+
+    def _all_experts(self, tokens, weights, active, training):
+        """Every expert on every token; `weights` `(tokens, E)`, `active` None = all."""
+        if not self.builtin:
+            outs = ops.stack(
+                [expert(tokens, training=training) for expert in self.expert_list], axis=1
+            )
+            w = ops.cast(weights, outs.dtype)
+            w = ops.reshape(w, tuple(ops.shape(w)) + (1,) * (len(outs.shape) - 2))
+            return ops.sum(w * outs, axis=1)
+        kernel, bias = self._hidden_params()
+        hidden = ops.einsum("nd,deh->neh", tokens, kernel)
+        if bias is not None:
+            hidden = hidden + bias
+        hidden = self.expert_activation(hidden)
+        if self.expert_routes is not None:
+            source = (
+                hidden
+                if active is None
+                else hidden * ops.cast(ops.expand_dims(active, -1), hidden.dtype)
+            )
+            hidden = hidden + self._routes(source)
+        kernel, bias = self._output_params()
+        outs = ops.einsum("neh,heu->neu", hidden, kernel)
+        if bias is not None:
+            outs = outs + bias
+        return ops.einsum("ne,neu->nu", ops.cast(weights, outs.dtype), outs)
+
+    def _dispatched(self, tokens, weights, index, training):
+        """Capacity dispatch: each expert computes only its slots."""
+        e = self.num_experts
+        capacity = dispatch.expert_capacity(
+            ops.shape(tokens)[0], e, self.top_k, self.capacity_factor
+        )
+        plan = dispatch.dispatch_plan(index, e, capacity)
+        slots = dispatch.gather_slots(tokens, plan)
+        slots = ops.reshape(slots, (e, -1) + tuple(slots.shape[1:]))
+        if not self.builtin:
+            outs = ops.stack(
+                [expert(slots[i], training=training) for i, expert in enumerate(self.expert_list)]
+            )
+        else:
+            kernel, bias = self._hidden_params()
+            hidden = ops.einsum("ecd,deh->ech", slots, kernel)
+            if bias is not None:
+                hidden = hidden + ops.expand_dims(bias, 1)
+            hidden = self.expert_activation(hidden)
+            if self.expert_routes is not None:
+                hidden = hidden + self._slot_routes(hidden, plan, index)
+            kernel, bias = self._output_params()
+            outs = ops.einsum("ech,heu->ecu", hidden, kernel)
+            if bias is not None:
+                outs = outs + ops.expand_dims(bias, 1)
+        outs = ops.reshape(outs, (-1,) + tuple(outs.shape[2:]))
+        return dispatch.combine(outs, plan, weights), plan.kept
+
+    def _slot_routes(self, hidden, plan, index):
+        """The routes' contribution to each slot: via the tokens' active hidden states."""
+        e, h = self.num_experts, self._hidden_units
+        flat = ops.reshape(hidden, (-1, h))
+        discard = ops.shape(flat)[0]
+        padded = ops.concatenate([flat, ops.zeros_like(flat[:1])], axis=0)
+        # (tokens, E): the slot holding each kept (token, expert) pair, else the zero row.
+        chosen = ops.one_hot(index, e, dtype="int32")
+        slot_map = ops.sum(chosen * ops.expand_dims(plan.slot - discard, -1), axis=1) + discard
+        routed = self._routes(ops.take(padded, slot_map, axis=0))
+        expert_of_slot = ops.arange(discard, dtype="int32") // plan.capacity
+        rows = ops.maximum(plan.token_of_slot, 0) * e + expert_of_slot
+        picked = ops.take(ops.reshape(routed, (-1, h)), rows, axis=0)
+        return ops.reshape(picked, (e, -1, h))
+
+    # ------------------------------------------------------------------ #
+    def compute_output_shape(self, inputs_shape, gate_inputs_shape=None):
+        if self.builtin:
+            return tuple(inputs_shape[:-1]) + (self.units,)
+        return (inputs_shape[0],) + tuple(self._expert_shape)
+
+    @property
+    def balance_loss_means(self) -> dict:
+        """Mean of each balancing loss (unweighted) over training steps since the last reset."""
+        if not self.balance_weights:
+            return {}
+        steps = max(1.0, float(ops.convert_to_numpy(self.loss_steps)))
+        sums = ops.convert_to_numpy(self.loss_sums)
+        return {name: float(s) / steps for name, s in zip(self.balance_weights, sums)}
+
+    @property
+    def overflow_fraction(self):
+        """Fraction of (token, choice) assignments dropped for capacity since the last reset."""
+        if self.capacity_factor is None:
+            return None
+        dropped, total = ops.convert_to_numpy(self.overflow_counts)
+        return float(dropped) / max(1.0, float(total))
+
+    def reset_statistics(self):
+        """Zeroes the running loss sums and overflow counts."""
+        for name in ("loss_sums", "loss_steps", "overflow_counts"):
+            variable = getattr(self, name, None)
+            if variable is not None:
+                variable.assign(ops.zeros_like(variable))
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "num_experts": self.num_experts if self.builtin else None,
+            "experts": None if self.builtin else [serialize(e) for e in self.expert_list],
+            "expert_units": self.expert_units,
+            "expert_density": self.expert_density,
+            "route_density": self.route_density,
+            "expert_activation": activations.serialize(self.expert_activation),
+            "gate": serialize(self.gate),
+            "top_k": self.top_k,
+            "capacity_factor": self.capacity_factor,
+            "balance_losses": self.balance_losses,
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        deserialize = keras.saving.deserialize_keras_object
+        config["gate"] = deserialize(config["gate"])
+        if config.get("experts") is not None:
+            config["experts"] = [deserialize(e) for e in config["experts"]]
+        return cls(**config)
