@@ -5,23 +5,26 @@ from keras_sparse_moe import (
     datasets,
     layers,
     losses,
+    metrics,
     ops,
     plots,
     schedules,
     topologies,
 )
 from keras_sparse_moe.conversion import sparsify
-from keras_sparse_moe.layers import SparseDense
+from keras_sparse_moe.layers import SparseDense, SparseExpertMixture
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseDense",
+    "SparseExpertMixture",
     "__version__",
     "callbacks",
     "datasets",
     "layers",
     "losses",
+    "metrics",
     "ops",
     "plots",
     "schedules",

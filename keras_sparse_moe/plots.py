@@ -1,11 +1,11 @@
-"""Pictures of sparse connectivity (matplotlib, from the `[plots]` extra)."""
+"""Pictures of sparse connectivity and expert usage (matplotlib, the `[plots]` extra)."""
 
 from __future__ import annotations
 
 import numpy as np
 from keras import ops
 
-__all__ = ["input_connectivity"]
+__all__ = ["activation_table", "input_connectivity"]
 
 
 def _pyplot():
@@ -55,3 +55,41 @@ def input_connectivity(layer, image_shape, ax=None, path=None, title=None):
     if fig is not None:
         plt.close(fig)
     return counts
+
+
+def activation_table(table, ax=None, path=None, title=None):
+    """Heatmap of an `ActivationTable` (rows: data, columns: experts), values written in.
+
+    Args:
+        table: A `keras_sparse_moe.metrics.ActivationTable`.
+        ax: Optional matplotlib axes to draw on.
+        path: Optional file to save the figure to.
+        title: Optional title.
+
+    Returns:
+        The matplotlib axes drawn on.
+    """
+    values = np.asarray(table.values)
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * values.shape[1], 0.8 + 0.45 * values.shape[0]))
+    ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            color="white" if value > 0.6 else "black",
+            fontsize=8,
+        )
+    ax.set_xticks(range(values.shape[1]), [f"expert {e}" for e in range(values.shape[1])])
+    ax.set_yticks(range(values.shape[0]), [str(r) for r in table.rows])
+    ax.set_title(title or "activation rates")
+    if path is not None:
+        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    if fig is not None:
+        plt.close(fig)
+    return ax

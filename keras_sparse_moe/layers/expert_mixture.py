@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import activations, initializers, ops
 
 from keras_sparse_moe import losses, topologies
@@ -598,7 +599,7 @@ class SparseExpertMixture(keras.layers.Layer):
         for name in ("loss_sums", "loss_steps", "overflow_counts"):
             variable = getattr(self, name, None)
             if variable is not None:
-                variable.assign(ops.zeros_like(variable))
+                variable.assign(np.zeros(variable.shape, dtype="float32"))
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
