@@ -115,7 +115,8 @@ def gate_values_fn(model_or_gate, layer=None, owner="activation_rates"):
             gate_inputs = node.arguments.args[1]
         if gate_inputs is not None:
             tensors.append(gate_inputs)
-        feature_model = keras.Model(model_or_gate.inputs, tensors)
+        inputs = model_or_gate.inputs
+        feature_model = keras.Model(inputs[0] if len(inputs) == 1 else inputs, tensors)
     else:
         raise TypeError(
             f"`{owner}` got an invalid `model_or_gate`. Expected a Keras model, a "

@@ -173,6 +173,9 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._indices.pop(id(layer), None)
 
     def _candidates(self, size, count):
+        """`count` random positions in `[0, size)`; all of them, shuffled, if `count >= size`."""
+        if count >= size:
+            return keras.random.shuffle(ops.arange(size, dtype="int32"), seed=self._seed_generator)
         return keras.random.randint((count,), 0, size, seed=self._seed_generator, dtype="int32")
 
 

@@ -159,7 +159,10 @@ class SETEvolution(SparseTrainingCallback):
         # Random candidates for regrowth; about 1 - density of them land on empty
         # positions. The margin makes a redraw (`enough` False) very unlikely.
         free = max(1.0 - nnz / size, 1.0 / size)
-        n_candidates = int(min(8 * size, (k_max / free) * 1.3 + 1024) * (2**attempt))
+        n_candidates = int(((k_max / free) * 1.3 + 1024) * (2**attempt))
+        # Repeated candidates are rejected, so drawing about as many as there are
+        # positions would waste most of them: small layers use a permutation.
+        n_candidates = min(n_candidates, size)
         select = self._function(
             layer,
             ("set", k_max, n_candidates),

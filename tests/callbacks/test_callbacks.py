@@ -57,6 +57,17 @@ def test_set_epoch_schedule_keeps_counts_and_zeros(jit_compile):
     assert history.history["density/h1"][-1] == pytest.approx(0.25, abs=1e-3)
 
 
+def test_set_on_small_half_dense_layers():
+    # Few positions, half of them kept: random candidates would mostly repeat,
+    # so SET samples a permutation instead and still regrows exactly.
+    model = _model(density=0.6)
+    counts = {layer.name: layer.num_connections for layer in masked_layers(model)}
+    callback = SETEvolution(zeta=0.5, update_every=2, seed=0)
+    model.fit(X, Y, batch_size=32, epochs=2, verbose=0, callbacks=[callback])
+    assert {layer.name: layer.num_connections for layer in masked_layers(model)} == counts
+    assert_masked_weights_zero(model)
+
+
 def test_set_step_against_numpy_reference():
     model = _model(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     callback = SETEvolution(zeta=0.3, seed=0)

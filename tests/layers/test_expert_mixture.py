@@ -1,0 +1,349 @@
+"""SparseExpertMixture: numpy reference, dispatch = dense path, losses, training, saving, errors."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+import keras_sparse_moe as ksm
+from keras_sparse_moe import losses
+from keras_sparse_moe.layers import (
+    NoisyTopKGate,
+    OracleGate,
+    SoftmaxGate,
+    SparseDense,
+    SparseExpertMixture,
+)
+from tests.test_case import assert_config_covers_init, assert_masked_weights_zero, to_numpy
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((48, 10)).astype("float32")
+Y = RNG.integers(0, 3, 48)
+BUILTIN = dict(units=3, num_experts=4, expert_units=8, expert_density=0.5, seed=0)
+
+
+def _numpy_builtin(layer, x, top_k=None):
+    """The mixture written out with numpy from the layer's own weights."""
+    e, h, u = layer.num_experts, layer._hidden_units, layer.units
+    w1, b1 = to_numpy(layer.expert_hidden.kernel), to_numpy(layer.expert_hidden.bias)
+    w2, b2 = to_numpy(layer.expert_output.kernel), to_numpy(layer.expert_output.bias)
+    gate_kernel, gate_bias = (to_numpy(w) for w in layer.gate.network.weights)
+    gates = softmax(x @ gate_kernel + gate_bias, axis=-1)
+    active = np.ones_like(gates)
+    if top_k is not None:
+        keep = np.argsort(-gates, axis=1)[:, :top_k]
+        active = np.zeros_like(gates)
+        np.put_along_axis(active, keep, 1.0, axis=1)
+        gates = gates * active
+        gates /= gates.sum(axis=1, keepdims=True)
+    hidden = np.maximum(x @ w1 + b1, 0).reshape(len(x), e, h)
+    if layer.expert_routes is not None:
+        source = (hidden * active[:, :, None]).reshape(len(x), e * h)
+        hidden = hidden + (source @ to_numpy(layer.expert_routes.kernel)).reshape(len(x), e, h)
+    out = np.einsum("neh,heu->neu", hidden, w2.reshape(h, e, u)) + b2.reshape(e, u)
+    return np.einsum("ne,neu->nu", gates, out)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("route_density", [None, 0.2])
+def test_builtin_experts_match_numpy(top_k, route_density):
+    layer = SparseExpertMixture(top_k=top_k, route_density=route_density, **BUILTIN)
+    y = to_numpy(layer(X))
+    np.testing.assert_allclose(y, _numpy_builtin(layer, X, top_k), rtol=1e-4, atol=1e-5)
+    # Experts are sparse: masked kernels are zero and densities are as asked.
+    for sub in (layer.expert_hidden, layer.expert_output):
+        assert sub.actual_density == pytest.approx(0.5, abs=0.01)
+        assert np.all(to_numpy(sub.kernel)[to_numpy(sub.mask) == 0] == 0)
+    if route_density:
+        mask = to_numpy(layer.expert_routes.mask)
+        same = np.equal.outer(np.arange(32) // 8, np.arange(32) // 8)
+        assert mask[same].sum() == 0  # routes only link different experts
+        assert mask[~same].mean() == pytest.approx(0.2, abs=0.01)
+
+
+def _copy_weights(source, target):
+    for a, b in zip(source._flatten_layers(), target._flatten_layers()):
+        if a is not source and a.weights:
+            b.set_weights(a.get_weights())
+
+
+def _user_experts(width=3):
+    return [
+        keras.Sequential([keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(width)])
+        for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["builtin", "builtin_routes", "user"])
+def test_capacity_dispatch_equals_dense_path_when_capacity_suffices(kind):
+    def make(capacity_factor):
+        if kind == "user":
+            return SparseExpertMixture(
+                experts=_user_experts(), top_k=2, capacity_factor=capacity_factor
+            )
+        routes = 0.3 if kind == "builtin_routes" else None
+        return SparseExpertMixture(
+            top_k=2, capacity_factor=capacity_factor, route_density=routes, **BUILTIN
+        )
+
+    def model(layer):
+        m = keras.Sequential([keras.Input((10,)), layer])
+        m.compile(keras.optimizers.SGD(0.1), "mse")
+        return m
+
+    dense, dispatched = model(make(None)), model(make(2.0))  # capacity = all tokens
+    _copy_weights(dense.layers[0], dispatched.layers[0])
+    np.testing.assert_allclose(to_numpy(dispatched(X)), to_numpy(dense(X)), rtol=1e-5, atol=1e-5)
+    # The same gradients: one SGD step leaves the same weights.
+    target = RNG.standard_normal((48, 3)).astype("float32")
+    dense.train_on_batch(X, target)
+    dispatched.train_on_batch(X, target)
+    assert len(dense.trainable_weights) == len(dispatched.trainable_weights)
+    for a, b in zip(dense.trainable_weights, dispatched.trainable_weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
+    assert dispatched.layers[0].overflow_fraction == 0.0
+
+
+def test_overflow_drops_assignments_and_is_counted():
+    layer = SparseExpertMixture(top_k=2, capacity_factor=0.5, **BUILTIN)
+    dense = SparseExpertMixture(top_k=2, **BUILTIN)
+    y = to_numpy(layer(X, training=True))
+    dense(X)
+    _copy_weights(layer, dense)
+    # Rebuild the dropped assignments from the plan and check the output lacks them.
+    gates = to_numpy(layer.gate_values(X))
+    weights, index = (to_numpy(v) for v in ksm.ops.dispatch.top_k_weights(gates, 2))
+    capacity = ksm.ops.dispatch.expert_capacity(48, 4, 2, 0.5)
+    plan = ksm.ops.dispatch.dispatch_plan(index, 4, capacity)
+    kept = to_numpy(plan.kept)
+    assert layer.overflow_fraction == pytest.approx(1 - kept.mean())
+    assert 0 < layer.overflow_fraction < 1
+    kept_weights = np.zeros_like(gates)
+    np.put_along_axis(kept_weights, index, weights * kept, axis=1)
+    # Dense path evaluated with only the kept (token, expert) weights.
+    all_outputs = np.stack(
+        [
+            to_numpy(dense._all_experts(X, np.eye(4, dtype="float32")[[e] * 48], None, False))
+            for e in range(4)
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(
+        y, np.einsum("ne,neu->nu", kept_weights, all_outputs), rtol=1e-4, atol=1e-5
+    )
+    layer.reset_statistics()
+    assert layer.overflow_fraction == 0.0
+
+
+def test_rank_3_inputs_route_every_position():
+    layer = SparseExpertMixture(top_k=1, capacity_factor=4.0, **BUILTIN)
+    x = X.reshape(6, 8, 10)
+    y = to_numpy(layer(x))
+    assert y.shape == (6, 8, 3)
+    np.testing.assert_allclose(y.reshape(48, 3), to_numpy(layer(X)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "balance, gate",
+    [
+        ("entropy", None),
+        ("variance", None),
+        ({"importance_cv2": 0.5, "load_cv2": 0.25}, NoisyTopKGate(4, k=2, seed=0)),
+        ("switch", None),
+    ],
+)
+def test_balance_losses_are_added_in_training_only(balance, gate):
+    layer = SparseExpertMixture(gate=gate, balance_losses=balance, **BUILTIN)
+    layer(X)
+    assert layer.losses == []
+    layer(X, training=True)
+    weights = layer.balance_weights
+    assert len(layer.losses) == len(weights)
+    means = layer.balance_loss_means
+    for value, (name, weight) in zip(layer.losses, weights.items()):
+        assert float(to_numpy(value)) == pytest.approx(weight * means[name], rel=1e-5)
+    if balance == "entropy":
+        # Gates in eval and training agree for a softmax gate: check against the functions.
+        gates = layer.gate(X)
+        assert means["batch_entropy"] == pytest.approx(
+            float(to_numpy(losses.batch_entropy(gates))), rel=1e-5
+        )
+        assert means["sample_entropy"] == pytest.approx(
+            float(to_numpy(losses.sample_entropy(gates))), rel=1e-5
+        )
+
+
+def _oracle_model(capacity_factor=1.0):
+    x_in, index_in = keras.Input((10,)), keras.Input((1,), dtype="int32")
+    mixture = SparseExpertMixture(
+        gate=OracleGate(2), top_k=1, capacity_factor=capacity_factor, units=3, num_experts=2, seed=1
+    )
+    out = keras.layers.Softmax()(mixture(x_in, gate_inputs=index_in))
+    return keras.Model([x_in, index_in], out)
+
+
+def test_oracle_gate_sends_each_sample_to_its_expert():
+    model = _oracle_model(capacity_factor=2.0)
+    index = (Y % 2).astype("int32")
+    table = ksm.metrics.activation_rates(
+        model,
+        {"even": [X[index == 0], index[index == 0]], "odd": [X[index == 1], index[index == 1]]},
+        verbose=False,
+    )
+    np.testing.assert_array_equal(table.values, np.eye(2))
+    assert table.rows == ["even", "odd"] and table.counts == [
+        int((index == 0).sum()),
+        int((index == 1).sum()),
+    ]
+    with pytest.raises(ValueError, match="gate_inputs"):
+        SparseExpertMixture(gate=OracleGate(2), units=3, num_experts=2)(X)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_keeps_experts_sparse_and_logs(jit_compile):
+    mixture = SparseExpertMixture(
+        top_k=2, capacity_factor=1.0, balance_losses="entropy", route_density=0.2, **BUILTIN
+    )
+    model = keras.Sequential([keras.Input((10,)), mixture, keras.layers.Softmax()])
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=jit_compile)
+    logger = ksm.callbacks.ActivationRateLogger(
+        {"a": X[:20], "b": X[20:]}, by_class={"a": Y[:20]}, verbose=0
+    )
+    set_callback = ksm.callbacks.SETEvolution(zeta=0.2, seed=0)
+    counts = [sub.num_connections for sub in (mixture.expert_hidden, mixture.expert_output)]
+    history = model.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[logger, set_callback])
+    assert_masked_weights_zero(model)
+    assert [sub.num_connections for sub in (mixture.expert_hidden, mixture.expert_output)] == counts
+    name = mixture.name
+    for key in (f"{name}/batch_entropy", f"{name}/sample_entropy", f"{name}/overflow", "rate/b/0"):
+        assert len(history.history[key]) == 3, key
+    assert -np.log(4) - 1e-6 <= history.history[f"{name}/batch_entropy"][-1] <= 0
+    assert len(logger.tables) == 3 and logger.tables[-1].rows[-1] == "b"
+    np.testing.assert_allclose(logger.tables[-1].values.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mixed_precision_fit():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    mixture = SparseExpertMixture(top_k=2, capacity_factor=1.5, balance_losses="switch", **BUILTIN)
+    model = keras.Sequential(
+        [keras.Input((10,)), mixture, keras.layers.Activation("softmax", dtype="float32")]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(X, Y, epochs=1, verbose=0)
+    assert mixture.gate.compute_dtype == "float32"
+    assert to_numpy(model(X)).dtype == np.float32
+    assert np.isfinite(list(mixture.balance_loss_means.values())).all()
+    assert_masked_weights_zero(model)
+
+
+def _conv_expert():
+    return keras.Sequential(
+        [
+            keras.layers.Conv2D(2, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+@pytest.mark.parametrize("kind", ["builtin", "user"])
+def test_keras_save_and_load(tmp_path, kind):
+    if kind == "builtin":
+        mixture = SparseExpertMixture(
+            top_k=2, capacity_factor=1.0, route_density=0.2, balance_losses="entropy", **BUILTIN
+        )
+        x, shape = X, (10,)
+    else:
+        gate = SoftmaxGate(
+            2, network=keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(2)])
+        )
+        mixture = SparseExpertMixture(
+            experts=[_conv_expert(), _conv_expert()], gate=gate, top_k=1, capacity_factor=2.0
+        )
+        x, shape = RNG.standard_normal((48, 6, 6, 1)).astype("float32"), (6, 6, 1)
+    model = keras.Sequential([keras.Input(shape), mixture])
+    model.compile("adam", "mse")
+    model.fit(x, RNG.standard_normal((48, 3)).astype("float32"), epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "moe.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(model(x)), rtol=1e-5, atol=1e-6)
+    assert_config_covers_init(mixture)
+
+
+@pytest.mark.tensorflow_only
+def test_saved_model_export(tmp_path):
+    import tensorflow as tf
+
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            SparseExpertMixture(top_k=2, capacity_factor=1.0, route_density=0.2, **BUILTIN),
+        ]
+    )
+    path = os.path.join(tmp_path, "exported")
+    model.export(path, format="tf_saved_model", verbose=False)
+    reloaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(reloaded.serve(X).numpy(), to_numpy(model(X)), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_layers_are_found_by_the_callbacks():
+    mixture = SparseExpertMixture(route_density=0.2, **BUILTIN)
+    model = keras.Sequential([keras.Input((10,)), mixture])
+    found = ksm.callbacks.base.find_sparse_layers(model)
+    assert {layer.name for layer in found} == {"expert_hidden", "expert_output", "expert_routes"}
+    assert all(isinstance(layer, SparseDense) for layer in found)
+
+
+def _gate_of_width(width):
+    return SoftmaxGate(4, network=keras.layers.Dense(width))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"units": 3}, ValueError, "exactly one"),
+        ({"units": 3, "num_experts": 2, "experts": _user_experts()}, ValueError, "exactly one"),
+        ({"num_experts": 2}, ValueError, "units=None"),
+        ({**BUILTIN, "top_k": 5}, ValueError, "top_k=5"),
+        ({**BUILTIN, "top_k": 0}, ValueError, "top_k=0"),
+        ({**BUILTIN, "top_k": 2, "capacity_factor": 0.0}, ValueError, "capacity_factor=0.0"),
+        ({**BUILTIN, "top_k": 2, "capacity_factor": -1}, ValueError, "capacity_factor=-1"),
+        ({**BUILTIN, "capacity_factor": 1.0}, ValueError, "set `top_k`"),
+        ({**BUILTIN, "balance_losses": {"batch_entropy": -0.1}}, ValueError, "batch_entropy=-0.1"),
+        ({**BUILTIN, "balance_losses": {"entropy_of_doom": 0.1}}, ValueError, "entropy_of_doom"),
+        ({**BUILTIN, "balance_losses": "nope"}, ValueError, "preset"),
+        ({**BUILTIN, "balance_losses": {"load_cv2": 0.1}}, ValueError, "load"),
+        ({**BUILTIN, "gate": keras.layers.Dense(4)}, TypeError, "SoftmaxGate"),
+        ({**BUILTIN, "gate": SoftmaxGate(3)}, ValueError, "num_experts=3"),
+        ({**BUILTIN, "gate": NoisyTopKGate(4, k=1), "top_k": 2}, ValueError, "k=1"),
+        ({**BUILTIN, "route_density": 1.0}, ValueError, "route_density=1.0"),
+        ({**BUILTIN, "expert_density": 0.0}, ValueError, "expert_density"),
+        ({"experts": _user_experts(), "expert_units": 4}, ValueError, "expert_units"),
+        ({"experts": []}, TypeError, "non-empty list"),
+        ({"experts": [keras.layers.Dense(3), "dense"]}, TypeError, "dense"),
+        (
+            {
+                "experts": [keras.layers.Dense(3)],
+                "gate": OracleGate(1),
+                "balance_losses": {"router_z_loss": 1.0},
+            },
+            ValueError,
+            "logits",
+        ),
+    ],
+)
+def test_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SparseExpertMixture(**kwargs)
+
+
+def test_invalid_at_build():
+    with pytest.raises(ValueError, match="equal output shapes"):
+        SparseExpertMixture(experts=[keras.layers.Dense(3), keras.layers.Dense(4)])(X)
+    with pytest.raises(ValueError, match="num_experts=4"):
+        SparseExpertMixture(gate=_gate_of_width(3), **BUILTIN)(X)
+    with pytest.raises(ValueError, match="units=5"):
+        SparseExpertMixture(experts=[keras.layers.Dense(3)] * 2, units=5)(X)

@@ -1,0 +1,94 @@
+"""Capacity dispatch against a plain-Python reference: slots, overflow, combine."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keras_sparse_moe.ops import dispatch
+from tests.test_case import to_numpy
+
+
+def _reference_plan(index, num_experts, capacity):
+    """Choice-major, token order within a choice; slots fill up to `capacity`."""
+    n, k = index.shape
+    filled = [0] * num_experts
+    slot = np.full((n, k), num_experts * capacity)
+    token_of_slot = np.full(num_experts * capacity, -1)
+    for j in range(k):
+        for t in range(n):
+            e = index[t, j]
+            if filled[e] < capacity:
+                slot[t, j] = e * capacity + filled[e]
+                token_of_slot[slot[t, j]] = t
+                filled[e] += 1
+    return slot, slot < num_experts * capacity, token_of_slot
+
+
+def _random_index(rng, n, k, num_experts):
+    return np.stack([rng.permutation(num_experts)[:k] for _ in range(n)]).astype("int32")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    num_experts=st.integers(1, 6),
+    data=st.data(),
+)
+def test_plan_matches_reference(n, num_experts, data):
+    k = data.draw(st.integers(1, num_experts))
+    capacity = data.draw(st.integers(1, n))
+    seed = data.draw(st.integers(0, 2**16))
+    index = _random_index(np.random.default_rng(seed), n, k, num_experts)
+    plan = dispatch.dispatch_plan(index, num_experts, capacity)
+    slot, kept, token_of_slot = _reference_plan(index, num_experts, capacity)
+    np.testing.assert_array_equal(to_numpy(plan.slot), slot)
+    np.testing.assert_array_equal(to_numpy(plan.kept), kept)
+    np.testing.assert_array_equal(to_numpy(plan.token_of_slot), token_of_slot)
+
+
+def test_combine_and_gather_match_reference():
+    rng = np.random.default_rng(1)
+    n, k, num_experts, capacity, width = 30, 2, 4, 10, 3
+    index = _random_index(rng, n, k, num_experts)
+    weights = rng.random((n, k)).astype("float32")
+    tokens = rng.standard_normal((n, width)).astype("float32")
+    plan = dispatch.dispatch_plan(index, num_experts, capacity)
+    slots = to_numpy(dispatch.gather_slots(tokens, plan))
+    token_of_slot = to_numpy(plan.token_of_slot)
+    filled = token_of_slot >= 0
+    np.testing.assert_array_equal(slots[filled], tokens[token_of_slot[filled]])
+    # Each expert scales its slots by (expert + 1): the combined output is
+    # sum over kept choices of weight * (expert + 1) * token.
+    scale = np.repeat(np.arange(1, num_experts + 1), capacity)[:, None].astype("float32")
+    combined = to_numpy(dispatch.combine(slots * scale, plan, weights))
+    kept = to_numpy(plan.kept)
+    expected = np.zeros_like(tokens)
+    for t in range(n):
+        for j in range(k):
+            if kept[t, j]:
+                expected[t] += weights[t, j] * (index[t, j] + 1) * tokens[t]
+    np.testing.assert_allclose(combined, expected, rtol=1e-5, atol=1e-6)
+    assert not kept.all()  # the case exercised overflow
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, k, factor, expected",
+    [
+        (64, 4, 2, 1.0, 32),
+        (64, 4, 2, 1.25, 40),
+        (10, 3, 1, 1.0, 4),
+        (8, 2, 2, 4.0, 8),
+        (1, 16, 1, 1.0, 1),
+    ],
+)
+def test_expert_capacity(tokens, experts, k, factor, expected):
+    assert dispatch.expert_capacity(tokens, experts, k, factor) == expected
+    assert int(to_numpy(dispatch.expert_capacity(np.int32(tokens), experts, k, factor))) == expected
+
+
+def test_top_k_weights_renormalise():
+    gates = np.array([[0.1, 0.6, 0.3], [0.0, 0.0, 0.0]], dtype="float32")
+    weights, index = dispatch.top_k_weights(gates, 2)
+    np.testing.assert_array_equal(to_numpy(index)[0], [1, 2])
+    np.testing.assert_allclose(to_numpy(weights), [[2 / 3, 1 / 3], [0.0, 0.0]], rtol=1e-6)
