@@ -475,24 +475,20 @@ class SparseExpertMixture(keras.layers.Layer):
         return outputs
 
     def _hidden_params(self):
+        """Per-expert hidden kernels `(E, d, h)` and biases `(E, h)`."""
         e, h = self.num_experts, self._hidden_units
         kernel = ops.reshape(self.expert_hidden.masked_kernel(), (self.input_dim, e, h))
-        bias = (
-            None
-            if self.expert_hidden.bias is None
-            else ops.reshape(self.expert_hidden.bias, (e, h))
-        )
-        return kernel, bias
+        bias = self.expert_hidden.bias
+        bias = None if bias is None else ops.reshape(bias, (e, h))
+        return ops.transpose(kernel, (1, 0, 2)), bias
 
     def _output_params(self):
+        """Per-expert output kernels `(E, h, units)` and biases `(E, units)`."""
         e, h = self.num_experts, self._hidden_units
         kernel = ops.reshape(self.expert_output.masked_kernel(), (h, e, self.units))
-        bias = (
-            None
-            if self.expert_output.bias is None
-            else ops.reshape(self.expert_output.bias, (e, self.units))
-        )
-        return kernel, bias
+        bias = self.expert_output.bias
+        bias = None if bias is None else ops.reshape(bias, (e, self.units))
+        return ops.transpose(kernel, (1, 0, 2)), bias
 
     def _routes(self, hidden_tokens):
         """`(tokens, E, h)` hidden of the active experts -> what the routes add."""
@@ -510,23 +506,23 @@ class SparseExpertMixture(keras.layers.Layer):
             w = ops.cast(weights, outs.dtype)
             w = ops.reshape(w, tuple(ops.shape(w)) + (1,) * (len(outs.shape) - 2))
             return ops.sum(w * outs, axis=1)
-        kernel, bias = self._hidden_params()
-        hidden = ops.einsum("nd,deh->neh", tokens, kernel)
-        if bias is not None:
-            hidden = hidden + bias
-        hidden = self.expert_activation(hidden)
+        # Two plain matmuls: the hidden units of all experts at once, then the
+        # gate-weighted hidden units times the experts' output kernels stacked.
+        e, h = self.num_experts, self._hidden_units
+        hidden = ops.reshape(self.expert_hidden(tokens), (-1, e, h))
         if self.expert_routes is not None:
-            source = (
-                hidden
-                if active is None
-                else hidden * ops.cast(ops.expand_dims(active, -1), hidden.dtype)
-            )
+            if active is not None:
+                source = hidden * ops.cast(ops.expand_dims(active, -1), hidden.dtype)
+            else:
+                source = hidden
             hidden = hidden + self._routes(source)
         kernel, bias = self._output_params()
-        outs = ops.einsum("neh,heu->neu", hidden, kernel)
+        weights = ops.cast(weights, hidden.dtype)
+        weighted = ops.reshape(hidden * ops.expand_dims(weights, -1), (-1, e * h))
+        outputs = ops.matmul(weighted, ops.reshape(kernel, (e * h, self.units)))
         if bias is not None:
-            outs = outs + bias
-        return ops.einsum("ne,neu->nu", ops.cast(weights, outs.dtype), outs)
+            outputs = outputs + ops.matmul(weights, bias)
+        return outputs
 
     def _dispatched(self, tokens, weights, index, training):
         """Capacity dispatch: each expert computes only its slots."""
@@ -543,14 +539,14 @@ class SparseExpertMixture(keras.layers.Layer):
             )
         else:
             kernel, bias = self._hidden_params()
-            hidden = ops.einsum("ecd,deh->ech", slots, kernel)
+            hidden = ops.einsum("ecd,edh->ech", slots, kernel)
             if bias is not None:
                 hidden = hidden + ops.expand_dims(bias, 1)
             hidden = self.expert_activation(hidden)
             if self.expert_routes is not None:
                 hidden = hidden + self._slot_routes(hidden, plan, index)
             kernel, bias = self._output_params()
-            outs = ops.einsum("ech,heu->ecu", hidden, kernel)
+            outs = ops.einsum("ech,ehu->ecu", hidden, kernel)
             if bias is not None:
                 outs = outs + ops.expand_dims(bias, 1)
         outs = ops.reshape(outs, (-1,) + tuple(outs.shape[2:]))

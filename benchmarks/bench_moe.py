@@ -1,0 +1,99 @@
+"""Fit-step time of the capacity dispatch relative to evaluating every expert.
+
+`SparseExpertMixture` with E=16 built-in sparse experts (d=1024 ->
+expert_units -> 1024), top-2 routing, 4096 tokens per step, `jit_compile=True`.
+"all experts" runs every expert on every token and weights the unselected ones
+by zero, as dense MoE layers do; "capacity dispatch" gathers each expert's
+tokens into `ceil(capacity_factor * k * tokens / E)` slots. The FLOP floor of
+the ratio is `k / E` (0.125), or `capacity_factor * k / E` with the slack. The
+models are timed in turns (one epoch of `--steps` steps each, repeated) so
+machine noise hits all alike; the table gives median step times and ratios.
+
+    python benchmarks/bench_moe.py [--expert-units 256] [--steps 3] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import keras
+import numpy as np
+
+from keras_sparse_moe.layers import SparseExpertMixture
+
+
+def model_for(args, capacity_factor, seed=0):
+    keras.utils.set_random_seed(seed)
+    mixture = SparseExpertMixture(
+        units=args.dim,
+        num_experts=args.experts,
+        expert_units=args.expert_units,
+        expert_density=args.density,
+        top_k=args.top_k,
+        capacity_factor=capacity_factor,
+        seed=seed,
+    )
+    model = keras.Sequential([keras.Input((args.dim,)), mixture])
+    model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=True)
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--expert-units", type=int, default=256)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--capacity-factors", type=float, nargs="+", default=[1.0, 1.25, 2.0])
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed epoch")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    n = args.tokens * args.steps
+    x = rng.standard_normal((n, args.dim)).astype("float32")
+    y = rng.standard_normal((n, args.dim)).astype("float32")
+    models = {"all experts (dense path)": model_for(args, None)}
+    for factor in args.capacity_factors:
+        models[f"capacity dispatch, capacity_factor={factor:g}"] = model_for(args, factor)
+    times = {name: [] for name in models}
+    for model in models.values():  # compile + warm up
+        model.fit(x, y, batch_size=args.tokens, epochs=1, verbose=0)
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=args.tokens, epochs=1, verbose=0)
+            times[name].append((time.perf_counter() - start) / args.steps)
+
+    floor = args.top_k / args.experts
+    print(
+        f"backend={keras.backend.backend()} device={_device()} "
+        f"machine={platform.machine()} cpus={os.cpu_count()} "
+        f"E={args.experts} top_k={args.top_k} d={args.dim} expert_units={args.expert_units} "
+        f"expert_density={args.density} tokens={args.tokens}"
+    )
+    base = statistics.median(times["all experts (dense path)"])
+    print("| path | median step (ms) | ratio to all experts | FLOP floor |\n|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        factor = models[name].layers[0].capacity_factor
+        bound = "1" if factor is None else f"{min(1.0, factor * floor):.3f}"
+        print(f"| {name} | {med * 1e3:.1f} | {med / base:.3f} | {bound} |")
+
+
+def _device():
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.devices()[0].platform
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
