@@ -1,0 +1,238 @@
+"""Two experts, two datasets: does the gate learn to send MNIST to one and CIFAR to the other?
+
+Seed 003's experiment. MNIST and CIFAR-10 become one 20-class problem (digits
+are classes 0-9, CIFAR classes 10-19), all images 32x32 grey. A
+`keras_sparse_moe.layers.SparseExpertMixture` mixes two CNN experts
+(conv-pool-conv-pool-dense128-dense20, softmax outputs) with
+- an oracle gate (`OracleGate`: MNIST to expert 0, CIFAR to expert 1),
+- a conv gate and a dense gate (`SoftmaxGate` over a small CNN / one Dense layer),
+  each trained with no gate loss, with the entropy loss and with the variance
+  loss (`balance_losses="entropy"` / `"variance"`: 0.1 * batch term + 0.01 * sample term).
+Prints test accuracy and the activation-rate table (mean gate value per dataset
+and expert; ideal = identity) of every run, and writes the accuracy curves,
+the tables as pictures and a markdown summary.
+
+The CIFAR file in ../shared/data is a 4,000/1,000 subset, so MNIST is
+subsampled to 4,000/1,000 to match.
+
+    python examples/moe_mnist_cifar.py --data-dir ../shared/data [--epochs 5] [--filters 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+import keras_sparse_moe as ksm
+
+GATES = ("oracle", "conv", "dense")
+LOSSES = ("none", "entropy", "variance")
+MNIST, CIFAR = 0, 1
+
+
+def load(data_dir, samples, test_samples, seed):
+    """Grey 32x32 images in [0, 1], 20-class labels and the dataset index of each image."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for index, name in ((MNIST, "mnist"), (CIFAR, "cifar10")):
+        path = os.path.join(data_dir, f"{name}.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} not found: pass --data-dir with mnist.npz and cifar10.npz"
+            )
+        with np.load(path) as d:
+            arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        for split, count in (("train", samples), ("test", test_samples)):
+            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].reshape(-1)
+            pick = rng.permutation(len(x))[: min(count, len(x))]
+            x = x[pick].astype("float32") / 255.0
+            if x.ndim == 4:  # CIFAR: RGB to grey (ITU-R 601 luma)
+                x = x @ np.array([0.299, 0.587, 0.114], dtype="float32")
+            x = x[..., None]
+            if x.shape[1:3] != (32, 32):
+                x = ops.convert_to_numpy(ops.image.resize(x, (32, 32)))
+            parts.setdefault(split, []).append(
+                (x, y.astype("int32") + 10 * index, np.full(len(x), index, "int32"))
+            )
+    return {split: [np.concatenate(a) for a in zip(*chunks)] for split, chunks in parts.items()}
+
+
+def conv_expert(filters, name):
+    return keras.Sequential(
+        [
+            keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(20, activation="softmax"),
+        ],
+        name=name,
+    )
+
+
+def make_gate(kind):
+    if kind == "oracle":
+        return ksm.layers.OracleGate(2)
+    if kind == "conv":
+        network = keras.Sequential(
+            [
+                keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(2),
+            ]
+        )
+    else:
+        network = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(2)])
+    return ksm.layers.SoftmaxGate(2, network=network)
+
+
+def build(gate_kind, loss, filters):
+    image = keras.Input((32, 32, 1), name="image")
+    mixture = ksm.layers.SparseExpertMixture(
+        experts=[conv_expert(filters, "expert_0"), conv_expert(filters, "expert_1")],
+        gate=make_gate(gate_kind),
+        balance_losses=None if loss == "none" else loss,
+        name="mixture",
+    )
+    if gate_kind == "oracle":
+        index = keras.Input((1,), dtype="int32", name="dataset")
+        model = keras.Model([image, index], mixture(image, gate_inputs=index))
+    else:
+        model = keras.Model(image, mixture(image))
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def inputs_of(model, x, index):
+    return [x, index] if len(model.inputs) == 2 else x
+
+
+def plot_curves(histories, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install keras-sparse-moe[plots]): no pictures")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, history in histories.items():
+        epochs = np.arange(1, len(history["val_accuracy"]) + 1)
+        ax.plot(epochs, history["val_accuracy"], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (MNIST + CIFAR, 20 classes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data"))
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--filters", type=int, default=128, help="conv filters per expert layer")
+    parser.add_argument("--samples", type=int, default=4000, help="training images per dataset")
+    parser.add_argument("--test-samples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--gates", nargs="+", default=list(GATES), choices=GATES)
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join("demo_output", "moe"))
+    args = parser.parse_args(argv)
+
+    data = load(args.data_dir, args.samples, args.test_samples, args.seed)
+    (x, y, index), (x_test, y_test, index_test) = data["train"], data["test"]
+    print(
+        f"data: {int((index == MNIST).sum())} MNIST + {int((index == CIFAR).sum())} CIFAR "
+        f"training images, {len(x_test)} test images, 32x32 grey, 20 classes"
+    )
+    os.makedirs(args.out, exist_ok=True)
+    runs = [
+        (g, loss) for g in args.gates for loss in args.losses if g != "oracle" or loss == "none"
+    ]
+    results, histories, tables = [], {}, {}
+    for gate_kind, loss in runs:
+        name = f"{gate_kind} gate, {'no gate loss' if loss == 'none' else loss + ' loss'}"
+        print(f"\n== {name}")
+        keras.utils.set_random_seed(args.seed)
+        model = build(gate_kind, loss, args.filters)
+        split = {
+            "mnist": inputs_of(model, x_test[index_test == MNIST], index_test[index_test == MNIST]),
+            "cifar": inputs_of(model, x_test[index_test == CIFAR], index_test[index_test == CIFAR]),
+        }
+        logger = ksm.callbacks.ActivationRateLogger(split, verbose=0)
+        start = time.perf_counter()
+        history = model.fit(
+            inputs_of(model, x, index),
+            y,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            validation_data=(inputs_of(model, x_test, index_test), y_test),
+            callbacks=[logger],
+            verbose=2,
+        )
+        seconds = time.perf_counter() - start
+        table = logger.tables[-1]
+        print(f"activation rates ({name}):\n{table}")
+        accuracy = {
+            part: model.evaluate(split[part], y_test[index_test == code], verbose=0)[1]
+            for part, code in (("mnist", MNIST), ("cifar", CIFAR))
+        }
+        histories[name], tables[name] = history.history, table
+        results.append(
+            (
+                name,
+                history.history["val_accuracy"][-1],
+                accuracy["mnist"],
+                accuracy["cifar"],
+                table,
+                seconds,
+            )
+        )
+
+    print(f"\nResults after {args.epochs} epochs ({args.filters} filters per expert conv):")
+    lines = [
+        "| gate | test acc | MNIST acc | CIFAR acc | MNIST → e0, e1 | CIFAR → e0, e1 | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, acc, mnist, cifar, table, seconds in results:
+        m, c = table.values
+        lines.append(
+            f"| {name} | {acc:.4f} | {mnist:.4f} | {cifar:.4f} | {m[0]:.3f}, {m[1]:.3f} | "
+            f"{c[0]:.3f}, {c[1]:.3f} | {seconds:.0f} |"
+        )
+    summary = "\n".join(lines)
+    print(summary)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(summary + "\n")
+    if plot_curves(histories, os.path.join(args.out, "accuracy.png")):
+        for name, table in tables.items():
+            slug = name.replace(",", "").replace(" ", "_")
+            ksm.plots.activation_table(
+                table, path=os.path.join(args.out, f"rates_{slug}.png"), title=name
+            )
+        print(f"wrote activation-rate pictures to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
