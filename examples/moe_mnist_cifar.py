@@ -50,7 +50,7 @@ def load(data_dir, samples, test_samples, seed):
         for split, count in (("train", samples), ("test", test_samples)):
             x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].reshape(-1)
             pick = rng.permutation(len(x))[: min(count, len(x))]
-            x = x[pick].astype("float32") / 255.0
+            x, y = x[pick].astype("float32") / 255.0, y[pick]
             if x.ndim == 4:  # CIFAR: RGB to grey (ITU-R 601 luma)
                 x = x @ np.array([0.299, 0.587, 0.114], dtype="float32")
             x = x[..., None]
