@@ -70,3 +70,25 @@ def test_errors():
     plain.compile("sgd", "mse")
     with pytest.raises(ValueError, match="no `SparseExpertMixture`"):
         plain.fit(X, X[:, :1], verbose=0, callbacks=[ksm.callbacks.ActivationRateLogger()])
+
+
+@pytest.mark.tensorflow_only
+def test_logger_reaches_tensorboard(tmp_path):
+    import tensorflow as tf
+
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is in [test])")
+    mixture = _mixture(top_k=1, capacity_factor=1.0, balance_losses="entropy")
+    model = keras.Sequential([keras.Input((6,)), mixture])
+    model.compile("adam", "mse")
+    callbacks = [
+        ksm.callbacks.ActivationRateLogger({"x": X}, verbose=0),
+        keras.callbacks.TensorBoard(log_dir=str(tmp_path)),
+    ]
+    model.fit(X, X[:, :2], epochs=2, verbose=0, callbacks=callbacks)
+    tags = set()
+    for path in tmp_path.rglob("events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(value.tag for value in event.summary.value)
+    name = mixture.name
+    expected = {f"epoch_{name}/batch_entropy", f"epoch_{name}/overflow", "epoch_rate/x/0"}
+    assert expected <= tags
