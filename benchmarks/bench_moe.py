@@ -18,10 +18,10 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import keras
 import numpy as np
+from interleaved import fit_step_times
 
 from keras_sparse_moe.layers import SparseExpertMixture
 
@@ -62,14 +62,7 @@ def main():
     models = {"all experts (dense path)": model_for(args, None)}
     for factor in args.capacity_factors:
         models[f"capacity dispatch, capacity_factor={factor:g}"] = model_for(args, factor)
-    times = {name: [] for name in models}
-    for model in models.values():  # compile + warm up
-        model.fit(x, y, batch_size=args.tokens, epochs=1, verbose=0)
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.fit(x, y, batch_size=args.tokens, epochs=1, verbose=0)
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = fit_step_times(models, x, y, args.tokens, args.steps, args.repeats)
 
     floor = args.top_k / args.experts
     print(

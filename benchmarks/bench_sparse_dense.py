@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import keras
 import numpy as np
+from interleaved import fit_step_times
 from keras import ops
 
 from keras_sparse_moe.layers import SparseDense
@@ -74,14 +74,7 @@ def main():
             lambda u, a: ForwardMaskedDense(u, epsilon=args.epsilon, activation=a, seed=1)
         ),
     }
-    times = {name: [] for name in models}
-    for model in models.values():  # compile + warm up
-        model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = fit_step_times(models, x, y, args.batch, args.steps, args.repeats)
 
     sparse = [layer for layer in models["SparseDense"].layers if isinstance(layer, SparseDense)]
     used = sum(layer.num_connections for layer in sparse)
