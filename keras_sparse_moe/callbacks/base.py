@@ -152,7 +152,11 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     def _apply_function(self, layer, fn, key=()):
         """`fn(state, *args)` compiled to update the layer's variables in place."""
         slots = len(self._optimizer_slots(layer))
-        return self._function(layer, ("apply", fn, slots, key), lambda: rewiring.compile_update(fn))
+        # A partial's bound values must be covered by `key`; its function names the cache entry.
+        name = getattr(fn, "func", fn)
+        return self._function(
+            layer, ("apply", name, slots, key), lambda: rewiring.compile_update(fn)
+        )
 
     def _current_indices(self, layer):
         """int32 positions of the layer's connections (a cache of its mask).

@@ -233,33 +233,28 @@ class RigL(SparseTrainingCallback):
         if count <= 0:
             return 0
         k_max = max(1, min(nnz, size - nnz, math.floor(self.drop_fraction * nnz)))
-        select = self._function(
-            layer,
-            ("rigl", k_max),
-            lambda: rewiring.compile_function(functools.partial(_select, k_max)),
-        )
-        drop, grown, current = select(
-            ops.convert_to_tensor(layer.kernel),
-            ops.convert_to_tensor(layer.mask),
-            indices,
-            grad,
-            ops.convert_to_tensor(count, "int32"),
+        step = self._apply_function(layer, functools.partial(_rigl_step, k_max), ("rigl", k_max))
+        new_indices, current = step(
+            self._state_variables(layer), indices, grad, ops.convert_to_tensor(count, "int32")
         )
         if not bool(ops.convert_to_numpy(current)):
             self._forget_indices(layer)  # the mask was changed elsewhere
             return self._update_layer(layer, grad, fraction)
-        apply = self._apply_function(layer, rewiring.rewire)
-        self._indices[id(layer)] = apply(self._state_variables(layer), indices, drop, grown)
+        self._indices[id(layer)] = new_indices
         return count
 
 
-def _select(k_max, kernel, mask, indices, grad, count):
-    """RigL's choice: drop the smallest magnitudes, grow the largest dense gradients."""
-    values = ops.take(ops.reshape(kernel, (-1,)), indices)
+def _rigl_step(k_max, state, indices, grad, count):
+    """One RigL drop-and-grow, compiled and written in place: drop the smallest
+    magnitudes, grow the largest dense gradients among empty positions.
+    Writes nothing if the connection list is stale (the flag says so)."""
+    kernel, mask = state[0], state[1]
+    values = ops.take(kernel, indices)
     drop = rewiring.select_smallest(
         rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
     )
-    mask = ops.reshape(mask, (-1,))
     scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
     grown = rewiring.top_empty_positions(mask, scores, k_max)
-    return drop, grown, rewiring.connection_list_is_current(mask, indices)
+    current = rewiring.connection_list_is_current(mask, indices)
+    new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, current), grown)
+    return new_state, (new_indices, current)

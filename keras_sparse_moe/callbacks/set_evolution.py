@@ -163,16 +163,19 @@ class SETEvolution(SparseTrainingCallback):
         # Repeated candidates are rejected, so drawing about as many as there are
         # positions would waste most of them: small layers use a permutation.
         n_candidates = min(n_candidates, size)
-        select = self._function(
+        extra = []
+        if not self._regrow_zeros:
+            # Drawn for the kernel's shape so fan-based initializers scale right.
+            values = self.regrow_initializer(layer.kernel.shape, layer.kernel.dtype)
+            extra = [ops.reshape(values, (-1,))[:k_max]]
+        step = self._apply_function(
             layer,
-            ("set", k_max, n_candidates),
-            lambda: rewiring.compile_function(functools.partial(_select, self.zeta, k_max)),
+            functools.partial(_set_step, self.zeta, k_max, n_candidates),
+            ("set", k_max, n_candidates, bool(extra)),
         )
-        drop, grown, count, enough, current = select(
-            ops.convert_to_tensor(layer.kernel),
-            ops.convert_to_tensor(layer.mask),
-            indices,
-            self._candidates(size, n_candidates),
+        seed = ops.convert_to_tensor(self._rng.integers(0, 2**31 - 1, size=2), "int32")
+        new_indices, count, current, enough = step(
+            self._state_variables(layer), indices, seed, *extra
         )
         if not bool(ops.convert_to_numpy(current)):
             self._forget_indices(layer)  # the mask was changed elsewhere
@@ -181,20 +184,28 @@ class SETEvolution(SparseTrainingCallback):
             if attempt >= 3:
                 raise RuntimeError(f"SETEvolution found too few empty positions in {layer.name}.")
             return self._evolve_layer(layer, attempt + 1)
-        extra = []
-        if not self._regrow_zeros:
-            # Drawn for the kernel's shape so fan-based initializers scale right.
-            values = self.regrow_initializer(layer.kernel.shape, layer.kernel.dtype)
-            extra = [ops.reshape(values, (-1,))[:k_max]]
-        apply = self._apply_function(layer, rewiring.rewire, bool(extra))
-        self._indices[id(layer)] = apply(self._state_variables(layer), indices, drop, grown, *extra)
+        self._indices[id(layer)] = new_indices
         return as_int(count)
 
 
-def _select(zeta, k_max, kernel, mask, indices, candidates):
-    """SET's choice: which connections to drop and where to regrow (no writes)."""
-    mask = ops.reshape(mask, (-1,))
-    drop = rewiring.set_drop(ops.take(ops.reshape(kernel, (-1,)), indices), zeta)
+def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None):
+    """One SET evolution of a layer, compiled and written in place.
+
+    Chooses the weights to drop and random empty positions to regrow, checks
+    the connection list against the mask, and rewires only if the list is
+    current and enough empty positions were found (else it writes nothing and
+    the flags tell the caller to redo it).
+    """
+    kernel, mask = state[0], state[1]
+    size = ops.shape(mask)[0]
+    drop = rewiring.set_drop(ops.take(kernel, indices), zeta)
+    if n_candidates >= size:
+        candidates = rewiring.stateless_permutation(seed, size)
+    else:
+        candidates = rewiring.stateless_randint(seed, (n_candidates,), size)
     count = ops.sum(ops.cast(drop, "int32"))
     grown, enough = rewiring.random_empty_positions(mask, candidates, count, k_max, indices, drop)
-    return drop, grown, count, enough, rewiring.connection_list_is_current(mask, indices)
+    current = rewiring.connection_list_is_current(mask, indices)
+    drop = ops.logical_and(drop, ops.logical_and(current, enough))
+    new_state, new_indices = rewiring.rewire(state, indices, drop, grown, grown_values)
+    return new_state, (new_indices, ops.sum(ops.cast(drop, "int32")), current, enough)

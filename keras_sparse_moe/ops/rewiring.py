@@ -26,6 +26,8 @@ __all__ = [
     "rewire",
     "select_smallest",
     "set_drop",
+    "stateless_permutation",
+    "stateless_randint",
     "top_empty_positions",
 ]
 
@@ -88,6 +90,33 @@ def compile_update(fn):
 
         return run
     raise NotImplementedError(f"Rewiring supports TensorFlow and JAX, not {backend}.")
+
+
+def stateless_randint(seed, shape, maxval: int):
+    """Uniform int32 in `[0, maxval)` from a `(2,)` int32 `seed` tensor.
+
+    The backend's stateless generator, so it can run inside a compiled
+    rewiring step (Keras' `SeedGenerator` keeps state in a variable, which a
+    compiled pure function cannot advance).
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.random.stateless_uniform(
+            shape, seed=seed, minval=0, maxval=maxval, dtype=tf.int32
+        )
+    if backend == "jax":
+        import jax
+
+        key = jax.random.fold_in(jax.random.PRNGKey(seed[0]), seed[1])
+        return jax.random.randint(key, shape, 0, maxval, dtype="int32")
+    raise NotImplementedError(f"Rewiring supports TensorFlow and JAX, not {backend}.")
+
+
+def stateless_permutation(seed, n: int):
+    """A random permutation of `range(n)` (int32) from a `(2,)` int32 `seed` tensor."""
+    return ops.cast(ops.argsort(stateless_randint(seed, (n,), _INT_MAX)), "int32")
 
 
 def _count(x):
@@ -186,42 +215,47 @@ def rewire(state, indices, drop, grown, grown_values=None):
             kernel (momenta, Adam moments).
         indices: int32 (nnz,) kept positions before the change.
         drop: bool (nnz,), the connections removed.
-        grown: int32 positions to connect, in rank order: the r-th dropped
-            connection is replaced by `grown[r]`. They must be empty once the
-            dropped ones are removed (a just-dropped position may be regrown).
+        grown: int32 (k_max,) positions to connect, in rank order: the r-th
+            dropped connection is replaced by `grown[r]`. They must be empty
+            once the dropped ones are removed (a just-dropped position may be
+            regrown). At least as many as dropped.
         grown_values: Optional initial values of grown weights, by rank
             (zeros when None).
 
     Returns:
         `(new_state, new_indices)`. Dropped and grown positions get zero
-        optimizer state; the number of connections is kept. Written as
-        scatters on the inputs so a donating / aliasing compiler updates the
-        arrays in place.
+        optimizer state; the number of connections is kept. Only the changed
+        positions are written, as scatters on the inputs, so a donating or
+        aliasing compiler updates the arrays in place in O(changes). Unused
+        write slots carry an out-of-range position, which XLA's scatter skips:
+        run it compiled (`compile_function` / `compile_update`).
     """
     kernel, mask, *slots = state
-    rank = ops.maximum(ops.cumsum(ops.cast(drop, "int32")) - 1, 0)
-    new_indices = ops.where(drop, ops.take(grown, rank), indices)
-    old, new = ops.expand_dims(indices, -1), ops.expand_dims(new_indices, -1)
+    size = ops.shape(kernel)[0]
+    k_max = ops.shape(grown)[0]
+    rank = ops.cumsum(ops.cast(drop, "int32")) - 1
+    count = rank[-1] + 1
+    new_indices = ops.where(drop, ops.take(grown, ops.maximum(rank, 0)), indices)
+    # The dropped positions in rank order; write slots past `count` point out of range.
+    used = ops.arange(k_max, dtype="int32") < count
+    slot = ops.expand_dims(ops.where(drop, rank, k_max), -1)
+    dropped = ops.scatter(slot, ops.where(drop, indices, 0), (k_max + 1,))[:k_max]
+    dropped = ops.expand_dims(ops.where(used, dropped, size), -1)
+    grown = ops.expand_dims(ops.where(used, grown, size), -1)
 
-    def write(array, old_values, new_values):
+    def write(array, grown_value):
         # Two writes in order: a regrown position may also be a dropped one.
-        return ops.scatter_update(ops.scatter_update(array, old, old_values), new, new_values)
+        zeros = ops.zeros((k_max,), array.dtype)
+        array = ops.scatter_update(array, dropped, zeros)
+        if grown_value is None:
+            return ops.scatter_update(array, grown, zeros)
+        return ops.scatter_update(
+            array, grown, ops.broadcast_to(ops.cast(grown_value, array.dtype), (k_max,))
+        )
 
-    values = ops.take(kernel, indices)
-    zeros = ops.zeros_like(values)
-    if grown_values is None:
-        start = zeros
-    else:
-        start = ops.cast(ops.take(grown_values, rank), values.dtype)
-    kernel = write(kernel, ops.where(drop, zeros, values), ops.where(drop, start, values))
-    ones = ops.ones_like(ops.take(mask, indices))
-    mask = write(mask, ops.where(drop, ops.zeros_like(ones), ones), ones)
-    new_slots = []
-    for slot in slots:
-        kept = ops.take(slot, indices)
-        reset = ops.where(drop, ops.zeros_like(kept), kept)
-        new_slots.append(write(slot, reset, reset))
-    return [kernel, mask, *new_slots], new_indices
+    start = 0.0 if grown_values is None else grown_values[:k_max]
+    new_state = [write(kernel, start), write(mask, 1.0), *(write(s, None) for s in slots)]
+    return new_state, new_indices
 
 
 def connection_list_is_current(mask, indices):

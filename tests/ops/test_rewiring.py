@@ -121,3 +121,27 @@ def test_compile_update_writes_variables_in_place():
     np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 3.0))
     run(variables, 1.0)  # the variables stay usable after an in-place update
     np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 4.0))
+
+
+@pytest.mark.parametrize("dropped", [[], [0, 5]])
+def test_rewire_writes_only_the_changed_positions(dropped):
+    # More grow slots than drops: the spare slots must write nothing.
+    mask = np.zeros(64, "float32")
+    mask[:10] = 1
+    kernel = (np.arange(64, dtype="float32") + 1) * mask
+    slot = mask * 3.0
+    indices = np.arange(10, dtype="int32")
+    drop = np.isin(indices, dropped)
+    grown = np.array([40, 41, 42, 43, 44, 45], "int32")
+    fn = _compiled(lambda k, m, s, i, d, g: rewiring.rewire([k, m, s], i, d, g))
+    (new_kernel, new_mask, new_slot), new_indices = map(
+        lambda x: [to_numpy(v) for v in x] if isinstance(x, list) else to_numpy(x),
+        fn(kernel, mask, slot, indices, drop, grown),
+    )
+    expected_mask = mask.copy()
+    expected_mask[dropped] = 0
+    expected_mask[grown[: len(dropped)]] = 1
+    np.testing.assert_array_equal(new_mask, expected_mask)
+    np.testing.assert_array_equal(new_kernel, kernel * (expected_mask * (np.arange(64) < 10)))
+    np.testing.assert_array_equal(new_slot, slot * (expected_mask * (np.arange(64) < 10)))
+    assert sorted(new_indices.tolist()) == np.flatnonzero(expected_mask).tolist()
