@@ -71,7 +71,11 @@ def test_dropped_positions_count_as_empty_for_regrowth():
     drop = np.zeros(10, bool)
     drop[[2, 3]] = True
     candidates = np.array([0, 2, 3, 40, 41], "int32")
-    fn = _compiled(lambda m, c, i, d: rewiring.random_empty_positions(m, c, 4, 5, i, d))
+    fn = _compiled(
+        lambda m, c, i, d: rewiring.random_empty_positions(
+            m, c, 4, 5, rewiring.dropped_positions(i, d, 5, 50)
+        )
+    )
     positions, enough = fn(mask, candidates, indices, drop)
     np.testing.assert_array_equal(to_numpy(positions)[:4], [2, 3, 40, 41])
     assert bool(to_numpy(enough))
