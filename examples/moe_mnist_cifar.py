@@ -15,7 +15,7 @@ the tables as pictures and a markdown summary.
 The CIFAR file in ../shared/data is a 4,000/1,000 subset, so MNIST is
 subsampled to 4,000/1,000 to match.
 
-    python examples/moe_mnist_cifar.py --data-dir ../shared/data [--epochs 5] [--filters 128]
+    python examples/moe_mnist_cifar.py --data-dir ../shared/data [--epochs 4] [--filters 128]
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def plot_curves(histories, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data"))
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--filters", type=int, default=128, help="conv filters per expert layer")
     parser.add_argument("--samples", type=int, default=4000, help="training images per dataset")
     parser.add_argument("--test-samples", type=int, default=1000)
