@@ -53,7 +53,14 @@ def from_tfmot(model):
     stripped = tfmot.sparsity.keras.strip_pruning(model)
     config = json.loads(stripped.to_json())
     cls = keras.Sequential if config["class_name"] == "Sequential" else keras.Model
-    rebuilt = cls.from_config(config["config"])
+    inner = config["config"]
+    for key in ("input_layers", "output_layers"):
+        # tf_keras lists a single input/output as [[name, 0, 0]]; Keras 3 then
+        # expects a list when the model is called: keep the single tensor form.
+        value = inner.get(key)
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+            inner[key] = value[0]
+    rebuilt = cls.from_config(inner)
     masks = {}
     for source in stripped.layers:
         weights = source.get_weights()
