@@ -225,6 +225,27 @@ def test_fit_keeps_experts_sparse_and_logs(jit_compile):
     np.testing.assert_allclose(logger.tables[-1].values.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_noisy_top_k_gate_with_capacity_dispatch_in_fit():
+    gate = NoisyTopKGate(4, k=2, seed=0)
+    mixture = SparseExpertMixture(
+        gate=gate,
+        capacity_factor=1.0,
+        balance_losses={"importance_cv2": 0.1, "load_cv2": 0.1},
+        **BUILTIN,
+    )
+    assert mixture.top_k == 2  # taken from the gate
+    model = keras.Sequential([keras.Input((10,)), mixture, keras.layers.Softmax()])
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=True)
+    logger = ksm.callbacks.ActivationRateLogger(verbose=0)
+    history = model.fit(X, Y, epochs=2, batch_size=16, verbose=0, callbacks=[logger])
+    name = mixture.name
+    assert np.isfinite(history.history[f"{name}/load_cv2"]).all()
+    assert 0.0 <= history.history[f"{name}/overflow"][-1] < 1.0
+    # The gate left its zero start, and inference routes every token to exactly two experts.
+    assert np.any(to_numpy(gate.gate_kernel) != 0)
+    assert np.all(np.count_nonzero(to_numpy(mixture.gate_values(X)), axis=1) == 2)
+
+
 def test_mixed_precision_fit():
     keras.mixed_precision.set_global_policy("mixed_float16")
     mixture = SparseExpertMixture(top_k=2, capacity_factor=1.5, balance_losses="switch", **BUILTIN)
