@@ -451,7 +451,11 @@ class SparseExpertMixture(keras.layers.Layer):
         tokens = self._tokens(inputs)
         routing, weights, index = self._route(tokens, gate_inputs, training)
         if self.capacity_factor is None:
-            active = None if index is None else self._dense_weights(ops.ones_like(weights), index)
+            # Which experts a token selected matters only to the routes.
+            routed = self.builtin and self.expert_routes is not None
+            active = None
+            if routed and index is not None:
+                active = self._dense_weights(ops.ones_like(weights), index)
             outputs = self._all_experts(
                 tokens, self._dense_weights(weights, index), active, training
             )
