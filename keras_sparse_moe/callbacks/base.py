@@ -62,7 +62,6 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
         self.exclude = _check_exclude(exclude, type(self).__name__)
         self.seed = check_seed(seed, type(self).__name__)
-        self._seed_generator = None
         self._functions = {}
         self._slots = {}
         self._indices = {}
@@ -74,8 +73,6 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ #
     def on_train_begin(self, logs=None):
         self.sparse_layers = find_sparse_layers(self.model, self.exclude, type(self).__name__)
-        if self._seed_generator is None:
-            self._seed_generator = keras.random.SeedGenerator(self.seed)
         self._step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
         self._epochs = self.params.get("epochs") or 1
         self._steps_per_epoch = self.params.get("steps")
@@ -175,12 +172,6 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     def _forget_indices(self, layer):
         self._indices.pop(id(layer), None)
-
-    def _candidates(self, size, count):
-        """`count` random positions in `[0, size)`; all of them, shuffled, if `count >= size`."""
-        if count >= size:
-            return keras.random.shuffle(ops.arange(size, dtype="int32"), seed=self._seed_generator)
-        return keras.random.randint((count,), 0, size, seed=self._seed_generator, dtype="int32")
 
 
 def as_int(x) -> int:
