@@ -54,29 +54,6 @@ def weight_count(model):
     return used, full
 
 
-def plot_curves(histories, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install keras-sparse-moe[plots]): no picture")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, history in histories.items():
-        epochs = np.arange(1, len(history["val_accuracy"]) + 1)
-        ax.plot(epochs, history["val_accuracy"], marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=None, help=".npz with x_train, y_train, x_test, y_test")
@@ -137,7 +114,12 @@ def main(argv=None):
     for name, accuracy, used, full in rows:
         print(f"| {name} | {accuracy:.4f} | {used:,} ({used / full:.1%}) | {full:,} |")
     os.makedirs(args.out, exist_ok=True)
-    plot_curves(histories, os.path.join(args.out, "accuracy.png"))
+    path = os.path.join(args.out, "accuracy.png")
+    try:
+        ksm.plots.accuracy_curves(histories, path=path)
+        print(f"wrote {path}")
+    except ImportError:
+        print("matplotlib is not installed (pip install keras-sparse-moe[plots]): no picture")
     try:
         first = runs[set_name][0].layers[1]
         path = os.path.join(args.out, "input_connectivity.png")

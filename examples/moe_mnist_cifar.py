@@ -121,30 +121,6 @@ def inputs_of(model, x, index):
     return [x, index] if len(model.inputs) == 2 else x
 
 
-def plot_curves(histories, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install keras-sparse-moe[plots]): no pictures")
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, history in histories.items():
-        epochs = np.arange(1, len(history["val_accuracy"]) + 1)
-        ax.plot(epochs, history["val_accuracy"], marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (MNIST + CIFAR, 20 classes)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return True
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data"))
@@ -224,13 +200,21 @@ def main(argv=None):
     print(summary)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(summary + "\n")
-    if plot_curves(histories, os.path.join(args.out, "accuracy.png")):
-        for name, table in tables.items():
-            slug = name.replace(",", "").replace(" ", "_")
-            ksm.plots.activation_table(
-                table, path=os.path.join(args.out, f"rates_{slug}.png"), title=name
-            )
-        print(f"wrote activation-rate pictures to {args.out}")
+    path = os.path.join(args.out, "accuracy.png")
+    try:
+        ksm.plots.accuracy_curves(
+            histories, path=path, ylabel="test accuracy (MNIST + CIFAR, 20 classes)"
+        )
+    except ImportError:
+        print("matplotlib is not installed (pip install keras-sparse-moe[plots]): no pictures")
+        return results
+    print(f"wrote {path}")
+    for name, table in tables.items():
+        slug = name.replace(",", "").replace(" ", "_")
+        ksm.plots.activation_table(
+            table, path=os.path.join(args.out, f"rates_{slug}.png"), title=name
+        )
+    print(f"wrote activation-rate pictures to {args.out}")
     return results
 
 

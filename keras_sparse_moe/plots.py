@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-__all__ = ["activation_table", "input_connectivity"]
+__all__ = ["accuracy_curves", "activation_table", "input_connectivity"]
 
 
 def _pyplot():
@@ -90,6 +90,38 @@ def activation_table(table, ax=None, path=None, title=None):
     ax.set_title(title or "activation rates")
     if path is not None:
         ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    if fig is not None:
+        plt.close(fig)
+    return ax
+
+
+def accuracy_curves(histories, path=None, ax=None, key="val_accuracy", ylabel="test accuracy"):
+    """One line per run of `histories[name][key]` against the epoch.
+
+    Args:
+        histories: Dict `{run name: History.history}`.
+        path: Optional file to save the figure to.
+        ax: Optional matplotlib axes to draw on.
+        key: The logged value to draw.
+        ylabel: Label of the y axis.
+
+    Returns:
+        The matplotlib axes drawn on.
+    """
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, history in histories.items():
+        epochs = np.arange(1, len(history[key]) + 1)
+        ax.plot(epochs, history[key], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if path is not None:
+        ax.figure.tight_layout()
+        ax.figure.savefig(path, dpi=120)
     if fig is not None:
         plt.close(fig)
     return ax

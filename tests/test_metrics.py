@@ -92,3 +92,12 @@ def test_logger_reaches_tensorboard(tmp_path):
     name = mixture.name
     expected = {f"epoch_{name}/batch_entropy", f"epoch_{name}/overflow", "epoch_rate/x/0"}
     assert expected <= tags
+
+
+def test_accuracy_curves_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib")
+    histories = {"a": {"val_accuracy": [0.5, 0.6, 0.7]}, "b": {"val_accuracy": [0.4, 0.8]}}
+    path = tmp_path / "curves.png"
+    ax = ksm.plots.accuracy_curves(histories, path=str(path))
+    assert path.stat().st_size > 0
+    assert [list(line.get_ydata()) for line in ax.lines] == [[0.5, 0.6, 0.7], [0.4, 0.8]]
