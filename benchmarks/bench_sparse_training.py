@@ -1,6 +1,7 @@
 """Dynamic sparse training side by side: dense, static sparse, SET, RigL and tfmot pruning.
 
-Part `training`: 784-1000-1000-1000-10 MLPs (ReLU, Adam 1e-3, batch 128), same epochs for all,
+Part `training`: 784-1000-1000-1000-10 MLPs (ReLU, batch 128; Adam 1e-3, or with
+`--optimizer sgd --dropout 0.3` the SET paper's SGD and dropout), same epochs for all,
 trained in turns, one epoch each, so machine noise hits all alike. The sparse
 models use SparseDense(epsilon=20) hidden layers (~4 % of their weights); tfmot's
 `prune_low_magnitude` prunes the equivalent tf_keras dense model to the same
@@ -10,6 +11,8 @@ Part `rewiring`: time of one SET evolution and one RigL drop/grow (gradient
 excluded) of a 1024x1024 layer at epsilon=20, median of repeats.
 
     python benchmarks/bench_sparse_training.py --data-dir ../shared/data --epochs 10
+    python benchmarks/bench_sparse_training.py --datasets mnist --epochs 30 \
+        --optimizer sgd --dropout 0.3
     python benchmarks/bench_sparse_training.py --part rewiring
 """
 
@@ -36,7 +39,14 @@ def load(path):
     return data.x_train, data.y_train, data.x_test, data.y_test
 
 
-def keras3_mlp(sparse, seed):
+def make_optimizer(name, module):
+    """Adam 1e-3, or the SET paper's SGD (lr 0.01, momentum 0.9), from keras or tf_keras."""
+    if name == "sgd":
+        return module.optimizers.SGD(0.01, momentum=0.9)
+    return module.optimizers.Adam(1e-3)
+
+
+def keras3_mlp(sparse, seed, optimizer="adam", dropout=0.0):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((784,))
     x = inputs
@@ -45,9 +55,11 @@ def keras3_mlp(sparse, seed):
             x = SparseDense(units, epsilon=EPSILON, activation="relu", seed=seed + i)(x)
         else:
             x = keras.layers.Dense(units, activation="relu")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout)(x)
     model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
     model.compile(
-        keras.optimizers.Adam(1e-3),
+        make_optimizer(optimizer, keras),
         "sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=True,
@@ -55,7 +67,7 @@ def keras3_mlp(sparse, seed):
     return model
 
 
-def tfmot_mlp(densities, end_step, seed):
+def tfmot_mlp(densities, end_step, seed, optimizer="adam", dropout=0.0):
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
@@ -70,10 +82,14 @@ def tfmot_mlp(densities, end_step, seed):
                 tf_keras.layers.Dense(units, activation="relu"), pruning_schedule=schedule
             )
         )
+        if dropout:
+            layers.append(tf_keras.layers.Dropout(dropout))
     layers.append(tf_keras.layers.Dense(10, activation="softmax"))
     model = tf_keras.Sequential(layers)
     model.compile(
-        tf_keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+        make_optimizer(optimizer, tf_keras),
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
     )
     return model, [tfmot.sparsity.keras.UpdatePruningStep()]
 
@@ -138,19 +154,20 @@ def training(args):
         x, y, xt, yt = load(os.path.join(args.data_dir, f"{dataset}.npz"))
         steps = int(np.ceil(len(x) / args.batch_size))
         total_steps = steps * args.epochs
+        recipe = {"optimizer": args.optimizer, "dropout": args.dropout}
         sparse_probe = keras3_mlp(True, args.seed)
         densities = [
             layer.actual_density for layer in sparse_probe.layers if isinstance(layer, SparseDense)
         ]
         runs = {
-            "Dense MLP": (keras3_mlp(False, args.seed), []),
-            "static sparse": (keras3_mlp(True, args.seed), []),
+            "Dense MLP": (keras3_mlp(False, args.seed, **recipe), []),
+            "static sparse": (keras3_mlp(True, args.seed, **recipe), []),
             "SET (zeta=0.3, per epoch)": (
-                keras3_mlp(True, args.seed),
+                keras3_mlp(True, args.seed, **recipe),
                 [Timed(ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed), args.epochs)],
             ),
             "RigL (dT=100, 0.3, cosine)": (
-                keras3_mlp(True, args.seed),
+                keras3_mlp(True, args.seed, **recipe),
                 [
                     Timed(
                         ksm.callbacks.RigL(data=(x, y), update_every=100, seed=args.seed),
@@ -161,7 +178,7 @@ def training(args):
         }
         if not args.skip_tfmot:
             runs["tfmot prune_low_magnitude"] = tfmot_mlp(
-                densities, int(0.75 * total_steps), args.seed
+                densities, int(0.75 * total_steps), args.seed, **recipe
             )
         wall = {name: 0.0 for name in runs}
         epoch_times = {name: [] for name in runs}
@@ -208,7 +225,9 @@ def training(args):
             )
     base = {r[0]: r[5] for r in rows if r[1] == "Dense MLP"}
     print(
-        f"\n{args.epochs} epochs, batch {args.batch_size}, Adam 1e-3, backend "
+        f"\n{args.epochs} epochs, batch {args.batch_size}, "
+        f"{'SGD 0.01 momentum 0.9' if args.optimizer == 'sgd' else 'Adam 1e-3'}, "
+        f"dropout {args.dropout:g}, backend "
         f"{keras.backend.backend()}, {platform.machine()} x{os.cpu_count()}"
     )
     print(
@@ -270,6 +289,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-tfmot", action="store_true")
+    parser.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default="adam",
+        help="adam: Adam 1e-3; sgd: the SET paper's SGD, lr 0.01, momentum 0.9",
+    )
+    parser.add_argument("--dropout", type=float, default=0.0, help="after each hidden layer")
     args = parser.parse_args()
     (training if args.part == "training" else rewiring)(args)
 

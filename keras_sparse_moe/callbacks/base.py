@@ -147,12 +147,19 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         return [layer.kernel, layer.mask, *self._optimizer_slots(layer)]
 
     def _apply_function(self, layer, fn, key=()):
-        """`fn(state, *args)` compiled to update the layer's variables in place."""
-        slots = len(self._optimizer_slots(layer))
-        # A partial's bound values must be covered by `key`; its function names the cache entry.
+        """`fn(state, *args)` compiled to update the layer's variables in place.
+
+        Returns `run(*args)`; the state is read from and written to
+        `_state_variables(layer)`.
+        """
+        variables = self._state_variables(layer)
+        # A partial's bound values must be covered by `key`; its function names the
+        # cache entry. The variables are part of the key: a new optimizer has new slots.
         name = getattr(fn, "func", fn)
         return self._function(
-            layer, ("apply", name, slots, key), lambda: rewiring.compile_update(fn)
+            layer,
+            ("apply", name, tuple(id(v) for v in variables), key),
+            lambda: rewiring.compile_update(fn, variables),
         )
 
     def _current_indices(self, layer):

@@ -105,7 +105,7 @@ class MagnitudePruning(SparseTrainingCallback):
             if count <= 0:
                 continue
             apply = self._apply_function(layer, _prune)
-            apply(self._state_variables(layer), ops.convert_to_tensor(count, "int32"))
+            apply(ops.convert_to_tensor(count, "int32"))
             self._indices.pop(id(layer), None)
             removed += count
         return removed

@@ -234,9 +234,7 @@ class RigL(SparseTrainingCallback):
             return 0
         k_max = max(1, min(nnz, size - nnz, math.floor(self.drop_fraction * nnz)))
         step = self._apply_function(layer, functools.partial(_rigl_step, k_max), ("rigl", k_max))
-        new_indices, current = step(
-            self._state_variables(layer), indices, grad, ops.convert_to_tensor(count, "int32")
-        )
+        new_indices, current = step(indices, grad, ops.convert_to_tensor(count, "int32"))
         if not bool(ops.convert_to_numpy(current)):
             self._forget_indices(layer)  # the mask was changed elsewhere
             return self._update_layer(layer, grad, fraction)

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import initializers, ops
 
-from keras_sparse_moe.callbacks.base import SparseTrainingCallback, as_int
+from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["SETEvolution"]
@@ -114,6 +114,7 @@ class SETEvolution(SparseTrainingCallback):
         self.regrow_initializer = initializers.get(regrow_initializer)
         self._regrow_zeros = isinstance(self.regrow_initializer, initializers.Zeros)
         self._rng = np.random.default_rng(seed)
+        self._seeds = {}
 
     def get_config(self):
         return {
@@ -173,19 +174,20 @@ class SETEvolution(SparseTrainingCallback):
             functools.partial(_set_step, self.zeta, k_max, n_candidates),
             ("set", k_max, n_candidates, bool(extra)),
         )
-        seed = ops.convert_to_tensor(self._rng.integers(0, 2**31 - 1, size=2), "int32")
-        new_indices, count, current, enough = step(
-            self._state_variables(layer), indices, seed, *extra
-        )
-        if not bool(ops.convert_to_numpy(current)):
+        seed = self._seeds.get(id(layer))
+        if seed is None:  # later seeds come from the step itself (no host-side draw)
+            seed = ops.convert_to_tensor(self._rng.integers(0, 2**31 - 1, size=2), "int32")
+        new_indices, flags, self._seeds[id(layer)] = step(indices, seed, *extra)
+        count, current, enough = (int(f) for f in ops.convert_to_numpy(flags))  # one read
+        if not current:
             self._forget_indices(layer)  # the mask was changed elsewhere
             return self._evolve_layer(layer, attempt)
-        if not bool(ops.convert_to_numpy(enough)):
+        if not enough:
             if attempt >= 3:
                 raise RuntimeError(f"SETEvolution found too few empty positions in {layer.name}.")
             return self._evolve_layer(layer, attempt + 1)
         self._indices[id(layer)] = new_indices
-        return as_int(count)
+        return count
 
 
 def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None):
@@ -211,4 +213,8 @@ def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None
     drop = ops.logical_and(drop, ok)
     dropped = ops.where(ok, dropped, size)
     new_state, new_indices = rewiring.rewire(state, indices, drop, grown, grown_values, dropped)
-    return new_state, (new_indices, ops.sum(ops.cast(drop, "int32")), current, enough)
+    flags = ops.stack(
+        [ops.sum(ops.cast(drop, "int32")), ops.cast(current, "int32"), ops.cast(enough, "int32")]
+    )
+    next_seed = seed + ops.convert_to_tensor([0, 1], "int32")
+    return new_state, (new_indices, flags, next_seed)

@@ -21,6 +21,7 @@ __all__ = [
     "compile_function",
     "compile_update",
     "magnitude_keys",
+    "prefix_count",
     "random_empty_positions",
     "connection_list_is_current",
     "dropped_positions",
@@ -51,28 +52,31 @@ def compile_function(fn):
     return fn
 
 
-def compile_update(fn):
-    """Compiles `fn(state, *args) -> (new_state, aux)` that updates variables in place.
+def compile_update(fn, variables):
+    """Compiles `fn(state, *args) -> (new_state, aux)` to update `variables` in place.
 
-    `state` is a list of flat arrays read from the Keras variables passed to
-    the returned function; `new_state` (same shapes, flat) is written back to
-    them without a full copy: inside the compiled function on TensorFlow
-    (XLA aliases the resource update), through buffer donation on JAX.
-    The returned function is `run(variables, *args) -> aux`.
+    `state` is the list of the Keras `variables`' values, flattened;
+    `new_state` (same shapes, flat) is written back to them without a full
+    copy: inside the compiled function on TensorFlow (XLA aliases the
+    resource update; the variables are captured, not passed, which makes each
+    call cheaper), through buffer donation on JAX. Returns `run(*args) -> aux`.
     """
+    variables = list(variables)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
+        resources = [v.value for v in variables]
+
         @tf.function(jit_compile=True, reduce_retracing=True)
-        def tf_run(variables, *args):
-            flat = [tf.reshape(v, (-1,)) for v in variables]
+        def tf_run(*args):
+            flat = [tf.reshape(v, (-1,)) for v in resources]
             new_state, aux = fn(flat, *args)
-            for variable, value in zip(variables, new_state):
+            for variable, value in zip(resources, new_state):
                 variable.assign(tf.reshape(tf.cast(value, variable.dtype), variable.shape))
             return aux
 
-        return lambda variables, *args: tf_run([v.value for v in variables], *args)
+        return tf_run
     if backend == "jax":
         import jax
 
@@ -83,7 +87,7 @@ def compile_update(fn):
 
         jitted = jax.jit(jax_fn, donate_argnums=(0,))
 
-        def run(variables, *args):
+        def run(*args):
             new_state, aux = jitted([v.value for v in variables], *args)
             for variable, value in zip(variables, new_state):
                 variable.assign(value)
@@ -126,31 +130,70 @@ def _count(x):
     return ops.sum(ops.cast(x, "int32"))
 
 
+_BLOCK = 128
+
+
+def prefix_count(flags):
+    """int32 inclusive running count of the True entries of a 1-D boolean.
+
+    The same as `cumsum(cast(flags, "int32"))`. XLA lowers `cumsum` to a
+    reduce-window that is several times slower on CPU than a matmul, so
+    blocks of 128 are counted by a matmul with a 0/1 triangle (exact in any
+    float precision: 0/1 inputs, sums up to 128) and only the block totals go
+    through `cumsum`.
+    """
+    n = flags.shape[0]
+    if n is None or n <= _BLOCK:
+        return ops.cumsum(ops.cast(flags, "int32"))
+    rows = -(-n // _BLOCK)
+    blocks = ops.reshape(
+        ops.pad(ops.cast(flags, "float32"), [(0, rows * _BLOCK - n)]), (rows, _BLOCK)
+    )
+    inner = ops.cast(ops.matmul(blocks, ops.triu(ops.ones((_BLOCK, _BLOCK), "float32"))), "int32")
+    offsets = ops.cumsum(inner[:, -1]) - inner[:, -1]
+    return ops.reshape(inner + ops.expand_dims(offsets, -1), (-1,))[:n]
+
+
 def select_smallest(keys, valid, count):
     """Selects exactly `count` `valid` entries with the smallest int32 `keys`.
 
-    Ties are broken by position (earlier first). Bisection over the key range
-    (31 counting passes) then one cumulative sum: O(n) work, no sort.
-    `count` must not exceed the number of valid entries.
+    Keys must be non-negative. Ties are broken by position (earlier first).
+    Bisection over the key range
+    (at most 31 counting passes; it stops as soon as a threshold admits
+    exactly `count`, which distinct values reach in fewer), then a running
+    count over the ties at the threshold if some of them must be left out:
+    O(n) work, no sort. `count` must not exceed the number of valid entries.
     """
     count = ops.cast(count, "int32")
     keys = ops.where(valid, keys, _INT_MAX)
 
-    def halve(_, bounds):
-        low, high = bounds
-        middle = low + (high - low) // 2
-        enough = _count(ops.logical_and(valid, keys <= middle)) >= count
-        return ops.where(enough, low, middle + 1), ops.where(enough, middle, high)
+    def searching(low, high, exact):
+        return ops.logical_and(low < high, ops.logical_not(exact))
 
-    # A loop, not 31 unrolled passes: smaller programs compile much faster.
-    low, _ = ops.fori_loop(
-        0, 31, halve, (ops.convert_to_tensor(0, "int32"), ops.convert_to_tensor(_INT_MAX, "int32"))
-    )
+    def halve(low, high, exact):
+        middle = low + (high - low) // 2
+        admitted = _count(keys <= middle)
+        enough = admitted >= count
+        return (
+            ops.where(enough, low, middle + 1),
+            ops.where(enough, middle, high),
+            admitted == count,
+        )
+
+    zero = ops.convert_to_tensor(0, "int32")
+    low, high, exact = ops.while_loop(searching, halve, (zero, zero + _INT_MAX, count == 0))
+    # `exact`: the keys <= high are the answer; else `low` is the smallest key
+    # admitting `count`, and ties at it are ranked by position.
+    low = ops.where(count == 0, 0, ops.where(exact, high + 1, low))
     below = ops.logical_and(valid, keys < low)
     need = count - _count(below)
     at = ops.logical_and(valid, keys == low)
-    rank = ops.cumsum(ops.cast(at, "int32"))
-    return ops.logical_or(below, ops.logical_and(at, rank <= need))
+    chosen = ops.cond(
+        _count(at) <= need,
+        lambda: at,
+        lambda: ops.logical_and(at, prefix_count(at) <= need),
+    )
+    return ops.logical_or(below, chosen)
 
 
 def magnitude_keys(values):
@@ -180,7 +223,7 @@ def dropped_positions(indices, drop, k_max: int, fill):
     With `fill` out of range (the array size), the padding is skipped by the
     scatters of `random_empty_positions` and `rewire` under XLA.
     """
-    rank = ops.cumsum(ops.cast(drop, "int32")) - 1
+    rank = prefix_count(drop) - 1
     slot = ops.expand_dims(ops.where(drop, rank, k_max), -1)
     dropped = ops.scatter(slot, ops.where(drop, indices, 0), (k_max + 1,))[:k_max]
     return ops.where(ops.arange(k_max, dtype="int32") <= rank[-1], dropped, fill)
@@ -207,7 +250,7 @@ def random_empty_positions(mask, candidates, count, k_max: int, dropped=None):
     hits = ops.take(ops.scatter(ops.expand_dims(where, -1), what, ops.shape(mask)), candidates)
     empty = ops.logical_or(ops.take(mask, candidates) == 0, hits >= 1024)
     valid = ops.logical_and(empty, hits % 1024 == 1)
-    rank = ops.cumsum(ops.cast(valid, "int32"))
+    rank = prefix_count(valid)
     chosen = ops.logical_and(valid, rank <= ops.cast(count, "int32"))
     slot = ops.where(chosen, rank - 1, k_max)
     positions = ops.scatter(
@@ -250,7 +293,7 @@ def rewire(state, indices, drop, grown, grown_values=None, dropped=None):
     kernel, mask, *slots = state
     size = ops.shape(kernel)[0]
     k_max = ops.shape(grown)[0]
-    rank = ops.cumsum(ops.cast(drop, "int32")) - 1
+    rank = prefix_count(drop) - 1
     count = rank[-1] + 1
     new_indices = ops.where(drop, ops.take(grown, ops.maximum(rank, 0)), indices)
     # Write slots past `count` point out of range.

@@ -26,6 +26,30 @@ def test_select_smallest_matches_stable_argsort_with_ties(count):
     np.testing.assert_array_equal(picked, expected)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("count", [1, 500, 1999])
+def test_select_smallest_large_inputs(ties, count):
+    # Over 128 entries the tie ranking takes the blocked prefix count; with
+    # distinct keys the bisection stops early at an exact count.
+    keys = (RNG.integers(0, 40, 3001) if ties else RNG.permutation(10**6)[:3001]).astype("int32")
+    valid = RNG.random(3001) < 0.7
+    picked = to_numpy(
+        _compiled(lambda k, v, c: rewiring.select_smallest(k, v, c))(keys, valid, count)
+    )
+    candidates = np.flatnonzero(valid)
+    expected = np.zeros(3001, bool)
+    expected[candidates[np.argsort(keys[candidates], kind="stable")][:count]] = True
+    np.testing.assert_array_equal(picked, expected)
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 40961])
+def test_prefix_count_matches_cumsum(n):
+    flags = RNG.random(n) < 0.4
+    counted = to_numpy(_compiled(rewiring.prefix_count)(flags))
+    np.testing.assert_array_equal(counted, np.cumsum(flags))
+    assert counted.dtype == np.int32
+
+
 def test_magnitude_keys_order_like_absolute_values():
     values = np.array([0.0, -0.0, 1e-30, -2.5, 3.0, -1e-3, np.inf], "float32")
     keys = to_numpy(_compiled(rewiring.magnitude_keys)(values))
@@ -118,12 +142,14 @@ def test_compile_update_writes_variables_in_place():
         keras.Variable(np.arange(6, dtype="float32").reshape(2, 3)),
         keras.Variable(np.ones(4)),
     ]
-    run = rewiring.compile_update(lambda state, k: ([state[0] * k, state[1] + k], state[0][0]))
-    first = run(variables, 2.0)
+    run = rewiring.compile_update(
+        lambda state, k: ([state[0] * k, state[1] + k], state[0][0]), variables
+    )
+    first = run(2.0)
     assert float(to_numpy(first)) == 0.0
     np.testing.assert_array_equal(to_numpy(variables[0]), np.arange(6).reshape(2, 3) * 2)
     np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 3.0))
-    run(variables, 1.0)  # the variables stay usable after an in-place update
+    run(1.0)  # the variables stay usable after an in-place update
     np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 4.0))
 
 
