@@ -13,31 +13,27 @@ def _compiled(fn):
     return rewiring.compile_function(fn)
 
 
-@pytest.mark.parametrize("count", [0, 1, 7, 30])
-def test_select_smallest_matches_stable_argsort_with_ties(count):
-    keys = RNG.integers(0, 10, 60).astype("int32")  # many ties
-    valid = RNG.random(60) < 0.7
+@pytest.mark.parametrize(
+    "size, key_range, count",
+    [
+        (60, 10, 0),  # many ties, fewer than 128 entries (plain running count)
+        (60, 10, 1),
+        (60, 10, 7),
+        (60, 10, 30),
+        (3001, 40, 500),  # ties ranked by the blocked prefix count
+        (3001, 40, 1999),
+        (3001, 10**6, 1),  # distinct keys: the bisection stops at an exact count
+        (3001, 10**6, 500),
+    ],
+)
+def test_select_smallest_matches_stable_argsort(size, key_range, count):
+    keys = RNG.integers(0, key_range, size).astype("int32")
+    valid = RNG.random(size) < 0.7
     picked = to_numpy(
         _compiled(lambda k, v, c: rewiring.select_smallest(k, v, c))(keys, valid, count)
     )
     candidates = np.flatnonzero(valid)
-    expected = np.zeros(60, bool)
-    expected[candidates[np.argsort(keys[candidates], kind="stable")][:count]] = True
-    np.testing.assert_array_equal(picked, expected)
-
-
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("count", [1, 500, 1999])
-def test_select_smallest_large_inputs(ties, count):
-    # Over 128 entries the tie ranking takes the blocked prefix count; with
-    # distinct keys the bisection stops early at an exact count.
-    keys = (RNG.integers(0, 40, 3001) if ties else RNG.permutation(10**6)[:3001]).astype("int32")
-    valid = RNG.random(3001) < 0.7
-    picked = to_numpy(
-        _compiled(lambda k, v, c: rewiring.select_smallest(k, v, c))(keys, valid, count)
-    )
-    candidates = np.flatnonzero(valid)
-    expected = np.zeros(3001, bool)
+    expected = np.zeros(size, bool)
     expected[candidates[np.argsort(keys[candidates], kind="stable")][:count]] = True
     np.testing.assert_array_equal(picked, expected)
 
