@@ -50,7 +50,7 @@ def compiled_dense_gradients(model, layers):
                 loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
             return tape.gradient(loss, kernels)
 
-        return gradients
+        return rewiring.quiet_tracing(gradients)
     if backend == "jax":
         import jax
 

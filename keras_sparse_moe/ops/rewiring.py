@@ -38,13 +38,25 @@ _INT_MAX = 2**31 - 1
 _NEG = -3.0e38  # below any score: never selected while `count` allows
 
 
+def quiet_tracing(function):
+    """Turns off TensorFlow's "frequent retracing" warning for `function`.
+
+    The callbacks compile one function per layer and size, each traced once;
+    TensorFlow counts the traces of all functions sharing one code object
+    together and would warn of retracing after a few layers.
+    """
+    if hasattr(function, "_omit_frequent_tracing_warning"):
+        function._omit_frequent_tracing_warning = True
+    return function
+
+
 def compile_function(fn):
     """Compiles a pure tensor function with the backend's XLA compiler."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+        return quiet_tracing(tf.function(fn, jit_compile=True, reduce_retracing=True))
     if backend == "jax":
         import jax
 
@@ -76,7 +88,7 @@ def compile_update(fn, variables):
                 variable.assign(tf.reshape(tf.cast(value, variable.dtype), variable.shape))
             return aux
 
-        return tf_run
+        return quiet_tracing(tf_run)
     if backend == "jax":
         import jax
 

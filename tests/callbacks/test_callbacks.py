@@ -414,3 +414,17 @@ def test_logs_reach_tensorboard(tmp_path):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(value.tag for value in event.summary.value)
     assert {"epoch_density/h1", "epoch_set/rewired"} <= tags
+
+
+@pytest.mark.tensorflow_only
+def test_many_layers_do_not_warn_of_retracing(caplog):
+    # One rewiring function per layer, each traced once: TensorFlow groups the
+    # traces by code object and would warn of "frequent retracing" otherwise.
+    layers = [keras.Input((24,))]
+    layers += [ksm.layers.SparseDense(8, density=0.5, seed=i) for i in range(6)]
+    model = keras.Sequential([*layers, keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    callback = RigL(data=(X, Y), update_every=2, seed=0)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
