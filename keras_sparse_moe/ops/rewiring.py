@@ -170,11 +170,11 @@ def select_smallest(keys, valid, count):
     """Selects exactly `count` `valid` entries with the smallest int32 `keys`.
 
     Keys must be non-negative. Ties are broken by position (earlier first).
-    Bisection over the key range
-    (at most 31 counting passes; it stops as soon as a threshold admits
-    exactly `count`, which distinct values reach in fewer), then a running
-    count over the ties at the threshold if some of them must be left out:
-    O(n) work, no sort. `count` must not exceed the number of valid entries.
+    A bisection over the key range (at most 31 counting passes; it stops as
+    soon as a threshold admits exactly `count`, which distinct values reach
+    in fewer), then a running count over the ties at the threshold only if
+    some of them must be left out: O(n) work, no sort. `count` must not
+    exceed the number of valid entries.
     """
     count = ops.cast(count, "int32")
     keys = ops.where(valid, keys, _INT_MAX)
