@@ -179,7 +179,3 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     def _forget_indices(self, layer):
         self._indices.pop(id(layer), None)
-
-
-def as_int(x) -> int:
-    return int(np.asarray(ops.convert_to_numpy(x)).round())
