@@ -196,7 +196,9 @@ def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None
     Chooses the weights to drop and random empty positions to regrow, checks
     the connection list against the mask, and rewires only if the list is
     current and enough empty positions were found (else it writes nothing and
-    the flags tell the caller to redo it).
+    the flags tell the caller to redo it). Returns the new connection list,
+    int32 flags `[replaced, list current, enough candidates]` (one host read)
+    and the seed for the next call.
     """
     kernel, mask = state[0], state[1]
     size = ops.shape(mask)[0]
