@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 import keras_sparse_moe as ksm
+from keras_sparse_moe.callbacks.rigl import dense_kernel_gradients
 from keras_sparse_moe.layers import SparseDense
 
 HIDDEN = (1000, 1000, 1000)
@@ -255,7 +256,9 @@ def rewiring(args):
     model.fit(x, x, epochs=1, verbose=0, callbacks=[set_cb, rigl_cb])
     layer = model.layers[0]
     nnz = layer.num_connections
-    grad = keras.random.normal((1024, 1024), seed=1)
+    # A real dense gradient (one batch): magnitudes |x_i * delta_j| with the
+    # row and column structure the growth selection meets in training.
+    grad = dense_kernel_gradients(model, [layer], x[:128], x[:128])[0]
 
     def rigl_once():
         rigl_cb._update_layer(layer, grad, 0.3)

@@ -252,7 +252,7 @@ def _rigl_step(k_max, state, indices, grad, count):
         rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
     )
     scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
-    grown = rewiring.top_empty_positions(mask, scores, k_max)
+    grown = rewiring.largest_empty_positions(mask, scores, count, k_max)
     current = rewiring.connection_list_is_current(mask, indices)
     new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, current), grown)
     return new_state, (new_indices, current)

@@ -171,3 +171,70 @@ def test_rewire_writes_only_the_changed_positions(dropped):
     np.testing.assert_array_equal(new_kernel, kernel * (expected_mask * (np.arange(64) < 10)))
     np.testing.assert_array_equal(new_slot, slot * (expected_mask * (np.arange(64) < 10)))
     assert sorted(new_indices.tolist()) == np.flatnonzero(expected_mask).tolist()
+
+
+@pytest.mark.parametrize(
+    "n, density, capacity",
+    [(1, 1.0, 4), (17, 0.5, 17), (1000, 0.02, 64), (40961, 0.3, 20000), (40961, 0.9, 500)],
+)
+def test_compact_positions_lists_true_entries_in_order(n, density, capacity):
+    flags = RNG.random(n) < density
+    listed, total = _compiled(lambda f: rewiring.compact_positions(f, capacity))(flags)
+    expected = np.full(capacity, n)
+    kept = np.flatnonzero(flags)[:capacity]
+    expected[: len(kept)] = kept
+    np.testing.assert_array_equal(to_numpy(listed), expected)
+    assert int(to_numpy(total)) == flags.sum()
+
+
+def _largest_empty_reference(mask, scores, count, k_max):
+    empty = np.flatnonzero(mask == 0)
+    best = empty[np.argsort(-scores[empty], kind="stable")][:count]
+    expected = np.full(k_max, mask.size)
+    expected[:count] = np.sort(best)
+    return expected
+
+
+@pytest.mark.parametrize(
+    "shape, levels, count, k_max",
+    [
+        ((30, 40), None, 0, 50),
+        ((30, 40), None, 1, 50),
+        ((30, 40), None, 50, 50),
+        ((300, 400), None, 3500, 3600),  # sampled threshold, then compaction
+        ((300, 400), None, 700, 3600),
+        ((300, 400), 5, 2000, 3600),  # heavy ties: the sample cannot bracket, exact top_k
+        ((300, 400), 1000, 3000, 3600),  # ties at the threshold ranked by position
+    ],
+)
+def test_largest_empty_positions_match_stable_sort(shape, levels, count, k_max):
+    size = int(np.prod(shape))
+    mask = (RNG.random(size) < 0.1).astype("float32")
+    if levels is None:
+        scores = np.abs(RNG.standard_normal(size)).astype("float32")
+    else:
+        scores = RNG.integers(0, levels, size).astype("float32")
+    # Row-structured magnitudes, like |x_i * delta_j| of a dense gradient.
+    scores *= np.repeat(RNG.random(shape[0]), shape[1]).astype("float32")
+    grown = to_numpy(
+        _compiled(lambda m, s, c: rewiring.largest_empty_positions(m, s, c, k_max))(
+            mask, scores, np.int32(count)
+        )
+    )
+    np.testing.assert_array_equal(grown, _largest_empty_reference(mask, scores, count, k_max))
+
+
+def test_largest_empty_positions_when_the_sample_misleads():
+    # Large scores only where the strided sample never looks: exact top_k decides.
+    size = 200 * 300
+    mask = np.zeros(size, "float32")
+    scores = np.zeros(size, "float32")
+    stride = max(1, size // 16384) | 1
+    unseen = np.setdiff1d(np.arange(size), np.arange(0, size, stride))[:500]
+    scores[unseen] = RNG.random(500).astype("float32") + 1.0
+    grown = to_numpy(
+        _compiled(lambda m, s, c: rewiring.largest_empty_positions(m, s, c, 400))(
+            mask, scores, np.int32(400)
+        )
+    )
+    np.testing.assert_array_equal(grown, _largest_empty_reference(mask, scores, 400, 400))
