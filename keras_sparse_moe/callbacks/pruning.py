@@ -105,7 +105,7 @@ class MagnitudePruning(SparseTrainingCallback):
             if count <= 0:
                 continue
             apply = self._apply_function(layer, _prune)
-            apply(ops.convert_to_tensor(count, "int32"))
+            apply(np.asarray(count, np.int32))
             self._indices.pop(id(layer), None)
             removed += count
         return removed

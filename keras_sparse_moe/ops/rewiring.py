@@ -343,7 +343,8 @@ def largest_empty_positions(mask, scores, count, k_max: int):
     count = ops.cast(count, "int32")
     scores = ops.cast(scores, "float32")
     empty = mask == 0
-    at = np.arange(0, n, max(1, n // _SAMPLE) | 1)
+    stride = max(1, n // _SAMPLE) | 1
+    at = np.arange(0, n, stride)
     sample = ops.where(ops.take(empty, at), ops.take(scores, at), _NEG)
     # Keep about count * len(at) / n sampled scores, plus four standard
     # deviations and a margin, above the threshold.
@@ -354,7 +355,9 @@ def largest_empty_positions(mask, scores, count, k_max: int):
     rank = ops.cast(share + 4 * ops.sqrt(share), "int32") + 8
     threshold = ops.take(top, ops.minimum(rank, ranks - 1))
     above = ops.logical_and(empty, scores >= threshold)
-    capacity = min(n, 2 * k_max + 1024)
+    # About count + (4 sqrt(count / stride) + 8) * stride entries lie above the
+    # threshold, give or take sqrt(count * stride): room for three more of those.
+    capacity = min(n, k_max + int(7 * math.sqrt(k_max * stride)) + 16 * stride)
     positions, found = compact_positions(above, capacity)
     slots = ops.arange(k_max, dtype="int32")
 
