@@ -316,13 +316,9 @@ def compact_positions(flags, capacity: int):
     rank = ops.cast(slots - ops.take(starts, group), "float32")
     rows = ops.cast(ops.take(table, group, axis=0), "float32")
     running = ops.matmul(rows, ops.triu(ops.ones((_GROUP, _GROUP), "float32")))
-    inside = _count_rows(running <= ops.expand_dims(rank, -1))
+    inside = ops.sum(ops.cast(running <= ops.expand_dims(rank, -1), "int32"), axis=1)
     total = ends[-1]
     return ops.where(slots < total, group * _GROUP + inside, n), total
-
-
-def _count_rows(x):
-    return ops.sum(ops.cast(x, "int32"), axis=1)
 
 
 def largest_empty_positions(mask, scores, count, k_max: int):
