@@ -355,21 +355,16 @@ def largest_empty_positions(mask, scores, count, k_max: int):
     # threshold, give or take sqrt(count * stride): room for three more of those.
     capacity = min(n, k_max + int(7 * math.sqrt(k_max * stride)) + 16 * stride)
     positions, found = compact_positions(above, capacity)
-    slots = ops.arange(k_max, dtype="int32")
 
     def bracketed():
         values = ops.take(ops.pad(scores, [(0, 1)]), positions)
         keys = _INT_MAX - magnitude_keys(values)
         chosen = select_smallest(keys, ops.arange(capacity, dtype="int32") < found, count)
-        slot = ops.where(chosen, prefix_count(chosen) - 1, k_max)
-        picked = ops.scatter(
-            ops.expand_dims(slot, -1), ops.where(chosen, positions, 0), (k_max + 1,)
-        )[:k_max]
-        return ops.where(slots < count, picked, n)
+        return dropped_positions(positions, chosen, k_max, n)
 
     def exact():
         _, best = ops.top_k(ops.where(empty, scores, _NEG), k_max, sorted=True)
-        best = ops.where(slots < count, ops.cast(best, "int32"), n)
+        best = ops.where(ops.arange(k_max, dtype="int32") < count, ops.cast(best, "int32"), n)
         return ops.sort(best)
 
     usable = ops.logical_and(found >= count, found <= capacity)
