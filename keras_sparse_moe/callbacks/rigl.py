@@ -224,7 +224,7 @@ class RigL(SparseTrainingCallback):
             self._gradients = (self.model, compiled_dense_gradients(self.model, self.sparse_layers))
         return self._gradients[1]
 
-    def _update_layer(self, layer, grad, fraction):
+    def _update_layer(self, layer, grad, fraction, exact=False):
         size = int(np.prod(layer.kernel.shape))
         indices = self._current_indices(layer)
         nnz = int(indices.shape[0])
@@ -233,27 +233,37 @@ class RigL(SparseTrainingCallback):
         if count <= 0:
             return 0
         k_max = max(1, min(nnz, size - nnz, math.floor(self.drop_fraction * nnz)))
-        step = self._apply_function(layer, functools.partial(_rigl_step, k_max), ("rigl", k_max))
+        step = self._apply_function(
+            layer, functools.partial(_rigl_step, k_max, exact), ("rigl", k_max, exact)
+        )
         # A numpy count: making a JAX device scalar would cost more (0.2 ms).
-        new_indices, current = step(indices, grad, np.asarray(count, np.int32))
-        if not bool(ops.convert_to_numpy(current)):
+        new_indices, flags = step(indices, grad, np.asarray(count, np.int32))
+        current, bracketed = (bool(f) for f in ops.convert_to_numpy(flags))  # one read
+        if not current:
             self._forget_indices(layer)  # the mask was changed elsewhere
-            return self._update_layer(layer, grad, fraction)
+            return self._update_layer(layer, grad, fraction, exact)
+        if not bracketed:  # the sampled threshold missed: select over the whole kernel
+            return self._update_layer(layer, grad, fraction, exact=True)
         self._indices[id(layer)] = new_indices
         return count
 
 
-def _rigl_step(k_max, state, indices, grad, count):
+def _rigl_step(k_max, exact, state, indices, grad, count):
     """One RigL drop-and-grow, compiled and written in place: drop the smallest
     magnitudes, grow the largest dense gradients among empty positions.
-    Writes nothing if the connection list is stale (the flag says so)."""
+
+    Writes nothing unless the connection list is current and the growth
+    threshold bracketed its answer; the flags `[list current, bracketed]`
+    tell the caller what to redo.
+    """
     kernel, mask = state[0], state[1]
     values = ops.take(kernel, indices)
     drop = rewiring.select_smallest(
         rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
     )
     scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
-    grown = rewiring.largest_empty_positions(mask, scores, count, k_max)
+    grown, bracketed = rewiring.largest_empty_positions(mask, scores, count, k_max, exact)
     current = rewiring.connection_list_is_current(mask, indices)
-    new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, current), grown)
-    return new_state, (new_indices, current)
+    ok = ops.logical_and(current, bracketed)
+    new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, ok), grown)
+    return new_state, (new_indices, ops.cast(ops.stack([current, bracketed]), "int32"))

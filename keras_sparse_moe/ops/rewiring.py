@@ -288,6 +288,16 @@ def random_empty_positions(mask, candidates, count, k_max: int, dropped=None):
 
 _SAMPLE = 16384  # entries sampled to bracket the growth threshold
 _GROUP = 16  # compaction groups: counted per group, then ranked inside one
+# Each entry of a group adds its weight when True: the sum holds the group's
+# count (low 5 bits) and its flags as bits (above them), in one reduction.
+_PACK = np.array([1 + (1 << (5 + j)) for j in range(_GROUP)], "int32")
+# Byte tables: `_POP8[b]` set bits of b; `_SELECT8[8 * b + r]` the place of
+# its (r + 1)-th set bit.
+_POP8 = np.array([bin(b).count("1") for b in range(256)], "int32")
+_SELECT8 = np.array(
+    [([j for j in range(8) if b >> j & 1] + [0] * 8)[r] for b in range(256) for r in range(8)],
+    "int32",
+)
 
 
 def compact_positions(flags, capacity: int):
@@ -295,15 +305,16 @@ def compact_positions(flags, capacity: int):
 
     Returns `(positions, total)`: `total` counts the True entries; slots past
     it hold `len(flags)`, and True entries past the first `capacity` are left
-    out. Work is one pass over `flags` plus O(capacity * 16), not a running
-    count over every entry: entries are counted per group of 16, each slot
-    finds its group from a histogram of the group starts, then its entry
-    inside the group.
+    out. Work is one pass over `flags` plus O(capacity), not a running count
+    over every entry: each group of 16 entries is reduced to its count and
+    its flags as bits, each slot finds its group from a histogram of the
+    group starts, then its entry among the group's bits (byte tables).
     """
     n = flags.shape[0]
     groups = -(-n // _GROUP)
     table = ops.reshape(ops.pad(flags, [(0, groups * _GROUP - n)]), (groups, _GROUP))
-    counts = ops.sum(ops.cast(table, "int32"), axis=1)
+    packed = ops.sum(ops.where(table, _PACK, 0), axis=1)
+    counts, bits = packed % 32, packed // 32
     ends = _running_sum(counts)
     starts = ends - counts
     # Slot s lies in the last group starting at or before s: the number of
@@ -313,32 +324,45 @@ def compact_positions(flags, capacity: int):
     )
     group = ops.minimum(ops.cumsum(histogram[:capacity]) - 1, groups - 1)
     slots = ops.arange(capacity, dtype="int32")
-    rank = ops.cast(slots - ops.take(starts, group), "float32")
-    rows = ops.cast(ops.take(table, group, axis=0), "float32")
-    running = ops.matmul(rows, ops.triu(ops.ones((_GROUP, _GROUP), "float32")))
-    inside = ops.sum(ops.cast(running <= ops.expand_dims(rank, -1), "int32"), axis=1)
+    rank = slots - ops.take(starts, group)  # in [0, 16) for the slots before `total`
+    word = ops.take(bits, group)
+    low = ops.take(_POP8, word % 256)
+    high = rank >= low
+    byte = ops.where(high, word // 256, word % 256)
+    rank = ops.clip(ops.where(high, rank - low, rank), 0, 7)
+    inside = ops.take(_SELECT8, 8 * byte + rank) + ops.where(high, 8, 0)
     total = ends[-1]
     return ops.where(slots < total, group * _GROUP + inside, n), total
 
 
-def largest_empty_positions(mask, scores, count, k_max: int):
+def largest_empty_positions(mask, scores, count, k_max: int, exact: bool = False):
     """The `count` empty positions of flat `mask` with the largest `scores` (>= 0).
 
-    Exact, ties broken by position (earlier first). Returns int32 `(k_max,)`:
-    the positions in increasing order, then `len(mask)` in the slots past
-    `count` (`count <= k_max`, and at most the number of empty positions).
+    Exact, ties broken by position (earlier first). Returns
+    `(positions, bracketed)`: `positions` is int32 `(k_max,)`, the chosen
+    positions in increasing order, then `len(mask)` in the slots past `count`
+    (`count <= k_max`, and at most the number of empty positions);
+    `bracketed` is a boolean scalar, False when the result is not to be used
+    and the call must be repeated with `exact=True`.
 
     A threshold bracketing the answer is read from a strided sample of the
     scores, the few empty positions above it are compacted
     (`compact_positions`) and the exact selection runs on them
     (`select_smallest`): about 4x faster than a `top_k` of the whole array on
     CPU. Should the sample mislead (heavily tied or adversarially ordered
-    scores), an exact `top_k` of the whole array decides instead.
+    scores), `bracketed` is False. `exact=True` runs that `top_k` instead
+    (`bracketed` is then always True). The choice is left to the caller, not
+    made by an `ops.cond` here: a conditional would keep the whole-array
+    branch's operands alive, which costs more than the rare second call.
     """
     n = scores.shape[0]
     count = ops.cast(count, "int32")
     scores = ops.cast(scores, "float32")
     empty = mask == 0
+    if exact:
+        _, best = ops.top_k(ops.where(empty, scores, _NEG), k_max, sorted=True)
+        best = ops.where(ops.arange(k_max, dtype="int32") < count, ops.cast(best, "int32"), n)
+        return ops.sort(best), ops.convert_to_tensor(True)
     stride = max(1, n // _SAMPLE) | 1
     at = np.arange(0, n, stride)
     sample = ops.where(ops.take(empty, at), ops.take(scores, at), _NEG)
@@ -355,20 +379,12 @@ def largest_empty_positions(mask, scores, count, k_max: int):
     # threshold, give or take sqrt(count * stride): room for three more of those.
     capacity = min(n, k_max + int(7 * math.sqrt(k_max * stride)) + 16 * stride)
     positions, found = compact_positions(above, capacity)
-
-    def bracketed():
-        values = ops.take(ops.pad(scores, [(0, 1)]), positions)
-        keys = _INT_MAX - magnitude_keys(values)
-        chosen = select_smallest(keys, ops.arange(capacity, dtype="int32") < found, count)
-        return dropped_positions(positions, chosen, k_max, n)
-
-    def exact():
-        _, best = ops.top_k(ops.where(empty, scores, _NEG), k_max, sorted=True)
-        best = ops.where(ops.arange(k_max, dtype="int32") < count, ops.cast(best, "int32"), n)
-        return ops.sort(best)
-
-    usable = ops.logical_and(found >= count, found <= capacity)
-    return ops.cond(usable, bracketed, exact)
+    valid = ops.arange(capacity, dtype="int32") < found
+    # Unused slots hold `n`: read any score there, `valid` leaves them out.
+    keys = _INT_MAX - magnitude_keys(ops.take(scores, ops.minimum(positions, n - 1)))
+    chosen = select_smallest(keys, valid, ops.minimum(count, found))
+    bracketed = ops.logical_and(found >= count, found <= capacity)
+    return dropped_positions(positions, chosen, k_max, n), bracketed
 
 
 def rewire(state, indices, drop, grown, grown_values=None, dropped=None):

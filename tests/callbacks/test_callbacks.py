@@ -201,6 +201,32 @@ def test_rigl_grows_where_dense_gradient_is_largest():
     assert rewired == total
 
 
+def test_rigl_growth_is_exact_when_the_sampled_threshold_misses():
+    # The growth threshold comes from a strided sample of the gradient; put the
+    # largest gradients only where the sample never looks. The first attempt
+    # must write nothing, and the exact retry must give the reference.
+    x = RNG.random((16, 200), dtype=np.float32)
+    model = keras.Sequential([keras.Input((200,)), ksm.layers.SparseDense(300, density=0.05)])
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    callback = RigL(data=(x, x[:, :1]), update_every=1000, seed=0)
+    model.fit(x, np.zeros((16, 300), "float32"), epochs=1, verbose=0, callbacks=[callback])
+    layer = model.layers[0]
+    kernel, mask = to_numpy(layer.kernel).ravel(), to_numpy(layer.mask).ravel()
+    stride = max(1, mask.size // 16384) | 1
+    unseen = np.setdiff1d(np.flatnonzero(mask == 0), np.arange(0, mask.size, stride))
+    grad = np.zeros(mask.size, "float32")
+    grad[unseen[:2000]] = RNG.random(2000).astype("float32") + 1.0
+    count = int(0.3 * mask.sum())
+    assert callback._update_layer(layer, grad.reshape(200, 300), 0.3) == count
+    assert ("rigl", count, True) in [key[1][-1] for key in callback._functions]  # exact retry
+    kept = np.flatnonzero(mask)
+    expected = mask.copy()
+    expected[kept[np.argsort(np.abs(kernel[kept]), kind="stable")][:count]] = 0
+    expected[unseen[:2000][np.argsort(-grad[unseen[:2000]], kind="stable")][:count]] = 1
+    np.testing.assert_array_equal(to_numpy(layer.mask).ravel(), expected)
+    assert_masked_weights_zero(model)
+
+
 def test_rigl_in_fit_with_cosine_decay_and_reuse():
     model = _model()
     counts = [layer.num_connections for layer in masked_layers(model)]

@@ -195,46 +195,55 @@ def _largest_empty_reference(mask, scores, count, k_max):
     return expected
 
 
+def _largest_empty(mask, scores, count, k_max, exact):
+    grown, bracketed = _compiled(
+        lambda m, s, c: rewiring.largest_empty_positions(m, s, c, k_max, exact)
+    )(mask, scores, np.int32(count))
+    return to_numpy(grown), bool(to_numpy(bracketed))
+
+
 @pytest.mark.parametrize(
-    "shape, levels, count, k_max",
+    "shape, levels, rows, count, k_max, bracketed",
     [
-        ((30, 40), None, 0, 50),
-        ((30, 40), None, 1, 50),
-        ((30, 40), None, 50, 50),
-        ((300, 400), None, 3500, 3600),  # sampled threshold, then compaction
-        ((300, 400), None, 700, 3600),
-        ((300, 400), 5, 2000, 3600),  # heavy ties: the sample cannot bracket, exact top_k
-        ((300, 400), 1000, 3000, 3600),  # ties at the threshold ranked by position
+        ((30, 40), None, True, 0, 50, True),
+        ((30, 40), None, True, 1, 50, True),
+        ((30, 40), None, True, 50, 50, True),
+        ((300, 400), None, True, 3500, 3600, True),  # sampled threshold, then compaction
+        ((300, 400), None, True, 700, 3600, True),
+        ((300, 400), 5, True, 2000, 3600, True),  # a fifth of the scores tie at zero
+        ((300, 400), 1000, True, 3000, 3600, True),  # ties at the threshold ranked by position
+        ((300, 400), 5, False, 2000, 3600, False),  # heavy ties: no threshold brackets
     ],
 )
-def test_largest_empty_positions_match_stable_sort(shape, levels, count, k_max):
+def test_largest_empty_positions_match_stable_sort(shape, levels, rows, count, k_max, bracketed):
     size = int(np.prod(shape))
     mask = (RNG.random(size) < 0.1).astype("float32")
     if levels is None:
         scores = np.abs(RNG.standard_normal(size)).astype("float32")
     else:
         scores = RNG.integers(0, levels, size).astype("float32")
-    # Row-structured magnitudes, like |x_i * delta_j| of a dense gradient.
-    scores *= np.repeat(RNG.random(shape[0]), shape[1]).astype("float32")
-    grown = to_numpy(
-        _compiled(lambda m, s, c: rewiring.largest_empty_positions(m, s, c, k_max))(
-            mask, scores, np.int32(count)
-        )
-    )
-    np.testing.assert_array_equal(grown, _largest_empty_reference(mask, scores, count, k_max))
+    if rows:  # row-structured magnitudes, like |x_i * delta_j| of a dense gradient
+        scores *= np.repeat(RNG.random(shape[0]), shape[1]).astype("float32")
+    expected = _largest_empty_reference(mask, scores, count, k_max)
+    grown, found = _largest_empty(mask, scores, count, k_max, exact=False)
+    assert found == bracketed
+    if bracketed:
+        np.testing.assert_array_equal(grown, expected)
+    grown, found = _largest_empty(mask, scores, count, k_max, exact=True)
+    assert found
+    np.testing.assert_array_equal(grown, expected)
 
 
 def test_largest_empty_positions_when_the_sample_misleads():
-    # Large scores only where the strided sample never looks: exact top_k decides.
+    # Large scores only where the strided sample never looks: not bracketed,
+    # and the exact selection finds them.
     size = 200 * 300
     mask = np.zeros(size, "float32")
     scores = np.zeros(size, "float32")
     stride = max(1, size // 16384) | 1
     unseen = np.setdiff1d(np.arange(size), np.arange(0, size, stride))[:500]
     scores[unseen] = RNG.random(500).astype("float32") + 1.0
-    grown = to_numpy(
-        _compiled(lambda m, s, c: rewiring.largest_empty_positions(m, s, c, 400))(
-            mask, scores, np.int32(400)
-        )
-    )
+    assert not _largest_empty(mask, scores, 400, 400, exact=False)[1]
+    grown, bracketed = _largest_empty(mask, scores, 400, 400, exact=True)
+    assert bracketed
     np.testing.assert_array_equal(grown, _largest_empty_reference(mask, scores, 400, 400))
