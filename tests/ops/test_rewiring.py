@@ -16,9 +16,9 @@ def _compiled(fn):
 @pytest.mark.parametrize(
     "size, key_range, count",
     [
-        (60, 10, 0),  # many ties, fewer than 128 entries (plain running count)
-        (60, 10, 1),
-        (60, 10, 7),
+        (30, 10, 0),  # many ties, fewer than 32 entries (plain running count)
+        (30, 10, 1),
+        (60, 10, 7),  # blocked running count from here
         (60, 10, 30),
         (3001, 40, 500),  # ties ranked by the blocked prefix count
         (3001, 40, 1999),
@@ -38,7 +38,7 @@ def test_select_smallest_matches_stable_argsort(size, key_range, count):
     np.testing.assert_array_equal(picked, expected)
 
 
-@pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 40961])
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000, 40961, 2**20 + 3])
 def test_prefix_count_matches_cumsum(n):
     flags = RNG.random(n) < 0.4
     counted = to_numpy(_compiled(rewiring.prefix_count)(flags))
