@@ -247,3 +247,16 @@ def test_largest_empty_positions_when_the_sample_misleads():
     grown, bracketed = _largest_empty(mask, scores, 400, 400, exact=True)
     assert bracketed
     np.testing.assert_array_equal(grown, _largest_empty_reference(mask, scores, 400, 400))
+
+
+def test_connection_list_is_current_notices_changes():
+    mask = (RNG.random(500) < 0.2).astype("float32")
+    indices = np.flatnonzero(mask).astype("int32")
+    current = _compiled(rewiring.connection_list_is_current)
+    assert bool(to_numpy(current(mask, indices)))
+    added = mask.copy()
+    added[np.flatnonzero(mask == 0)[0]] = 1  # a connection made elsewhere
+    assert not bool(to_numpy(current(added, indices)))
+    moved = added.copy()
+    moved[indices[3]] = 0  # as many connections, but a listed position is now empty
+    assert not bool(to_numpy(current(moved, indices)))
