@@ -182,6 +182,8 @@ def training(args):
             runs["tfmot prune_low_magnitude"] = tfmot_mlp(
                 densities, int(0.75 * total_steps), args.seed, **recipe
             )
+        if args.models:
+            runs = {name: run for name, run in runs.items() if name.split()[0] in args.models}
         wall = {name: 0.0 for name in runs}
         epoch_times = {name: [] for name in runs}
         for epoch in range(args.epochs):
@@ -225,7 +227,7 @@ def training(args):
                     rewired,
                 )
             )
-    base = {r[0]: r[5] for r in rows if r[1] == "Dense MLP"}
+    base = {r[0]: r[5] for r in rows if r[1] == "Dense MLP"}  # else relative to the first
     print(
         f"\n{args.epochs} epochs, batch {args.batch_size}, "
         f"{'SGD 0.01 momentum 0.9' if args.optimizer == 'sgd' else 'Adam 1e-3'}, "
@@ -243,7 +245,7 @@ def training(args):
         rewired_s = f"{rewired:,}" if rewired is not None else "-"
         print(
             f"| {data} | {name} | {acc:.4f} | {frac:.2%} | {wall_s:.0f} | "
-            f"{epoch_s / base[data]:.3f} | {share_s} | {rewired_s} |"
+            f"{epoch_s / base.setdefault(data, epoch_s):.3f} | {share_s} | {rewired_s} |"
         )
 
 
@@ -303,6 +305,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-tfmot", action="store_true")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=("Dense", "static", "SET", "RigL", "tfmot"),
+        help="train only these (default: all)",
+    )
     parser.add_argument(
         "--optimizer",
         choices=("adam", "sgd"),
