@@ -118,7 +118,7 @@ def compile_update(fn, variables):
 
 def _concrete_calls(function):
     """Calls a `tf.function` through its concrete function for each input
-    signature: `tf.function`'s own dispatch costs about 0.25 ms a call.
+    signature: `tf.function`'s own dispatch costs 0.25-0.5 ms a call.
     Calls with other than arrays (Python numbers trace as constants) go
     through the `tf.function`."""
     import tensorflow as tf
