@@ -201,7 +201,14 @@ def training(args):
                 elapsed = time.perf_counter() - start
                 wall[name] += elapsed
                 epoch_times[name].append(elapsed)
-            print(f"{dataset}: epoch {epoch + 1}/{args.epochs} done", flush=True)
+            progress = f"{dataset}: epoch {epoch + 1}/{args.epochs} done"
+            if args.eval_every and (epoch + 1) % args.eval_every == 0:
+                accuracies = (
+                    f"{name.split()[0]} {model.evaluate(xt, yt, verbose=0)[1]:.4f}"
+                    for name, (model, _) in runs.items()
+                )
+                progress += "; test accuracy so far: " + ", ".join(accuracies)
+            print(progress, flush=True)
         for name, (model, callbacks) in runs.items():
             if name.startswith("tfmot"):
                 import tensorflow_model_optimization as tfmot
@@ -304,6 +311,13 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the test accuracy of every model after every N epochs",
+    )
     parser.add_argument("--skip-tfmot", action="store_true")
     parser.add_argument(
         "--models",
