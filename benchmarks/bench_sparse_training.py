@@ -335,7 +335,7 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0, help="after each hidden layer")
     args = parser.parse_args()
     if args.eval_every < 0:
-        parser.error(f"--eval-every must be 0 (off) or a positive number of epochs, got {args.eval_every}")
+        parser.error(f"--eval-every must be 0 (off) or a number of epochs, got {args.eval_every}")
     (training if args.part == "training" else rewiring)(args)
 
 
