@@ -8,7 +8,7 @@ from keras import activations, initializers, ops
 
 from keras_sparse_moe import losses, topologies
 from keras_sparse_moe.layers import gates as gates_lib
-from keras_sparse_moe.layers.sparse_dense import SparseDense
+from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
 from keras_sparse_moe.ops import dispatch
 
 __all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "SparseExpertMixture"]
@@ -19,23 +19,23 @@ OWNER = "SparseExpertMixture"
 def _selected(routing, index, num_experts):
     """`(tokens, E)` 0/1: the experts each token is sent to (argmax without top-k)."""
     if index is None:
-        index = ops.expand_dims(ops.argmax(routing["gates"], axis=-1), -1)
+        index = ops.expand_dims(ops.argmax(routing.gates, axis=-1), -1)
     return ops.sum(ops.one_hot(index, num_experts, dtype="float32"), axis=1)
 
 
-# name -> (function of (routing, index, num_experts), what the gate must provide)
+# name -> (function of (Routing, top-k index, num_experts), the Routing field it needs)
 BALANCE_LOSSES = {
-    "batch_entropy": (lambda r, i, e: losses.batch_entropy(r["gates"]), None),
-    "sample_entropy": (lambda r, i, e: losses.sample_entropy(r["gates"]), None),
-    "batch_variance": (lambda r, i, e: losses.batch_variance(r["gates"]), None),
-    "sample_variance": (lambda r, i, e: losses.sample_variance(r["gates"]), None),
-    "importance_cv2": (lambda r, i, e: losses.importance_cv2(r["gates"]), None),
-    "load_cv2": (lambda r, i, e: losses.load_cv2(r["load"]), "load"),
+    "batch_entropy": (lambda r, i, e: losses.batch_entropy(r.gates), None),
+    "sample_entropy": (lambda r, i, e: losses.sample_entropy(r.gates), None),
+    "batch_variance": (lambda r, i, e: losses.batch_variance(r.gates), None),
+    "sample_variance": (lambda r, i, e: losses.sample_variance(r.gates), None),
+    "importance_cv2": (lambda r, i, e: losses.importance_cv2(r.gates), None),
+    "load_cv2": (lambda r, i, e: losses.load_cv2(r.load), "load"),
     "switch_load_balancing": (
-        lambda r, i, e: losses.switch_load_balancing(r["gates"], _selected(r, i, e), alpha=1.0),
+        lambda r, i, e: losses.switch_load_balancing(r.gates, _selected(r, i, e), alpha=1.0),
         None,
     ),
-    "router_z_loss": (lambda r, i, e: losses.router_z_loss(r["logits"]), "logits"),
+    "router_z_loss": (lambda r, i, e: losses.router_z_loss(r.logits), "logits"),
 }
 # Seed 003: L = 0.1 * batch term + 0.01 * sample term. Switch: alpha = 0.01, z-loss 1e-3.
 BALANCE_PRESETS = {
@@ -74,7 +74,7 @@ def _check_balance_losses(balance_losses, gate):
                 f"float >= 0. Received: {name}={weight!r}"
             )
         needs = BALANCE_LOSSES[name][1]
-        if needs and not getattr(gate, f"provides_{needs}"):
+        if needs and needs not in gate.provides:
             raise ValueError(
                 f"`{OWNER}`: balance loss {name!r} needs router {needs}, which "
                 f"`{type(gate).__name__}` does not provide (`NoisyTopKGate` provides a "
@@ -96,10 +96,11 @@ class SparseExpertMixture(keras.layers.Layer):
     sparse network `input -> expert_units -> units`; both layers are
     `SparseDense` layers whose connections are drawn at random at start
     (StochasticNet-style, `expert_density`), stored for all experts together
-    (`expert_hidden`: `input_dim x E*expert_units`, `expert_output`:
-    `expert_units x E*units`), so the dynamic-sparse-training callbacks (SET,
-    RigL, pruning) evolve them like any `SparseDense`. With `route_density > 0`
-    a third `SparseDense`, `expert_routes`, adds sparse routes from each
+    in the bank `mixture.expert_bank` (`keras_sparse_moe.layers.experts.
+    SparseExperts`; `expert_hidden`: `input_dim x E*expert_units`,
+    `expert_output`: `expert_units x E*units`), so the dynamic-sparse-training
+    callbacks (SET, RigL, pruning) evolve them like any `SparseDense`. With
+    `route_density > 0` a third `SparseDense`, `expert_routes`, adds sparse routes from each
     expert's hidden units to the other experts' hidden units (a
     `small_world(..., rewire=1)` mask: only links between experts), so hidden
     unit `j` of expert `f` becomes `h_f[j] + sum_e h_e @ R[e -> f]`. Together
@@ -120,8 +121,9 @@ class SparseExpertMixture(keras.layers.Layer):
     paths give the same output.
 
     **Balancing losses.** `balance_losses` names losses of
-    `keras_sparse_moe.losses` with weights; in training each weighted loss is
-    added with `add_loss`, and their running sums (and the dispatch overflow)
+    `keras_sparse_moe.losses` with weights; in training each weighted loss, and
+    each of the gate's own losses (`gate.loss_weights`, e.g. `PTSNEGate`'s
+    t-SNE loss), is added with `add_loss`, and their running sums (and the dispatch overflow)
     are kept in non-trainable variables that
     `keras_sparse_moe.callbacks.ActivationRateLogger` reports per epoch into
     `logs` (progress bar, `History`, TensorBoard). Router math is float32
@@ -205,8 +207,7 @@ class SparseExpertMixture(keras.layers.Layer):
                 f"{num_experts!r}, experts={'None' if experts is None else 'a list'}"
             )
         self.seed = topologies.check_seed(seed, OWNER)
-        self.builtin = experts is None
-        if self.builtin:
+        if experts is None:
             num_experts = topologies.check_size("num_experts", num_experts, OWNER)
             if units is None:
                 raise ValueError(
@@ -228,7 +229,6 @@ class SparseExpertMixture(keras.layers.Layer):
                     f"`{OWNER}` got an invalid `route_density`. Expected a float in "
                     f"[0, 1). Received: route_density={route_density!r}"
                 )
-            self.expert_list = None
         else:
             if not isinstance(experts, (list, tuple)) or not experts:
                 raise TypeError(
@@ -255,7 +255,6 @@ class SparseExpertMixture(keras.layers.Layer):
             if units is not None:
                 units = topologies.check_size("units", units, OWNER)
             num_experts = len(experts)
-            self.expert_list = list(experts)
         self.units = units
         self.num_experts = num_experts
         self.expert_units = expert_units
@@ -303,44 +302,23 @@ class SparseExpertMixture(keras.layers.Layer):
         self.balance_losses = balance_losses
         self.balance_weights = _check_balance_losses(balance_losses, self.gate)
 
-        if self.builtin:
-            self._hidden_units = hidden
-            self._route_density = float(routes)
-            seeds = [None] * 3 if self.seed is None else [self.seed, self.seed + 1, self.seed + 2]
-            common = {
-                "density": density,
-                "kernel_initializer": self.kernel_initializer,
-                "dtype": self.dtype_policy,
-            }
-            self.expert_hidden = SparseDense(
-                num_experts * hidden,
+        self.loss_names = [*self.balance_weights, *self.gate.loss_weights]
+        if experts is None:
+            self.expert_bank = SparseExperts(
+                num_experts,
+                units,
+                hidden_units=hidden,
+                density=density,
+                route_density=float(routes),
                 activation=self.expert_activation,
                 use_bias=self.use_bias,
-                seed=seeds[0],
-                name="expert_hidden",
-                **common,
+                kernel_initializer=self.kernel_initializer,
+                seed=self.seed,
+                dtype=self.dtype_policy,
+                name="experts",
             )
-            self.expert_output = SparseDense(
-                num_experts * units,
-                use_bias=self.use_bias,
-                seed=seeds[1],
-                name="expert_output",
-                **common,
-            )
-            self.expert_routes = None
-            if self._route_density > 0 and num_experts > 1:
-                # Density over all E*h x E*h pairs whose links all lie between experts.
-                self.expert_routes = SparseDense(
-                    num_experts * hidden,
-                    density=self._route_density * (num_experts - 1) / num_experts,
-                    topology="small_world",
-                    topology_kwargs={"num_clusters": num_experts, "rewire": 1.0},
-                    use_bias=False,
-                    kernel_initializer=self.kernel_initializer,
-                    seed=seeds[2],
-                    dtype=self.dtype_policy,
-                    name="expert_routes",
-                )
+        else:
+            self.expert_bank = LayerExperts(experts, units, name="experts")
 
     # ------------------------------------------------------------------ #
     def build(self, inputs_shape, gate_inputs_shape=None):
@@ -349,43 +327,14 @@ class SparseExpertMixture(keras.layers.Layer):
                 f"`{OWNER}`: `{type(self.gate).__name__}` routes by a separate input. "
                 "Call the mixture as `mixture(x, gate_inputs=expert_index)`."
             )
-        if self.builtin:
-            dim = inputs_shape[-1]
-            if dim is None:
-                raise ValueError(
-                    f"`{OWNER}` needs a known last input dimension. Received: "
-                    f"inputs_shape={inputs_shape}"
-                )
-            self.input_dim = int(dim)
-            h = self._hidden_units
-            self.expert_hidden.build((None, self.input_dim))
-            self.expert_output.build((None, h))
-            if self.expert_routes is not None:
-                self.expert_routes.build((None, self.num_experts * h))
-            token_shape = (None, self.input_dim)
-        else:
-            shapes = []
-            for expert in self.expert_list:
-                if not expert.built:
-                    expert.build(inputs_shape)
-                shapes.append(tuple(expert.compute_output_shape(inputs_shape))[1:])
-            if len(set(shapes)) > 1:
-                raise ValueError(
-                    f"`{OWNER}` needs experts with equal output shapes. Received output "
-                    f"shapes (batch axis left out): {shapes}"
-                )
-            if self.units is not None and shapes[0][-1] != self.units:
-                raise ValueError(
-                    f"`{OWNER}` got `units={self.units}` but its experts output {shapes[0]}."
-                )
-            self._expert_shape = shapes[0]
-            token_shape = inputs_shape
+        self.expert_bank.build(inputs_shape)
+        token_shape = self.expert_bank.token_shape
         if not self.gate.built:
             self.gate.build(gate_inputs_shape if gate_inputs_shape is not None else token_shape)
-        if self.balance_weights:
+        if self.loss_names:
             self.loss_sums = self.add_weight(
                 name="balance_loss_sums",
-                shape=(len(self.balance_weights),),
+                shape=(len(self.loss_names),),
                 initializer="zeros",
                 dtype="float32",
                 trainable=False,
@@ -412,16 +361,13 @@ class SparseExpertMixture(keras.layers.Layer):
         self.built = True
 
     # ------------------------------------------------------------------ #
-    def _tokens(self, inputs):
-        return ops.reshape(inputs, (-1, self.input_dim)) if self.builtin else inputs
-
     def _route(self, tokens, gate_inputs, training):
         """Gate routing, plus the top-k `(weights, index)` (index None without top-k)."""
         source = tokens if gate_inputs is None else gate_inputs
         routing = self.gate.route(source, training=training)
         if self.top_k is None:
-            return routing, routing["gates"], None
-        weights, index = dispatch.top_k_weights(routing["gates"], self.top_k)
+            return routing, routing.gates, None
+        weights, index = dispatch.top_k_weights(routing.gates, self.top_k)
         return routing, weights, index
 
     def _dense_weights(self, weights, index):
@@ -436,6 +382,14 @@ class SparseExpertMixture(keras.layers.Layer):
         Without `top_k` these are the gate's values; with `top_k`, the selected
         experts' renormalised values and zeros elsewhere.
         """
+        return self._dense_weights(*self._inference_route(inputs, gate_inputs)[1:])
+
+    def gate_embedding(self, inputs, gate_inputs=None):
+        """The gate's `(tokens, d)` embedding of `inputs` (inference mode), e.g.
+        `PTSNEGate`'s 2-D map; None for gates without one."""
+        return self._inference_route(inputs, gate_inputs)[0].embedding
+
+    def _inference_route(self, inputs, gate_inputs):
         inputs = ops.convert_to_tensor(inputs)
         if gate_inputs is not None:
             gate_inputs = ops.convert_to_tensor(gate_inputs)
@@ -443,90 +397,42 @@ class SparseExpertMixture(keras.layers.Layer):
             self.build(
                 tuple(inputs.shape), None if gate_inputs is None else tuple(gate_inputs.shape)
             )
-        _, weights, index = self._route(self._tokens(inputs), gate_inputs, training=False)
-        return self._dense_weights(weights, index)
+        return self._route(self.expert_bank.tokens(inputs), gate_inputs, training=False)
 
     # ------------------------------------------------------------------ #
     def call(self, inputs, gate_inputs=None, training=None):
-        tokens = self._tokens(inputs)
+        bank = self.expert_bank
+        tokens = bank.tokens(inputs)
         routing, weights, index = self._route(tokens, gate_inputs, training)
         if self.capacity_factor is None:
             # Which experts a token selected matters only to the routes.
-            routed = self.builtin and self.expert_routes is not None
             active = None
-            if routed and index is not None:
+            if bank.has_routes and index is not None:
                 active = self._dense_weights(ops.ones_like(weights), index)
-            outputs = self._all_experts(
-                tokens, self._dense_weights(weights, index), active, training
-            )
+            outputs = bank.mix(tokens, self._dense_weights(weights, index), active, training)
         else:
             outputs, kept = self._dispatched(tokens, weights, index, training)
             if training:
                 dropped = ops.sum(1.0 - ops.cast(kept, "float32"))
                 total = ops.cast(ops.size(kept), "float32")
                 self.overflow_counts.assign_add(ops.stack([dropped, total]))
-        if training and self.balance_weights:
-            values = []
-            for name, weight in self.balance_weights.items():
+        if training and self.loss_names:
+            self._add_losses(routing, index)
+        return bank.outputs(outputs, inputs)
+
+    def _add_losses(self, routing, index):
+        """Every weighted loss, the balancing ones and the gate's own, in one place."""
+        weights = {**self.balance_weights, **self.gate.loss_weights}
+        values = []
+        for name in self.loss_names:
+            if name in self.balance_weights:
                 value = BALANCE_LOSSES[name][0](routing, index, self.num_experts)
-                self.add_loss(weight * value)
-                values.append(value)
-            self.loss_sums.assign_add(ops.stack(values))
-            self.loss_steps.assign_add(1.0)
-        if self.builtin:
-            lead = ops.shape(inputs)[:-1]
-            outputs = ops.reshape(outputs, (*lead, self.units))
-        return outputs
-
-    def _hidden_params(self):
-        """Per-expert hidden kernels `(E, d, h)` and biases `(E, h)`."""
-        e, h = self.num_experts, self._hidden_units
-        kernel = ops.reshape(self.expert_hidden.masked_kernel(), (self.input_dim, e, h))
-        bias = self.expert_hidden.bias
-        bias = None if bias is None else ops.reshape(bias, (e, h))
-        return ops.transpose(kernel, (1, 0, 2)), bias
-
-    def _output_params(self):
-        """Per-expert output kernels `(E, h, units)` and biases `(E, units)`."""
-        e, h = self.num_experts, self._hidden_units
-        kernel = ops.reshape(self.expert_output.masked_kernel(), (h, e, self.units))
-        bias = self.expert_output.bias
-        bias = None if bias is None else ops.reshape(bias, (e, self.units))
-        return ops.transpose(kernel, (1, 0, 2)), bias
-
-    def _routes(self, hidden_tokens):
-        """`(tokens, E, h)` hidden of the active experts -> what the routes add."""
-        tokens = ops.shape(hidden_tokens)[0]
-        flat = ops.reshape(hidden_tokens, (tokens, self.num_experts * self._hidden_units))
-        routed = ops.matmul(flat, self.expert_routes.masked_kernel())
-        return ops.reshape(routed, (tokens, self.num_experts, self._hidden_units))
-
-    def _all_experts(self, tokens, weights, active, training):
-        """Every expert on every token; `weights` `(tokens, E)`, `active` None = all."""
-        if not self.builtin:
-            outs = ops.stack(
-                [expert(tokens, training=training) for expert in self.expert_list], axis=1
-            )
-            w = ops.cast(weights, outs.dtype)
-            w = ops.reshape(w, tuple(ops.shape(w)) + (1,) * (len(outs.shape) - 2))
-            return ops.sum(w * outs, axis=1)
-        # Two plain matmuls: the hidden units of all experts at once, then the
-        # gate-weighted hidden units times the experts' output kernels stacked.
-        e, h = self.num_experts, self._hidden_units
-        hidden = ops.reshape(self.expert_hidden(tokens), (-1, e, h))
-        if self.expert_routes is not None:
-            if active is not None:
-                source = hidden * ops.cast(ops.expand_dims(active, -1), hidden.dtype)
             else:
-                source = hidden
-            hidden = hidden + self._routes(source)
-        kernel, bias = self._output_params()
-        weights = ops.cast(weights, hidden.dtype)
-        weighted = ops.reshape(hidden * ops.expand_dims(weights, -1), (-1, e * h))
-        outputs = ops.matmul(weighted, ops.reshape(kernel, (e * h, self.units)))
-        if bias is not None:
-            outputs = outputs + ops.matmul(weights, bias)
-        return outputs
+                value = routing.losses[name]
+            self.add_loss(weights[name] * value)
+            values.append(ops.cast(value, "float32"))
+        self.loss_sums.assign_add(ops.stack(values))
+        self.loss_steps.assign_add(1.0)
 
     def _dispatched(self, tokens, weights, index, training):
         """Capacity dispatch: each expert computes only its slots."""
@@ -537,54 +443,23 @@ class SparseExpertMixture(keras.layers.Layer):
         plan = dispatch.dispatch_plan(index, e, capacity)
         slots = dispatch.gather_slots(tokens, plan)
         slots = ops.reshape(slots, (e, -1) + tuple(slots.shape[1:]))
-        if not self.builtin:
-            outs = ops.stack(
-                [expert(slots[i], training=training) for i, expert in enumerate(self.expert_list)]
-            )
-        else:
-            kernel, bias = self._hidden_params()
-            hidden = ops.einsum("ecd,edh->ech", slots, kernel)
-            if bias is not None:
-                hidden = hidden + ops.expand_dims(bias, 1)
-            hidden = self.expert_activation(hidden)
-            if self.expert_routes is not None:
-                hidden = hidden + self._slot_routes(hidden, plan, index)
-            kernel, bias = self._output_params()
-            outs = ops.einsum("ech,ehu->ecu", hidden, kernel)
-            if bias is not None:
-                outs = outs + ops.expand_dims(bias, 1)
+        outs = self.expert_bank.on_slots(slots, plan, index, training)
         outs = ops.reshape(outs, (-1,) + tuple(outs.shape[2:]))
         return dispatch.combine(outs, plan, weights), plan.kept
 
-    def _slot_routes(self, hidden, plan, index):
-        """The routes' contribution to each slot: via the tokens' active hidden states."""
-        e, h = self.num_experts, self._hidden_units
-        flat = ops.reshape(hidden, (-1, h))
-        discard = ops.shape(flat)[0]
-        padded = ops.concatenate([flat, ops.zeros_like(flat[:1])], axis=0)
-        # (tokens, E): the slot holding each kept (token, expert) pair, else the zero row.
-        chosen = ops.one_hot(index, e, dtype="int32")
-        slot_map = ops.sum(chosen * ops.expand_dims(plan.slot - discard, -1), axis=1) + discard
-        routed = self._routes(ops.take(padded, slot_map, axis=0))
-        expert_of_slot = ops.arange(discard, dtype="int32") // plan.capacity
-        rows = ops.maximum(plan.token_of_slot, 0) * e + expert_of_slot
-        picked = ops.take(ops.reshape(routed, (-1, h)), rows, axis=0)
-        return ops.reshape(picked, (e, -1, h))
-
     # ------------------------------------------------------------------ #
     def compute_output_shape(self, inputs_shape, gate_inputs_shape=None):
-        if self.builtin:
-            return tuple(inputs_shape[:-1]) + (self.units,)
-        return (inputs_shape[0],) + tuple(self._expert_shape)
+        return self.expert_bank.output_shape(inputs_shape)
 
     @property
     def balance_loss_means(self) -> dict:
-        """Mean of each balancing loss (unweighted) over training steps since the last reset."""
-        if not self.balance_weights:
+        """Mean of each loss (unweighted: the balancing losses, then the gate's own,
+        e.g. `"tsne_kl"`) over training steps since the last reset."""
+        if not self.loss_names:
             return {}
         steps = max(1.0, float(ops.convert_to_numpy(self.loss_steps)))
         sums = ops.convert_to_numpy(self.loss_sums)
-        return {name: float(s) / steps for name, s in zip(self.balance_weights, sums)}
+        return {name: float(s) / steps for name, s in zip(self.loss_names, sums)}
 
     @property
     def overflow_fraction(self):
@@ -603,11 +478,12 @@ class SparseExpertMixture(keras.layers.Layer):
 
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
+        user_experts = getattr(self.expert_bank, "expert_list", None)
         return {
             **super().get_config(),
             "units": self.units,
-            "num_experts": self.num_experts if self.builtin else None,
-            "experts": None if self.builtin else [serialize(e) for e in self.expert_list],
+            "num_experts": self.num_experts if user_experts is None else None,
+            "experts": None if user_experts is None else [serialize(e) for e in user_experts],
             "expert_units": self.expert_units,
             "expert_density": self.expert_density,
             "route_density": self.route_density,

@@ -3,19 +3,43 @@
 A gate maps its input to gate values `G(x)`, one row per token on the
 simplex over `num_experts`. Calling a gate returns those values, so a gate is
 an ordinary Keras layer. `SparseExpertMixture` calls `route()` instead, which
-also returns what the balancing losses need: the router logits (z-loss) and,
-for `NoisyTopKGate`, the smooth load estimate. A new gate (e.g. the PTSNE gate)
-subclasses `Gate` and implements `route()`.
+returns a `Routing`: the gate values plus what the balancing losses need (the
+router logits for the z-loss, `NoisyTopKGate`'s smooth load), the gate's own
+embedding of the tokens (`PTSNEGate`'s 2-D map) and the gate's own losses
+(the t-SNE loss, which needs the gate's input). A new gate subclasses `Gate`,
+implements `route()` and names what it fills in `provides`.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
 
 from keras_sparse_moe import topologies
 
-__all__ = ["Gate", "NoisyTopKGate", "OracleGate", "SoftmaxGate", "get"]
+__all__ = ["Gate", "NoisyTopKGate", "OracleGate", "Routing", "SoftmaxGate", "get"]
+
+
+class Routing(NamedTuple):
+    """What a gate decided for a batch of tokens.
+
+    Attributes:
+        gates: `(tokens, num_experts)` float32 gate values.
+        logits: `(tokens, num_experts)` float32 router logits, or None.
+        load: `(num_experts,)` smooth load estimate (`NoisyTopKGate`), or None.
+        embedding: `(tokens, d)` the gate's embedding of the tokens
+            (`PTSNEGate`: the 2-D map), or None.
+        losses: Dict `{name: unweighted scalar}` of the gate's own losses,
+            filled in training only; the gate's `loss_weights` weigh them.
+    """
+
+    gates: Any
+    logits: Any = None
+    load: Any = None
+    embedding: Any = None
+    losses: Any = None
 
 
 def _f32(x):
@@ -45,26 +69,36 @@ class Gate(keras.layers.Layer):
             (`NoisyTopKGate`), or None when every expert gets a value.
         requires_gate_inputs: True when the gate reads something other than the
             experts' input (`OracleGate` reads the expert index).
-        provides_logits, provides_load: Whether `route()` returns router logits
-            (for `router_z_loss`) and a smooth load (for `load_cv2`).
+        provides: The `Routing` fields `route()` fills (besides `gates`):
+            `"logits"` (for `router_z_loss`), `"load"` (for `load_cv2`),
+            `"embedding"`.
+        loss_weights: Dict `{name: weight}` of the gate's own losses (empty
+            for the gates here; `PTSNEGate` has its t-SNE loss).
     """
 
     top_k = None
     requires_gate_inputs = False
-    provides_logits = True
-    provides_load = False
+    provides = frozenset({"logits"})
 
     def __init__(self, num_experts, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.num_experts = topologies.check_size("num_experts", num_experts, type(self).__name__)
 
-    def route(self, inputs, training=None) -> dict:
-        """Returns `{"gates": (n, E) float32, "logits": (n, E) or None, "load": (E,) or None}`."""
+    @property
+    def loss_weights(self) -> dict:
+        return {}
+
+    def route(self, inputs, training=None) -> Routing:
+        """The `Routing` of `inputs`; the gate's own losses are filled when `training`."""
         raise NotImplementedError(f"{type(self).__name__} must implement `route()`.")
 
     def call(self, inputs, training=None):
-        return self.route(inputs, training=training)["gates"]
+        routing = self.route(inputs, training=training)
+        if training:
+            for name, weight in self.loss_weights.items():
+                self.add_loss(weight * routing.losses[name])
+        return routing.gates
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_experts)
@@ -122,7 +156,7 @@ class SoftmaxGate(Gate):
         logits = self.network(inputs, training=training)
         check_gate_width("SoftmaxGate", logits.shape, self.num_experts)
         logits = _f32(logits)
-        return {"gates": ops.softmax(logits, axis=-1), "logits": logits, "load": None}
+        return Routing(ops.softmax(logits, axis=-1), logits=logits)
 
     def get_config(self):
         return {
@@ -165,7 +199,7 @@ class NoisyTopKGate(Gate):
     [2, 2, 2]
     """
 
-    provides_load = True
+    provides = frozenset({"logits", "load"})
 
     def __init__(self, num_experts, k, noise_epsilon=1e-2, seed=None, **kwargs):
         super().__init__(num_experts, **kwargs)
@@ -229,7 +263,7 @@ class NoisyTopKGate(Gate):
             load = ops.sum(
                 ops.reshape(ops.cast(gates > 0, "float32"), (-1, self.num_experts)), axis=0
             )
-        return {"gates": gates, "logits": noisy, "load": load}
+        return Routing(gates, logits=noisy, load=load)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_experts,)
@@ -267,7 +301,7 @@ class OracleGate(Gate):
     """
 
     requires_gate_inputs = True
-    provides_logits = False
+    provides = frozenset()
 
     def build(self, input_shape):
         if len(input_shape) > 2 or (len(input_shape) == 2 and input_shape[-1] not in (1, None)):
@@ -280,7 +314,7 @@ class OracleGate(Gate):
     def route(self, inputs, training=None):
         index = ops.reshape(ops.cast(inputs, "int32"), (-1,))
         gates = ops.one_hot(index, self.num_experts, dtype="float32")
-        return {"gates": gates, "logits": None, "load": None}
+        return Routing(gates)
 
 
 _NAMES = {"softmax": SoftmaxGate}

@@ -34,7 +34,7 @@ def test_router_math_is_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
     gate = SoftmaxGate(3, network=keras.layers.Dense(3))  # a float16 network
     routing = gate.route(X)
-    assert routing["logits"].dtype == "float32" and routing["gates"].dtype == "float32"
+    assert routing.logits.dtype == "float32" and routing.gates.dtype == "float32"
     assert NoisyTopKGate(3, k=1).compute_dtype == "float32"
 
 
@@ -61,7 +61,7 @@ def test_noisy_top_k_training_noise_and_load_match_the_paper():
     gate = NoisyTopKGate(5, k=2, noise_epsilon=0.01, seed=3)
     w_gate, w_noise = _set_noisy_weights(gate)
     routing = gate.route(X, training=True)
-    noisy, gates, load = (to_numpy(routing[k]) for k in ("logits", "gates", "load"))
+    noisy, gates, load = (to_numpy(v) for v in (routing.logits, routing.gates, routing.load))
     clean = X @ w_gate
     std = np.log1p(np.exp(X @ w_noise)) + 0.01
     assert not np.allclose(noisy, clean)  # noise is on in training

@@ -1,0 +1,250 @@
+"""Expert banks of `SparseExpertMixture`: built-in sparse experts with routes, or user layers.
+
+A bank owns everything about the experts and nothing about the gate. Both
+kinds answer the same four questions, so the mixture never asks which kind it
+holds:
+- `tokens(inputs)`: the rows the gate and the experts see;
+- `mix(tokens, weights, active, training)`: every expert on every token,
+  weighted by the `(tokens, E)` gate `weights` (the dense path);
+- `on_slots(slots, plan, index, training)`: each expert on its own
+  `(E, capacity, ...)` slots only (the capacity dispatch);
+- `outputs(flat, inputs)`: the mixture's output shaped like its input.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_sparse_moe.layers.sparse_dense import SparseDense
+
+__all__ = ["LayerExperts", "SparseExperts"]
+
+
+class SparseExperts(keras.layers.Layer):
+    """`E` one-hidden-layer sparse experts, with optional sparse routes between them.
+
+    Expert `e` is `input -> hidden units -> units`. The layers of all experts
+    are stored together as `SparseDense` layers (`expert_hidden`:
+    `input_dim x E*hidden`, `expert_output`: `hidden x E*units`), so SET, RigL
+    and pruning evolve them like any `SparseDense`. With `route_density > 0`,
+    `expert_routes` (`E*hidden x E*hidden`, a `small_world(..., rewire=1)`
+    mask: links only between different experts) adds
+    `sum_e h_e @ R[e -> f]` to expert `f`'s hidden units; a route from an
+    expert the token did not select carries nothing.
+
+    This is the built-in bank of `SparseExpertMixture(num_experts=...)`; users
+    configure it through the mixture's arguments.
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        units,
+        hidden_units,
+        density,
+        route_density,
+        activation,
+        use_bias,
+        kernel_initializer,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.units = units
+        self.hidden_units = hidden_units
+        seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
+        common = {
+            "density": density,
+            "kernel_initializer": kernel_initializer,
+            "dtype": self.dtype_policy,
+        }
+        self.expert_hidden = SparseDense(
+            num_experts * hidden_units,
+            activation=activation,
+            use_bias=use_bias,
+            seed=seeds[0],
+            name="expert_hidden",
+            **common,
+        )
+        self.expert_output = SparseDense(
+            num_experts * units, use_bias=use_bias, seed=seeds[1], name="expert_output", **common
+        )
+        self.expert_routes = None
+        if route_density > 0 and num_experts > 1:
+            # Density over all E*h x E*h pairs whose links all lie between experts.
+            self.expert_routes = SparseDense(
+                num_experts * hidden_units,
+                density=route_density * (num_experts - 1) / num_experts,
+                topology="small_world",
+                topology_kwargs={"num_clusters": num_experts, "rewire": 1.0},
+                use_bias=False,
+                kernel_initializer=kernel_initializer,
+                seed=seeds[2],
+                dtype=self.dtype_policy,
+                name="expert_routes",
+            )
+
+    def build(self, inputs_shape):
+        dim = inputs_shape[-1]
+        if dim is None:
+            raise ValueError(
+                "`SparseExpertMixture` needs a known last input dimension. Received: "
+                f"inputs_shape={inputs_shape}"
+            )
+        self.input_dim = int(dim)
+        h = self.hidden_units
+        self.expert_hidden.build((None, self.input_dim))
+        self.expert_output.build((None, h))
+        if self.expert_routes is not None:
+            self.expert_routes.build((None, self.num_experts * h))
+        self.built = True
+
+    @property
+    def has_routes(self):
+        return self.expert_routes is not None
+
+    @property
+    def token_shape(self):
+        return (None, self.input_dim)
+
+    def tokens(self, inputs):
+        return ops.reshape(inputs, (-1, self.input_dim))
+
+    def outputs(self, flat, inputs):
+        return ops.reshape(flat, (*ops.shape(inputs)[:-1], self.units))
+
+    def output_shape(self, inputs_shape):
+        return tuple(inputs_shape[:-1]) + (self.units,)
+
+    # ------------------------------------------------------------------ #
+    def _per_expert(self, layer, width):
+        """`layer`'s kernel as `(fan_in, E, width)` and bias as `(E, width)`."""
+        kernel = layer.masked_kernel()
+        kernel = ops.reshape(kernel, (kernel.shape[0], self.num_experts, width))
+        bias = None if layer.bias is None else ops.reshape(layer.bias, (self.num_experts, width))
+        return kernel, bias
+
+    def hidden(self, x):
+        """Expert hidden units: `(n, d)` shared by all experts -> `(n, E, h)`, or
+        `(E, c, d)` per-expert slots -> `(E, c, h)`."""
+        kernel, bias = self._per_expert(self.expert_hidden, self.hidden_units)
+        if len(x.shape) == 2:
+            hidden = ops.einsum("nd,deh->neh", x, kernel)
+            if bias is not None:
+                hidden = hidden + bias
+        else:
+            hidden = ops.einsum("ecd,deh->ech", x, kernel)
+            if bias is not None:
+                hidden = hidden + ops.expand_dims(bias, 1)
+        return self.expert_hidden.activation(hidden)
+
+    def _routes(self, hidden_tokens):
+        """`(tokens, E, h)` hidden of the active experts -> what the routes add."""
+        tokens = ops.shape(hidden_tokens)[0]
+        flat = ops.reshape(hidden_tokens, (tokens, self.num_experts * self.hidden_units))
+        routed = ops.matmul(flat, self.expert_routes.masked_kernel())
+        return ops.reshape(routed, (tokens, self.num_experts, self.hidden_units))
+
+    def mix(self, tokens, weights, active, training=None):
+        """Every expert on every token, weighted; `active` `(tokens, E)` 0/1 or None = all."""
+        hidden = self.hidden(tokens)
+        if self.expert_routes is not None:
+            source = hidden
+            if active is not None:
+                source = hidden * ops.cast(ops.expand_dims(active, -1), hidden.dtype)
+            hidden = hidden + self._routes(source)
+        # The gate weighting folds into one contraction with the output kernels.
+        kernel, bias = self._per_expert(self.expert_output, self.units)
+        weights = ops.cast(weights, hidden.dtype)
+        weighted = hidden * ops.expand_dims(weights, -1)
+        outputs = ops.einsum("neh,heu->nu", weighted, kernel)
+        if bias is not None:
+            outputs = outputs + ops.matmul(weights, bias)
+        return outputs
+
+    def on_slots(self, slots, plan, index, training=None):
+        """`(E, c, d)` slots -> `(E, c, units)`: each expert computes only its slots."""
+        hidden = self.hidden(slots)
+        if self.expert_routes is not None:
+            hidden = hidden + self._slot_routes(hidden, plan, index)
+        kernel, bias = self._per_expert(self.expert_output, self.units)
+        outs = ops.einsum("ech,heu->ecu", hidden, kernel)
+        if bias is not None:
+            outs = outs + ops.expand_dims(bias, 1)
+        return outs
+
+    def _slot_routes(self, hidden, plan, index):
+        """The routes' contribution to each slot: via the tokens' active hidden states."""
+        e, h = self.num_experts, self.hidden_units
+        flat = ops.reshape(hidden, (-1, h))
+        discard = ops.shape(flat)[0]
+        padded = ops.concatenate([flat, ops.zeros_like(flat[:1])], axis=0)
+        # (tokens, E): the slot holding each kept (token, expert) pair, else the zero row.
+        chosen = ops.one_hot(index, e, dtype="int32")
+        slot_map = ops.sum(chosen * ops.expand_dims(plan.slot - discard, -1), axis=1) + discard
+        routed = self._routes(ops.take(padded, slot_map, axis=0))
+        expert_of_slot = ops.arange(discard, dtype="int32") // plan.capacity
+        rows = ops.maximum(plan.token_of_slot, 0) * e + expert_of_slot
+        picked = ops.take(ops.reshape(routed, (-1, h)), rows, axis=0)
+        return ops.reshape(picked, (e, -1, h))
+
+
+class LayerExperts(keras.layers.Layer):
+    """A thin adapter giving a list of user layers the expert-bank interface.
+
+    Every sample is a token; the experts must have equal output shapes.
+    """
+
+    def __init__(self, experts, units=None, **kwargs):
+        super().__init__(**kwargs)
+        self.expert_list = list(experts)
+        self.num_experts = len(self.expert_list)
+        self.units = units
+
+    def build(self, inputs_shape):
+        shapes = []
+        for expert in self.expert_list:
+            if not expert.built:
+                expert.build(inputs_shape)
+            shapes.append(tuple(expert.compute_output_shape(inputs_shape))[1:])
+        if len(set(shapes)) > 1:
+            raise ValueError(
+                "`SparseExpertMixture` needs experts with equal output shapes. Received "
+                f"output shapes (batch axis left out): {shapes}"
+            )
+        if self.units is not None and shapes[0][-1] != self.units:
+            raise ValueError(
+                f"`SparseExpertMixture` got `units={self.units}` but its experts output "
+                f"{shapes[0]}."
+            )
+        self.expert_shape = shapes[0]
+        self._token_shape = tuple(inputs_shape)
+        self.built = True
+
+    has_routes = False
+
+    @property
+    def token_shape(self):
+        return self._token_shape
+
+    def tokens(self, inputs):
+        return inputs
+
+    def outputs(self, flat, inputs):
+        return flat
+
+    def output_shape(self, inputs_shape):
+        return (inputs_shape[0],) + tuple(self.expert_shape)
+
+    def mix(self, tokens, weights, active, training=None):
+        outs = ops.stack([expert(tokens, training=training) for expert in self.expert_list], 1)
+        w = ops.cast(weights, outs.dtype)
+        w = ops.reshape(w, tuple(ops.shape(w)) + (1,) * (len(outs.shape) - 2))
+        return ops.sum(w * outs, axis=1)
+
+    def on_slots(self, slots, plan, index, training=None):
+        return ops.stack(
+            [expert(slots[i], training=training) for i, expert in enumerate(self.expert_list)]
+        )
