@@ -27,8 +27,14 @@ BUILTIN = dict(units=3, num_experts=4, expert_units=8, expert_density=0.5, seed=
 def _numpy_builtin(layer, x, top_k=None):
     """The mixture written out with numpy from the layer's own weights."""
     e, h, u = layer.num_experts, layer.expert_bank.hidden_units, layer.units
-    w1, b1 = to_numpy(layer.expert_bank.expert_hidden.kernel), to_numpy(layer.expert_bank.expert_hidden.bias)
-    w2, b2 = to_numpy(layer.expert_bank.expert_output.kernel), to_numpy(layer.expert_bank.expert_output.bias)
+    w1, b1 = (
+        to_numpy(layer.expert_bank.expert_hidden.kernel),
+        to_numpy(layer.expert_bank.expert_hidden.bias),
+    )
+    w2, b2 = (
+        to_numpy(layer.expert_bank.expert_output.kernel),
+        to_numpy(layer.expert_bank.expert_output.bias),
+    )
     gate_kernel, gate_bias = (to_numpy(w) for w in layer.gate.network.weights)
     gates = softmax(x @ gate_kernel + gate_bias, axis=-1)
     active = np.ones_like(gates)
@@ -41,7 +47,9 @@ def _numpy_builtin(layer, x, top_k=None):
     hidden = np.maximum(x @ w1 + b1, 0).reshape(len(x), e, h)
     if layer.expert_bank.expert_routes is not None:
         source = (hidden * active[:, :, None]).reshape(len(x), e * h)
-        hidden = hidden + (source @ to_numpy(layer.expert_bank.expert_routes.kernel)).reshape(len(x), e, h)
+        hidden = hidden + (source @ to_numpy(layer.expert_bank.expert_routes.kernel)).reshape(
+            len(x), e, h
+        )
     out = np.einsum("neh,heu->neu", hidden, w2.reshape(h, e, u)) + b2.reshape(e, u)
     return np.einsum("ne,neu->nu", gates, out)
 
@@ -212,11 +220,17 @@ def test_fit_keeps_experts_sparse_and_logs(jit_compile):
         {"a": X[:20], "b": X[20:]}, by_class={"a": Y[:20]}, verbose=0
     )
     set_callback = ksm.callbacks.SETEvolution(zeta=0.2, seed=0)
-    counts = [sub.num_connections for sub in (mixture.expert_bank.expert_hidden, mixture.expert_bank.expert_output)]
+    counts = [
+        sub.num_connections
+        for sub in (mixture.expert_bank.expert_hidden, mixture.expert_bank.expert_output)
+    ]
     # Batches of 20, 20 and 8: partial batches (and, on TF, an unknown batch size).
     history = model.fit(X, Y, epochs=3, batch_size=20, verbose=0, callbacks=[logger, set_callback])
     assert_masked_weights_zero(model)
-    assert [sub.num_connections for sub in (mixture.expert_bank.expert_hidden, mixture.expert_bank.expert_output)] == counts
+    assert [
+        sub.num_connections
+        for sub in (mixture.expert_bank.expert_hidden, mixture.expert_bank.expert_output)
+    ] == counts
     name = mixture.name
     for key in (f"{name}/batch_entropy", f"{name}/sample_entropy", f"{name}/overflow", "rate/b/0"):
         assert len(history.history[key]) == 3, key
