@@ -20,6 +20,7 @@ __all__ = [
     "sample_entropy",
     "sample_variance",
     "switch_load_balancing",
+    "tsne_kl",
 ]
 
 EPSILON = 1e-10
@@ -121,3 +122,28 @@ def switch_load_balancing(router_probs, expert_index, alpha=0.01):
 def router_z_loss(logits):
     """`mean_x logsumexp(logits_x)^2` (ST-MoE): keeps router logits small."""
     return ops.mean(ops.square(ops.logsumexp(_f32(logits), axis=-1)))
+
+
+def tsne_kl(x, y, perplexity=30.0, dof=1.0, exaggeration=1.0):
+    """The parametric t-SNE loss of a batch: `KL(P(x) ‖ Q(y))`.
+
+    `P` are the joint affinities of the batch's inputs `x` at the given
+    perplexity, computed in the graph (`keras_sparse_moe.ops.tsne`), so the
+    batches may be shuffled; `Q` the Student-t similarities of the embedding
+    `y`. In the order of a Keras loss (`y_true=x`, `y_pred=y`), so
+    `functools.partial(tsne_kl, perplexity=30.0)` trains an embedding network
+    with `model.compile(loss=...)` and `fit(x, x)`.
+
+    Args:
+        x: `(n, ...)` inputs; rows are flattened.
+        y: `(n, d)` embedding.
+        perplexity: Effective number of neighbours, `0 < perplexity < n - 1`.
+        dof: Degrees of freedom `α` of the Student-t.
+        exaggeration: Factor on the attractive term (early exaggeration).
+    """
+    from keras_sparse_moe.ops import tsne
+
+    n = x.shape[0]
+    tsne.check_perplexity(perplexity, n, "tsne_kl")
+    p = tsne.joint_affinities(x, perplexity)
+    return tsne.tsne_kl(p, y, dof=dof, exaggeration=exaggeration)

@@ -89,8 +89,8 @@ class ConstantSparsity(PruningSchedule):
 
     Example:
     >>> s = ConstantSparsity(0.9, begin_step=0, frequency=10)
-    >>> s(20), s(25)
-    ((True, 0.1), (False, 0.1))
+    >>> [(update, round(density, 6)) for update, density in (s(20), s(25))]
+    [(True, 0.1), (False, 0.1)]
     """
 
     def __init__(self, target_sparsity, begin_step=0, end_step=-1, frequency=100):

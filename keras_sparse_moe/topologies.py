@@ -201,7 +201,7 @@ def random_regular(
 
     Example:
     >>> m = random_regular(100, 50, degree=5, seed=0)
-    >>> set(m.sum(axis=1)), set(m.sum(axis=0))
+    >>> set(m.sum(axis=1).tolist()), set(m.sum(axis=0).tolist())
     ({5.0}, {10.0})
     """
     owner = "random_regular"
@@ -402,7 +402,7 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
 
     Example:
     >>> [round(d, 3) for d in erk_densities([(784, 300), (300, 100), (100, 10)], 0.1)]
-    [0.062, 0.223, 1.0]
+    [0.08, 0.23, 1.0]
     """
     density = check_density(density, "erk_densities")
     shapes = [tuple(int(d) for d in s) for s in shapes]

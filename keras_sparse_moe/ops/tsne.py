@@ -1,0 +1,184 @@
+"""The t-SNE objective in `keras.ops`, computed per batch inside the graph.
+
+van der Maaten & Hinton (2008), parametric form van der Maaten (2009). For a
+batch `x` of `n` points and its embedding `y`:
+- `p_{j|i} ∝ exp(-β_i ‖x_i − x_j‖²)` (self excluded), with `β_i` set so that
+  row `i` has entropy `log(perplexity)`; `P = (P_cond + P_condᵀ) / (2n)`;
+- `q_ij ∝ (1 + ‖y_i − y_j‖² / α)^(−(α + 1) / 2)`, a Student-t with `α`
+  degrees of freedom;
+- the loss is `KL(P ‖ Q)`.
+
+`β_i` comes from a bisection on `log β` that runs a fixed number of steps on
+all rows at once (`keras.ops.fori_loop`): no Python loop over points and no
+data-dependent shapes, so the objective compiles under XLA on TensorFlow and
+JAX and works with shuffled batches in any order. Each row's distances are
+shifted by their smallest value and scaled by their mean first, so one fixed
+bracket fits data of any scale. Everything is float32 inside.
+
+Example:
+
+>>> import numpy as np
+>>> from keras_sparse_moe.ops import tsne
+>>> x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+>>> p = np.asarray(tsne.joint_affinities(x, perplexity=10.0))
+>>> bool(np.allclose(p, p.T)), round(float(p.sum()), 5)
+(True, 1.0)
+>>> loss = tsne.tsne_kl(p, x[:, :2], dof=1.0)
+>>> float(loss) > 0
+True
+"""
+
+from __future__ import annotations
+
+import math
+
+from keras import ops
+
+__all__ = [
+    "BISECTION_STEPS",
+    "P_FLOOR",
+    "check_perplexity",
+    "conditional_affinities",
+    "joint_affinities",
+    "squared_distances",
+    "student_t_kernel",
+    "tsne_kl",
+]
+
+BISECTION_STEPS = 64
+"""Default bisection steps on `log β` (the bracket shrinks 2^64-fold)."""
+
+P_FLOOR = 1e-12
+"""Smallest joint affinity between two different points."""
+
+# Bracket of log β for distances scaled to a mean of 1 per row.
+_LOG_BETA_LOW, _LOG_BETA_HIGH = -20.0, 30.0
+
+
+def check_perplexity(perplexity, batch_size, owner="tsne"):
+    """Raises a clear `ValueError` unless `0 < perplexity < batch_size - 1`.
+
+    `batch_size` None (unknown until run time) only checks the sign.
+    """
+    if isinstance(perplexity, bool) or not isinstance(perplexity, (int, float)):
+        raise TypeError(
+            f"`{owner}` got an invalid `perplexity`. Expected a positive float. "
+            f"Received: perplexity={perplexity!r}"
+        )
+    if not perplexity > 0:
+        raise ValueError(
+            f"`{owner}` got an invalid `perplexity`. Expected a float > 0. "
+            f"Received: perplexity={perplexity!r}"
+        )
+    if batch_size is not None and not perplexity < batch_size - 1:
+        raise ValueError(
+            f"`{owner}`: the perplexity must be below the batch size - 1 (each point "
+            f"has batch_size - 1 neighbours to spread over). Received: perplexity="
+            f"{perplexity}, batch_size={batch_size}. Use a larger batch (a few times "
+            "the perplexity or more) or a smaller perplexity."
+        )
+    return float(perplexity)
+
+
+def squared_distances(x):
+    """`(n, n)` float32 squared Euclidean distances between the rows of `x`; zero diagonal."""
+    x = ops.cast(x, "float32")
+    x = ops.reshape(x, (ops.shape(x)[0], -1))
+    # Centred first: the Gram form loses what the norms' float32 rounding hides.
+    x = x - ops.mean(x, axis=0, keepdims=True)
+    sq = ops.sum(ops.square(x), axis=1)
+    d = ops.expand_dims(sq, 1) + ops.expand_dims(sq, 0) - 2.0 * ops.matmul(x, ops.transpose(x))
+    off_diagonal = 1.0 - ops.eye(ops.shape(x)[0], dtype="float32")
+    return ops.maximum(d, 0.0) * off_diagonal
+
+
+def conditional_affinities(sq_distances, perplexity, steps: int = BISECTION_STEPS):
+    """Rows `p_{j|i}` (zero diagonal, each row sums to 1) of the given perplexity.
+
+    Args:
+        sq_distances: `(n, n)` squared distances (diagonal ignored).
+        perplexity: Target perplexity `2^H` of every row, `0 < perplexity < n - 1`.
+        steps: Bisection steps on `log β` (at least 50 for entropies within
+            1e-5 of `log(perplexity)`).
+
+    Returns:
+        `(n, n)` float32, no gradient.
+    """
+    d = ops.stop_gradient(ops.cast(sq_distances, "float32"))
+    n = ops.shape(d)[0]
+    off = 1.0 - ops.eye(n, dtype="float32")
+    big = ops.max(d) + 1.0
+    nearest = ops.min(d * off + big * (1.0 - off), axis=1, keepdims=True)
+    shifted = ops.maximum(d - nearest, 0.0) * off
+    scale = ops.sum(shifted, axis=1, keepdims=True) / ops.cast(n - 1, "float32")
+    # An all-equal row has scale 0: any β gives the uniform row.
+    u = shifted / ops.where(scale > 0, scale, 1.0)
+    target = math.log(perplexity)
+
+    def row_terms(log_beta):
+        beta = ops.exp(log_beta)
+        weights = ops.exp(-beta * u) * off  # the nearest neighbour has weight 1: Z >= 1
+        total = ops.sum(weights, axis=1, keepdims=True)
+        return beta, weights, total
+
+    def body(_, bracket):
+        low, high = bracket
+        middle = 0.5 * (low + high)
+        beta, weights, total = row_terms(middle)
+        entropy = ops.log(total) + beta * ops.sum(weights * u, axis=1, keepdims=True) / total
+        too_flat = entropy > target  # too many neighbours: sharpen (raise β)
+        return ops.where(too_flat, middle, low), ops.where(too_flat, high, middle)
+
+    low = ops.full((n, 1), _LOG_BETA_LOW, dtype="float32")
+    high = ops.full((n, 1), _LOG_BETA_HIGH, dtype="float32")
+    low, high = ops.fori_loop(0, steps, body, (low, high))
+    _, weights, total = row_terms(0.5 * (low + high))
+    return ops.stop_gradient(weights / total)
+
+
+def joint_affinities(x, perplexity, steps: int = BISECTION_STEPS):
+    """Symmetric `P = (P_cond + P_condᵀ) / (2n)` of the rows of `x`, floored at `P_FLOOR`.
+
+    The diagonal is zero; the matrix sums to 1 (up to the floor) and carries
+    no gradient.
+    """
+    p = conditional_affinities(squared_distances(x), perplexity, steps)
+    n = ops.cast(ops.shape(p)[0], "float32")
+    p = (p + ops.transpose(p)) / (2.0 * n)
+    off = 1.0 - ops.eye(ops.shape(p)[0], dtype="float32")
+    return ops.stop_gradient(ops.maximum(p, P_FLOOR) * off)
+
+
+def student_t_kernel(y, dof=1.0):
+    """`w_ij = (1 + ‖y_i − y_j‖² / α)^(−(α + 1) / 2)`, zero diagonal, float32."""
+    dof = ops.cast(dof, "float32")
+    d = squared_distances(y)
+    off = 1.0 - ops.eye(ops.shape(d)[0], dtype="float32")
+    return ops.exp(-0.5 * (dof + 1.0) * ops.log1p(d / dof)) * off
+
+
+def tsne_kl(p, y, dof=1.0, exaggeration=1.0):
+    """`KL(P ‖ Q)` of an embedding `y` (`(n, d)`) against joint affinities `p` (`(n, n)`).
+
+    With `exaggeration` `e != 1` the attractive term is multiplied by `e`
+    (early exaggeration: the gradient becomes `4 Σ_j (e p_ij − q_ij) ...`);
+    `e = 1` gives the plain KL divergence, >= 0.
+
+    Args:
+        p: Joint affinities, symmetric, summing to 1, zero diagonal.
+        y: The embedding of the same points, any float dtype (computed in float32).
+        dof: Degrees of freedom `α` of the Student-t (a float or a scalar tensor,
+            e.g. a trainable variable).
+        exaggeration: Factor on the attractive term.
+
+    Returns:
+        A float32 scalar.
+    """
+    p = ops.stop_gradient(ops.cast(p, "float32"))
+    w = student_t_kernel(y, dof)
+    off = 1.0 - ops.eye(ops.shape(p)[0], dtype="float32")
+    safe_p = ops.where(p > 0, p, 1.0)
+    entropy_term = ops.sum(p * ops.log(safe_p))
+    attraction = -ops.sum(p * ops.log(ops.maximum(w, 1e-30)) * off)
+    repulsion = ops.log(ops.sum(w))
+    return entropy_term + exaggeration * attraction + repulsion

@@ -1,0 +1,138 @@
+"""The t-SNE objective against a numpy reference: calibration, symmetry, loss, gradient, edges."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_sparse_moe import losses
+from keras_sparse_moe.ops import tsne
+from tests.test_case import to_numpy
+
+RNG = np.random.default_rng(0)
+# Two clusters of different scales: one bracket must fit both.
+X = np.concatenate([RNG.normal(size=(40, 6)), 10.0 + 0.05 * RNG.normal(size=(40, 6))]).astype(
+    "float32"
+)
+
+
+def _row_entropy(p):
+    safe = np.where(p > 0, p, 1.0)
+    return -np.sum(np.where(p > 0, p * np.log(safe), 0.0), axis=1)
+
+
+@pytest.mark.parametrize("perplexity", [2.0, 10.0, 30.0, 70.0])
+def test_calibrated_rows_hit_the_target_perplexity(perplexity):
+    p = to_numpy(tsne.conditional_affinities(tsne.squared_distances(X), perplexity))
+    assert np.all(np.diag(p) == 0)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(_row_entropy(p.astype("float64")), np.log(perplexity), atol=1e-5)
+
+
+def test_squared_distances_match_numpy():
+    d = to_numpy(tsne.squared_distances(X[:20]))
+    ref = ((X[:20, None, :] - X[None, :20, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(d, ref, rtol=1e-4, atol=1e-2)
+    assert np.all(np.diag(d) == 0)
+
+
+def test_joint_affinities_are_symmetric_and_sum_to_one():
+    p = to_numpy(tsne.joint_affinities(X, 10.0))
+    np.testing.assert_allclose(p, p.T, rtol=1e-6)
+    assert p.sum() == pytest.approx(1.0, abs=1e-5)
+    off = ~np.eye(len(X), dtype=bool)
+    assert np.all(p[off] >= tsne.P_FLOOR) and np.all(np.diag(p) == 0)
+
+
+def _numpy_kl_and_grad(p, y, dof, exaggeration):
+    d = ((y[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    w = (1.0 + d / dof) ** (-(dof + 1.0) / 2.0)
+    np.fill_diagonal(w, 0.0)
+    q = w / w.sum()
+    off = ~np.eye(len(y), dtype=bool)
+    kl = np.sum(p[off] * np.log(p[off])) - exaggeration * np.sum(p[off] * np.log(w[off]))
+    kl += np.log(w.sum())
+    # dC/dy_i = (2(α+1)/α) Σ_j (e p_ij − q_ij) (y_i − y_j) / (1 + d_ij/α)
+    coeff = (exaggeration * p - q) / (1.0 + d / dof)
+    np.fill_diagonal(coeff, 0.0)
+    grad = (2.0 * (dof + 1.0) / dof) * np.einsum("ij,ijk->ik", coeff, y[:, None, :] - y[None])
+    return kl, grad
+
+
+def _value_and_grad(fn, y):
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        y = tf.constant(y)
+        with tf.GradientTape() as tape:
+            tape.watch(y)
+            value = fn(y)
+        return float(value), tape.gradient(value, y).numpy()
+    import jax
+
+    value, grad = jax.value_and_grad(fn)(y)
+    return float(value), np.asarray(grad)
+
+
+@pytest.mark.parametrize("dof, exaggeration", [(1.0, 1.0), (3.0, 1.0), (1.0, 12.0), (0.5, 4.0)])
+def test_loss_and_gradient_match_numpy(dof, exaggeration):
+    x = X[::4]
+    y = RNG.normal(size=(len(x), 2)).astype("float32")
+    p = to_numpy(tsne.joint_affinities(x, 5.0)).astype("float64")
+    value, grad = _value_and_grad(lambda v: tsne.tsne_kl(p, v, dof, exaggeration), y)
+    ref_value, ref_grad = _numpy_kl_and_grad(p, y.astype("float64"), dof, exaggeration)
+    assert value == pytest.approx(ref_value, rel=1e-4, abs=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-3, atol=1e-5)
+    if exaggeration == 1.0:
+        assert value >= 0.0
+
+
+@pytest.mark.parametrize("case", ["duplicates", "all_equal"])
+def test_degenerate_batches_give_finite_loss_and_gradient(case):
+    x = np.repeat(X[:5], 6, axis=0) if case == "duplicates" else np.ones((30, 6), "float32")
+    y = np.repeat(RNG.normal(size=(5, 2)), 6, axis=0).astype("float32")
+    if case == "all_equal":
+        y = np.zeros((30, 2), "float32")
+    p = to_numpy(tsne.joint_affinities(x, 8.0))
+    assert np.all(np.isfinite(p)) and p.sum() == pytest.approx(1.0, abs=1e-5)
+    value, grad = _value_and_grad(lambda v: losses.tsne_kl(x, v, perplexity=8.0), y)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+
+
+def test_float16_inputs_compute_in_float32():
+    value = losses.tsne_kl(X.astype("float16"), X[:, :2].astype("float16"), perplexity=10.0)
+    assert keras.backend.standardize_dtype(value.dtype) == "float32"
+    assert np.isfinite(to_numpy(value))
+
+
+def test_compiles_under_xla():
+    """The bisection is a fixed-length loop with static shapes: it jit-compiles."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda a, b: losses.tsne_kl(a, b, perplexity=10.0), jit_compile=True)
+    else:
+        import jax
+
+        fn = jax.jit(lambda a, b: losses.tsne_kl(a, b, perplexity=10.0))
+    x = X[:40]  # one scale: the two-scale batch is at float32's limit, where XLA rounds differently
+    y = RNG.normal(size=(len(x), 2)).astype("float32")
+    eager = to_numpy(losses.tsne_kl(x, y, perplexity=10.0))
+    np.testing.assert_allclose(to_numpy(fn(x, y)), eager, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "perplexity, batch, error, match",
+    [
+        (0.0, 10, ValueError, "perplexity=0.0"),
+        (-5, 10, ValueError, "perplexity=-5"),
+        ("30", 10, TypeError, "perplexity='30'"),
+        (9.0, 10, ValueError, "perplexity=9.0, batch_size=10"),
+        (30.0, 20, ValueError, "perplexity=30.0, batch_size=20"),
+    ],
+)
+def test_invalid_perplexity(perplexity, batch, error, match):
+    with pytest.raises(error, match=match):
+        tsne.check_perplexity(perplexity, batch, "tsne_kl")
+    if not isinstance(perplexity, str) and perplexity > 0:
+        with pytest.raises(error, match=match):
+            losses.tsne_kl(np.ones((batch, 3), "float32"), np.ones((batch, 2)), perplexity)
