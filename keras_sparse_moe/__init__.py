@@ -5,6 +5,7 @@ from keras_sparse_moe import (
     datasets,
     layers,
     losses,
+    manifold,
     metrics,
     ops,
     plots,
@@ -13,10 +14,12 @@ from keras_sparse_moe import (
 )
 from keras_sparse_moe.conversion import sparsify
 from keras_sparse_moe.layers import SparseDense, SparseExpertMixture
+from keras_sparse_moe.manifold import ParametricTSNE
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ParametricTSNE",
     "SparseDense",
     "SparseExpertMixture",
     "__version__",
@@ -24,6 +27,7 @@ __all__ = [
     "datasets",
     "layers",
     "losses",
+    "manifold",
     "metrics",
     "ops",
     "plots",

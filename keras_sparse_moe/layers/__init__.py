@@ -1,13 +1,16 @@
 """Keras layers of keras_sparse_moe."""
 
 from keras_sparse_moe.layers.expert_mixture import SparseExpertMixture
-from keras_sparse_moe.layers.gates import Gate, NoisyTopKGate, OracleGate, SoftmaxGate
+from keras_sparse_moe.layers.gates import Gate, NoisyTopKGate, OracleGate, Routing, SoftmaxGate
+from keras_sparse_moe.layers.ptsne_gate import PTSNEGate
 from keras_sparse_moe.layers.sparse_dense import SparseDense
 
 __all__ = [
     "Gate",
     "NoisyTopKGate",
     "OracleGate",
+    "PTSNEGate",
+    "Routing",
     "SoftmaxGate",
     "SparseDense",
     "SparseExpertMixture",

@@ -37,6 +37,8 @@ from keras import ops
 __all__ = [
     "BISECTION_STEPS",
     "P_FLOOR",
+    "calibrate_rows",
+    "check_dof",
     "check_perplexity",
     "conditional_affinities",
     "joint_affinities",
@@ -80,6 +82,20 @@ def check_perplexity(perplexity, batch_size, owner="tsne"):
     return float(perplexity)
 
 
+def check_dof(dof, n_components, owner):
+    """`dof` as a positive float, `"auto"` (`max(1, n_components - 1)`) or `"trainable"`."""
+    if dof == "auto":
+        return float(max(1, n_components - 1))
+    if dof == "trainable":
+        return dof
+    if isinstance(dof, bool) or not isinstance(dof, (int, float)) or not dof > 0:
+        raise ValueError(
+            f"`{owner}` got an invalid `dof`. Expected a float > 0, 'auto' (n_components - 1, "
+            f"at least 1) or 'trainable'. Received: dof={dof!r}"
+        )
+    return float(dof)
+
+
 def squared_distances(x):
     """`(n, n)` float32 squared Euclidean distances between the rows of `x`; zero diagonal."""
     x = ops.cast(x, "float32")
@@ -92,32 +108,39 @@ def squared_distances(x):
     return ops.maximum(d, 0.0) * off_diagonal
 
 
-def conditional_affinities(sq_distances, perplexity, steps: int = BISECTION_STEPS):
-    """Rows `p_{j|i}` (zero diagonal, each row sums to 1) of the given perplexity.
+def calibrate_rows(sq_distances, perplexity, valid=None, steps: int = BISECTION_STEPS):
+    """Rows `p_{j|i} ∝ exp(-β_i d_ij)` over the `valid` entries, each of the given perplexity.
+
+    The shared kernel of the per-batch affinities (a row per point over the
+    whole batch) and the global ones (a row per point over its nearest
+    neighbours).
 
     Args:
-        sq_distances: `(n, n)` squared distances (diagonal ignored).
-        perplexity: Target perplexity `2^H` of every row, `0 < perplexity < n - 1`.
+        sq_distances: `(n, m)` squared distances of each row's candidates.
+        perplexity: Target perplexity of every row, below its number of
+            valid entries.
+        valid: Optional `(n, m)` 0/1 float mask of the candidates (e.g. off
+            the diagonal); default all.
         steps: Bisection steps on `log β` (at least 50 for entropies within
             1e-5 of `log(perplexity)`).
 
     Returns:
-        `(n, n)` float32, no gradient.
+        `(n, m)` float32 rows summing to 1, zero where not valid, no gradient.
     """
     d = ops.stop_gradient(ops.cast(sq_distances, "float32"))
-    n = ops.shape(d)[0]
-    off = 1.0 - ops.eye(n, dtype="float32")
+    valid = ops.ones_like(d) if valid is None else ops.cast(valid, "float32")
+    count = ops.sum(valid, axis=1, keepdims=True)
     big = ops.max(d) + 1.0
-    nearest = ops.min(d * off + big * (1.0 - off), axis=1, keepdims=True)
-    shifted = ops.maximum(d - nearest, 0.0) * off
-    scale = ops.sum(shifted, axis=1, keepdims=True) / ops.cast(n - 1, "float32")
+    nearest = ops.min(d * valid + big * (1.0 - valid), axis=1, keepdims=True)
+    shifted = ops.maximum(d - nearest, 0.0) * valid
+    scale = ops.sum(shifted, axis=1, keepdims=True) / ops.maximum(count - 1.0, 1.0)
     # An all-equal row has scale 0: any β gives the uniform row.
     u = shifted / ops.where(scale > 0, scale, 1.0)
     target = math.log(perplexity)
 
     def row_terms(log_beta):
         beta = ops.exp(log_beta)
-        weights = ops.exp(-beta * u) * off  # the nearest neighbour has weight 1: Z >= 1
+        weights = ops.exp(-beta * u) * valid  # the nearest candidate has weight 1: Z >= 1
         total = ops.sum(weights, axis=1, keepdims=True)
         return beta, weights, total
 
@@ -129,11 +152,27 @@ def conditional_affinities(sq_distances, perplexity, steps: int = BISECTION_STEP
         too_flat = entropy > target  # too many neighbours: sharpen (raise β)
         return ops.where(too_flat, middle, low), ops.where(too_flat, high, middle)
 
+    n = ops.shape(d)[0]
     low = ops.full((n, 1), _LOG_BETA_LOW, dtype="float32")
     high = ops.full((n, 1), _LOG_BETA_HIGH, dtype="float32")
     low, high = ops.fori_loop(0, steps, body, (low, high))
     _, weights, total = row_terms(0.5 * (low + high))
     return ops.stop_gradient(weights / total)
+
+
+def conditional_affinities(sq_distances, perplexity, steps: int = BISECTION_STEPS):
+    """Rows `p_{j|i}` over the whole batch (self excluded) of the given perplexity.
+
+    Args:
+        sq_distances: `(n, n)` squared distances (diagonal ignored).
+        perplexity: Target perplexity of every row, `0 < perplexity < n - 1`.
+        steps: Bisection steps on `log β`.
+
+    Returns:
+        `(n, n)` float32, zero diagonal, rows summing to 1, no gradient.
+    """
+    off = 1.0 - ops.eye(ops.shape(sq_distances)[0], dtype="float32")
+    return calibrate_rows(sq_distances, perplexity, off, steps)
 
 
 def joint_affinities(x, perplexity, steps: int = BISECTION_STEPS):

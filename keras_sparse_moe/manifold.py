@@ -1,0 +1,317 @@
+"""`ParametricTSNE`: a Keras network trained to place points as t-SNE would (scikit-learn API)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+from scipy import sparse
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.decomposition import PCA
+from sklearn.neighbors import NearestNeighbors
+from sklearn.utils.validation import check_is_fitted
+
+from keras_sparse_moe import topologies
+from keras_sparse_moe.ops import tsne
+from keras_sparse_moe.ops.tsne import check_dof
+
+__all__ = ["ParametricTSNE", "knn_affinities"]
+
+OWNER = "ParametricTSNE"
+AFFINITIES = ("global", "batch")
+
+
+def knn_affinities(x, perplexity=30.0, n_neighbors=None, pca_components=50, seed=None):
+    """Global t-SNE affinities from each point's nearest neighbours (sparse, symmetric).
+
+    Each point's `p_{j|i}` spreads over its `n_neighbors` (default
+    `3 * perplexity`) nearest neighbours with a per-point `β_i` calibrated to
+    the perplexity (`keras_sparse_moe.ops.tsne.calibrate_rows`); then
+    `P = (P_cond + P_condᵀ) / (2n)`. Neighbours come from scikit-learn's
+    `NearestNeighbors`, on the first `pca_components` principal components
+    when the data is wider (None: the raw features).
+
+    Args:
+        x: `(n, ...)` array; rows are flattened.
+        perplexity: Effective number of neighbours.
+        n_neighbors: Neighbours per point (default `min(n - 1, 3 * perplexity)`).
+        pca_components: Int or None.
+        seed: Seeds the PCA's randomized solver.
+
+    Returns:
+        `(P, conditional)`: the joint `(n, n)` CSR matrix summing to 1, and the
+        `(neighbour index, p_{j|i})` arrays, both `(n, n_neighbors)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(200, 8))
+    >>> p, (index, cond) = knn_affinities(x, perplexity=10.0)
+    >>> index.shape, round(float(p.sum()), 6), bool(abs(p - p.T).max() < 1e-12)
+    ((200, 30), 1.0, True)
+    """
+    x = np.asarray(x, dtype="float32").reshape(len(x), -1)
+    n = len(x)
+    k = min(n - 1, int(math.ceil(3 * perplexity)) if n_neighbors is None else n_neighbors)
+    tsne.check_perplexity(float(perplexity), k + 1, "knn_affinities")
+    if pca_components is not None and x.shape[1] > pca_components and n > pca_components:
+        x = PCA(pca_components, random_state=seed).fit_transform(x).astype("float32")
+    distances, index = NearestNeighbors(n_neighbors=k).fit(x).kneighbors()
+    cond = ops.convert_to_numpy(tsne.calibrate_rows(np.square(distances), perplexity))
+    rows = np.repeat(np.arange(n), k)
+    p = sparse.csr_matrix((cond.ravel().astype("float64"), (rows, index.ravel())), shape=(n, n))
+    p = (p + p.T) / (2.0 * n)
+    return p.tocsr(), (index, cond)
+
+
+class _NeighbourBatches(keras.utils.PyDataset):
+    """Batches of anchors plus one neighbour each (drawn by `p_{j|i}`), with their P block.
+
+    A random batch of a large set holds almost no neighbour pairs, so the
+    attraction of the global P would vanish; pairing every anchor with a
+    sampled neighbour keeps about one neighbour pair per anchor in every batch.
+    """
+
+    def __init__(self, x, p, conditional, batch_size, seed):
+        super().__init__()
+        self.x, self.p = x, p
+        self.index, self.cumulative = conditional[0], np.cumsum(conditional[1], axis=1)
+        self.anchors = batch_size // 2
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self):
+        return max(1, len(self.x) // self.anchors)
+
+    def on_epoch_end(self):
+        self.order = self.rng.permutation(len(self.x))
+
+    def __getitem__(self, i):
+        anchors = self.order[i * self.anchors : (i + 1) * self.anchors]
+        draw = self.rng.random((len(anchors), 1)) * self.cumulative[anchors, -1:]
+        column = np.minimum((self.cumulative[anchors] < draw).sum(axis=1), self.index.shape[1] - 1)
+        batch = np.concatenate([anchors, self.index[anchors, column]])
+        block = self.p[batch][:, batch].toarray().astype("float32")
+        np.fill_diagonal(block, 0.0)
+        return self.x[batch], block / max(block.sum(), 1e-30)
+
+
+class _TSNETrainer(keras.Model):
+    """The network plus the t-SNE loss (and a trainable `dof` when asked)."""
+
+    def __init__(self, network, perplexity, dof, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.perplexity = perplexity
+        self.trainable_dof = dof == "trainable"
+        self.log_dof = self.add_weight(
+            name="log_dof",
+            shape=(),
+            initializer=keras.initializers.Constant(0.0 if self.trainable_dof else math.log(dof)),
+            trainable=self.trainable_dof,
+        )
+        self.exaggeration = self.add_weight(
+            name="exaggeration", shape=(), initializer="ones", trainable=False
+        )
+
+    def call(self, inputs, training=None):
+        return self.network(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        # y: the batch's joint affinities (global mode), or None: P from the batch itself.
+        p = tsne.joint_affinities(x, self.perplexity) if y is None else y
+        dof = ops.exp(self.log_dof)
+        return tsne.tsne_kl(p, y_pred, dof=dof, exaggeration=self.exaggeration)
+
+
+class ParametricTSNE(TransformerMixin, BaseEstimator):
+    """Parametric t-SNE (van der Maaten 2009): a Keras network that embeds unseen points.
+
+    A feed-forward network `x -> y` (ReLU layers of widths `hidden`, a
+    linear `n_components` output) is trained to minimise the t-SNE loss
+    `KL(P ‖ Q)` (`keras_sparse_moe.ops.tsne`), so that, unlike t-SNE,
+    `transform` places new points without re-optimising. Follows
+    scikit-learn's conventions (`fit` returns self, `transform`,
+    `fit_transform`, `get_params` / `set_params`); `network` is an ordinary
+    Keras model (`.keras` save, SavedModel export).
+
+    **Affinities.** `"global"` (default): since `fit` sees the whole set, `P`
+    comes from each point's nearest neighbours over all of it
+    (`knn_affinities`), and every batch pairs random anchors with a neighbour
+    drawn from their rows. `"batch"`: `P` from the batch alone, computed in
+    the graph, as the original method and the `PTSNEGate` do (batches may be
+    shuffled; the perplexity must be well below the batch size).
+
+    Args:
+        n_components: Embedding dimension (positive int).
+        perplexity: Effective number of neighbours (float > 0).
+        hidden: Widths of the hidden ReLU layers (the paper: 500, 500, 2000).
+        dof: Degrees of freedom `α` of the Student-t: a float > 0, `"auto"`
+            (`max(1, n_components - 1)`) or `"trainable"` (learned, from 1).
+        affinities: `"global"` or `"batch"`.
+        early_exaggeration: Factor on the attraction during the first
+            `exaggeration_epochs` epochs (1 or None: off).
+        exaggeration_epochs: Epochs of early exaggeration.
+        epochs: Default number of training epochs for `fit`.
+        batch_size: Points per batch (anchors and neighbours in global mode).
+        learning_rate: Adam's learning rate.
+        dropout: Dropout rate after each hidden layer (0: none).
+        pca_components: PCA width used to find the global neighbours.
+        seed: Int seeding the network, the batches and the PCA.
+        verbose: Default verbosity of `fit` (Keras progress bar: 0, 1 or 2).
+
+    Attributes:
+        network: The Keras embedding model (after `fit`).
+        dof_: The degrees of freedom used (learned with `"trainable"`).
+        history_: The Keras `History` of the last `fit`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_sparse_moe
+    >>> x = np.random.default_rng(0).normal(size=(256, 10)).astype("float32")
+    >>> ptsne = keras_sparse_moe.ParametricTSNE(
+    ...     perplexity=10.0, hidden=(32,), epochs=2, batch_size=128, seed=0, verbose=0)
+    >>> ptsne.fit_transform(x).shape
+    (256, 2)
+    """
+
+    def __init__(
+        self,
+        n_components=2,
+        perplexity=30.0,
+        hidden=(500, 500, 2000),
+        dof=1.0,
+        affinities="global",
+        early_exaggeration=None,
+        exaggeration_epochs=0,
+        epochs=30,
+        batch_size=1024,
+        learning_rate=1e-3,
+        dropout=0.0,
+        pca_components=50,
+        seed=None,
+        verbose="auto",
+    ):
+        self.n_components = n_components
+        self.perplexity = perplexity
+        self.hidden = hidden
+        self.dof = dof
+        self.affinities = affinities
+        self.early_exaggeration = early_exaggeration
+        self.exaggeration_epochs = exaggeration_epochs
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.dropout = dropout
+        self.pca_components = pca_components
+        self.seed = seed
+        self.verbose = verbose
+
+    def _check_params(self):
+        """Validates the parameters at `fit`, as scikit-learn estimators do."""
+        n = self.n_components
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(
+                f"`{OWNER}` got an invalid `n_components`. Expected an int >= 1. "
+                f"Received: n_components={n!r}"
+            )
+        tsne.check_perplexity(self.perplexity, None, OWNER)
+        dof = check_dof(self.dof, int(n), OWNER)
+        if self.affinities not in AFFINITIES:
+            raise ValueError(
+                f"`{OWNER}` got an unknown `affinities`. Expected one of {AFFINITIES}. "
+                f"Received: affinities={self.affinities!r}"
+            )
+        hidden = tuple(self.hidden)
+        for width in hidden:
+            topologies.check_size("hidden", width, OWNER)
+        exaggeration = 1.0 if self.early_exaggeration is None else self.early_exaggeration
+        if isinstance(exaggeration, bool) or not isinstance(exaggeration, (int, float)):
+            raise TypeError(
+                f"`{OWNER}` got an invalid `early_exaggeration`. Expected a float >= 1 or "
+                f"None. Received: early_exaggeration={self.early_exaggeration!r}"
+            )
+        if not exaggeration >= 1:
+            raise ValueError(
+                f"`{OWNER}` got an invalid `early_exaggeration`. Expected a float >= 1 or "
+                f"None. Received: early_exaggeration={self.early_exaggeration!r}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(
+                f"`{OWNER}` got an invalid `dropout`. Expected a float in [0, 1). "
+                f"Received: dropout={self.dropout!r}"
+            )
+        return dof, hidden, float(exaggeration)
+
+    def _build_network(self, x, hidden):
+        """The embedding model; its first layer standardises by the training set's mean and std."""
+        flat = x.reshape(len(x), -1)
+        mean, std = float(flat.mean()), float(flat.std()) or 1.0
+        init = keras.initializers.GlorotUniform
+        layers = [keras.Input(x.shape[1:]), keras.layers.Flatten()]
+        layers.append(keras.layers.Rescaling(1.0 / std, offset=-mean / std, name="standardise"))
+        for i, width in enumerate(hidden):
+            seed = None if self.seed is None else self.seed + i
+            layers.append(
+                keras.layers.Dense(width, activation="relu", kernel_initializer=init(seed))
+            )
+            if self.dropout:
+                layers.append(keras.layers.Dropout(self.dropout, seed=seed))
+        seed = None if self.seed is None else self.seed + len(hidden)
+        layers.append(
+            keras.layers.Dense(self.n_components, kernel_initializer=init(seed), name="embedding")
+        )
+        return keras.Sequential(layers, name="parametric_tsne")
+
+    def fit(self, x, y=None, epochs=None, batch_size=None, verbose=None):
+        """Trains the network on `x` (`(n, ...)`); returns self. `y` is ignored."""
+        dof, hidden, exaggeration = self._check_params()
+        x = np.asarray(x, dtype="float32")
+        epochs = self.epochs if epochs is None else epochs
+        batch_size = self.batch_size if batch_size is None else batch_size
+        verbose = self.verbose if verbose is None else verbose
+        topologies.check_size("epochs", epochs, OWNER)
+        topologies.check_size("batch_size", batch_size, OWNER)
+        batch_size = min(batch_size, len(x))
+        tsne.check_perplexity(float(self.perplexity), batch_size, OWNER)
+        if self.seed is not None:
+            keras.utils.set_random_seed(self.seed)
+        self.network = self._build_network(x, hidden)
+        trainer = _TSNETrainer(self.network, float(self.perplexity), dof, name="tsne_trainer")
+        trainer.compile(optimizer=keras.optimizers.Adam(self.learning_rate))
+        if self.affinities == "global":
+            if verbose:
+                print(f"{OWNER}: nearest-neighbour affinities of {len(x)} points ...")
+            p, conditional = knn_affinities(
+                x, self.perplexity, pca_components=self.pca_components, seed=self.seed
+            )
+            data = {"x": _NeighbourBatches(x, p, conditional, batch_size, self.seed)}
+        else:
+            data = {"x": x, "batch_size": batch_size, "shuffle": True}
+        phases = [(0, epochs)]
+        boost = min(self.exaggeration_epochs, epochs) if exaggeration > 1 else 0
+        if boost:
+            phases = [(0, boost), (boost, epochs)] if boost < epochs else [(0, epochs)]
+        history = {}
+        for i, (start, stop) in enumerate(phases):
+            trainer.exaggeration.assign(exaggeration if boost and i == 0 else 1.0)
+            run = trainer.fit(**data, initial_epoch=start, epochs=stop, verbose=verbose)
+            for key, values in run.history.items():
+                history.setdefault(key, []).extend(values)
+        self.history_ = history
+        self.dof_ = float(np.exp(ops.convert_to_numpy(trainer.log_dof)))
+        self.n_features_in_ = int(np.prod(x.shape[1:]))
+        return self
+
+    def transform(self, x, batch_size=4096):
+        """Embeds `x` (`(n, ...)`, seen or unseen) with the trained network: `(n, n_components)`."""
+        check_is_fitted(self, "network")
+        x = np.asarray(x, dtype="float32")
+        return self.network.predict(x, batch_size=batch_size, verbose=0)
+
+    def fit_transform(self, x, y=None, **fit_params):
+        """`fit(x)` then `transform(x)`."""
+        return self.fit(x, **fit_params).transform(x)
