@@ -266,8 +266,13 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         )
         return keras.Sequential(layers, name="parametric_tsne")
 
-    def fit(self, x, y=None, epochs=None, batch_size=None, verbose=None):
-        """Trains the network on `x` (`(n, ...)`); returns self. `y` is ignored."""
+    def fit(self, x, y=None, epochs=None, batch_size=None, verbose=None, callbacks=None):
+        """Trains the network on `x` (`(n, ...)`); returns self. `y` is ignored.
+
+        `epochs`, `batch_size` and `verbose` override the constructor's for this
+        call; `callbacks` are Keras callbacks (e.g. `TensorBoard`) given to the
+        training's `fit`, whose `model` is a trainer wrapping `self.network`.
+        """
         dof, hidden, exaggeration = self._check_params()
         x = np.asarray(x, dtype="float32")
         epochs = self.epochs if epochs is None else epochs
@@ -298,7 +303,9 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         history = {}
         for i, (start, stop) in enumerate(phases):
             trainer.exaggeration.assign(exaggeration if boost and i == 0 else 1.0)
-            run = trainer.fit(**data, initial_epoch=start, epochs=stop, verbose=verbose)
+            run = trainer.fit(
+                **data, initial_epoch=start, epochs=stop, verbose=verbose, callbacks=callbacks
+            )
             for key, values in run.history.items():
                 history.setdefault(key, []).extend(values)
         self.history_ = history

@@ -89,12 +89,15 @@ def _slices(inputs, batch_size):
         yield keras.tree.pack_sequence_as(inputs, part)
 
 
-def gate_values_fn(model_or_gate, layer=None, owner="activation_rates"):
+def gate_values_fn(model_or_gate, layer=None, owner="activation_rates", embedding=False):
     """A function mapping a batch of inputs to `(tokens, num_experts)` gate values.
 
     `model_or_gate` is a `Gate` (inputs: its input), a `SparseExpertMixture`
     (inputs: `x` or `(x, gate_inputs)`), or a model holding one (inputs: the
     model's inputs; the mixture's own inputs are computed by a sub-model).
+    With `embedding=True` the function returns `(gate values, the gate's
+    embedding)` (`PTSNEGate`: the raw map points; None for other gates), and
+    the resolved gate is its attribute `gate`.
     """
     from keras_sparse_moe.layers import Gate, SparseExpertMixture
 
@@ -128,11 +131,19 @@ def gate_values_fn(model_or_gate, layer=None, owner="activation_rates"):
             batch = feature_model(batch, training=False)
             batch = batch if isinstance(batch, (list, tuple)) else [batch]
         if isinstance(target, Gate):
-            return ops.convert_to_numpy(target(batch, training=False))
-        if isinstance(batch, (list, tuple)):
-            return ops.convert_to_numpy(target.gate_values(*batch))
-        return ops.convert_to_numpy(target.gate_values(batch))
+            gate_input = batch[0] if isinstance(batch, (list, tuple)) else batch
+            routing = target.route(ops.convert_to_tensor(gate_input), training=False)
+            gates, points = routing.gates, routing.embedding
+        else:
+            args = batch if isinstance(batch, (list, tuple)) else [batch]
+            gates = target.gate_values(*args)
+            points = target.gate_embedding(*args) if embedding else None
+        gates = ops.convert_to_numpy(gates)
+        if not embedding:
+            return gates
+        return gates, None if points is None else ops.convert_to_numpy(points)
 
+    values.gate = target if isinstance(target, Gate) else target.gate
     return values
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-__all__ = ["accuracy_curves", "activation_table", "input_connectivity"]
+__all__ = ["accuracy_curves", "activation_table", "gate_map", "input_connectivity"]
 
 
 def _pyplot():
@@ -125,3 +125,78 @@ def accuracy_curves(histories, path=None, ax=None, key="val_accuracy", ylabel="t
     if fig is not None:
         plt.close(fig)
     return ax
+
+
+def gate_map(model_or_gate, x, y=None, layer=None, ax=None, path=None, title=None, batch_size=512):
+    """The 2-D map of a `PTSNEGate`: points coloured by class, expert positions and regions.
+
+    Every input is placed on the gate's standardised map (the units of the
+    expert positions); the background colours each expert's region (where
+    its gate value is the largest: the Voronoi cells of the positions), and
+    the numbered markers are the experts' positions.
+
+    Args:
+        model_or_gate: A `PTSNEGate`, a `SparseExpertMixture` using one, or a
+            Keras model holding such a mixture (its inputs are the model's).
+        x: Inputs (what `model_or_gate` takes).
+        y: Optional integer labels colouring the points.
+        layer: Name of the mixture when the model has several.
+        ax: Optional matplotlib axes to draw on.
+        path: Optional file to save the figure to.
+        title: Optional title.
+        batch_size: Batch size of the forward passes.
+
+    Returns:
+        The `(n, 2)` standardised map points drawn.
+    """
+    from keras_sparse_moe.layers import PTSNEGate
+    from keras_sparse_moe.metrics import _slices, gate_values_fn
+
+    values_of = gate_values_fn(model_or_gate, layer, owner="gate_map", embedding=True)
+    gate = values_of.gate
+    if not isinstance(gate, PTSNEGate) or gate.n_components != 2:
+        raise TypeError(
+            "`gate_map` draws the 2-D map of a `PTSNEGate` (n_components=2). Received a "
+            f"model or layer whose gate is {gate!r}"
+        )
+    points = np.concatenate([values_of(batch)[1] for batch in _slices(x, batch_size)])
+    z = ops.convert_to_numpy(gate.standardise(points))
+    positions = np.asarray(ops.convert_to_numpy(gate.positions))
+    low = np.minimum(z.min(axis=0), positions.min(axis=0))
+    high = np.maximum(z.max(axis=0), positions.max(axis=0))
+    pad = 0.05 * (high - low + 1e-6)
+    low, high = low - pad, high + pad
+    axes = [np.linspace(low[i], high[i], 300) for i in (0, 1)]
+    grid_x, grid_y = np.meshgrid(*axes)
+    mesh = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
+    owner = ((mesh[:, None, :] - positions[None]) ** 2).sum(-1).argmin(axis=1)
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 6))
+    experts = len(positions)
+    ax.imshow(
+        owner.reshape(grid_x.shape),
+        origin="lower",
+        extent=(low[0], high[0], low[1], high[1]),
+        cmap="Pastel2" if experts <= 8 else "tab20",
+        alpha=0.45,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    colours = None if y is None else np.asarray(y).reshape(-1)
+    scatter = ax.scatter(z[:, 0], z[:, 1], c=colours, s=2, cmap="tab10", alpha=0.8, linewidths=0)
+    if colours is not None:
+        handles, labels = scatter.legend_elements(num=len(np.unique(colours)))
+        ax.legend(handles, labels, title="class", fontsize=7, markerscale=0.8, loc="best")
+    for e, (px, py) in enumerate(positions):
+        ax.scatter([px], [py], s=180, c="white", edgecolors="black", zorder=3)
+        ax.annotate(str(e), (px, py), ha="center", va="center", fontsize=8, zorder=4)
+    ax.set_xlim(low[0], high[0])
+    ax.set_ylim(low[1], high[1])
+    ax.set_title(title or f"{gate.name}: experts' regions of the t-SNE map")
+    if path is not None:
+        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    if fig is not None:
+        plt.close(fig)
+    return z

@@ -210,3 +210,17 @@ def test_perplexity_too_large_for_the_batch():
         gate(X[:32], training=True)
     with pytest.raises(ValueError, match=r"n_components=2\)"):
         PTSNEGate(4, embedding=keras.layers.Dense(3))(X[:32])
+
+
+def test_gate_map_draws_the_standardised_map(tmp_path):
+    pytest.importorskip("matplotlib")
+    mixture = _mixture()
+    model = keras.Sequential([keras.Input((64,)), mixture])
+    path = os.path.join(tmp_path, "map.png")
+    z = ksm.plots.gate_map(model, X, Y, path=path)
+    gate = mixture.gate
+    np.testing.assert_allclose(z, to_numpy(gate.standardise(gate.embed(X))), atol=1e-5)
+    assert os.path.getsize(path) > 0
+    np.testing.assert_allclose(ksm.plots.gate_map(gate, X), z, atol=1e-5)
+    with pytest.raises(TypeError, match="PTSNEGate"):
+        ksm.plots.gate_map(SparseExpertMixture(units=2, num_experts=2), X)
