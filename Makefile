@@ -28,7 +28,7 @@ $(VENV)/.test-installed: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed
-	$(BIN)/python examples/mnist_mlp.py $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
+	$(BIN)/python examples/ptsne_gated_mose.py $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
 
 test: $(VENV)/.test-installed
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest

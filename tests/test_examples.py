@@ -1,4 +1,4 @@
-"""The MoE example end to end on tiny made-up data (its plumbing, not its accuracy)."""
+"""The examples end to end on tiny made-up data (their plumbing, not their accuracy)."""
 
 import importlib.util
 import os
@@ -66,3 +66,45 @@ def test_moe_example_runs_every_gate_and_loss(tmp_path, capsys):
     assert (out / "results.md").read_text().count("\n") == 5
     assert (out / "accuracy.png").exists() and len(list(out.glob("rates_*.png"))) == 3
     assert "activation rates" in capsys.readouterr().out
+
+
+def test_ptsne_gated_mose_example_end_to_end(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the example draws its pictures with matplotlib")
+    _fake_data(tmp_path)
+    out = tmp_path / "out"
+    rows, tables = _example("ptsne_gated_mose").main(
+        [
+            "--data",
+            str(tmp_path / "mnist.npz"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "12",
+            "--experts",
+            "3",
+            "--expert-units",
+            "4",
+            "--perplexity",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert [row[1] for row in rows] == [
+        "PTSNE-gated sparse experts",
+        "softmax-gated sparse experts",
+        "dense MLP",
+    ]
+    # Weights and FLOPs: the dense MLP's are exact; the sparse mixtures use fewer expert weights.
+    dense = rows[2]
+    assert dense[3] == 784 * 12 + 12 + 12 * 10 + 10 and dense[4] == 2 * (784 * 12 + 12 * 10)
+    (table,) = tables
+    with np.load(tmp_path / "mnist.npz") as data:
+        classes = np.unique(data["y_test"])
+    assert table.rows == [f"mnist/{c}" for c in classes]  # a row per class of the test set
+    assert table.values.shape == (len(classes), 3)  # a column per expert
+    np.testing.assert_allclose(table.values.sum(axis=1), 1.0, atol=1e-4)
+    assert (out / "gate_map_mnist.png").exists() and (out / "activation_rates_mnist.png").exists()
+    assert (out / "ptsne_mose_mnist.keras").exists()
+    printed = capsys.readouterr().out
+    assert "reloaded, max |difference|" in printed and (out / "results.md").exists()
