@@ -3,9 +3,11 @@
 A `keras_sparse_moe.layers.SparseExpertMixture` of sparse one-hidden-layer
 experts (`expert_density`), linked by a few sparse routes (`route_density`),
 evolved by SET inside `model.fit`, and gated by a `PTSNEGate`: a network maps
-every image to a point of a 2-D t-SNE map (trained with the t-SNE loss of each
-batch) and each expert owns a region of that map (k-means positions); every
-image goes to its `top_k` nearest experts through the capacity dispatch.
+every image to a point of a 2-D t-SNE map and each expert owns a region of
+that map (k-means positions); every image goes to its `top_k` nearest experts
+through the capacity dispatch. The map network starts as a
+`keras_sparse_moe.ParametricTSNE` of the training images and keeps training
+with the gate's per-batch t-SNE loss and the task.
 It is compared with
 - the same mixture under a softmax gate (`SoftmaxGate`, one Dense layer), and
 - a dense MLP of the same depth whose hidden layer is as wide as all the
@@ -47,9 +49,7 @@ def build(kind, data, args):
         logits = keras.layers.Dense(classes)(hidden)
     else:
         if kind.startswith("PTSNE"):
-            # A small map network: the gate needs a good map, not a large one.
-            layers = [keras.layers.Dense(units, activation="relu") for units in args.gate_hidden]
-            embedding = keras.Sequential([*layers, keras.layers.Dense(2)], name="embedding")
+            embedding = pretrained_map(data, args)
             gate = ksm.layers.PTSNEGate(
                 args.experts,
                 embedding=embedding,
@@ -80,6 +80,28 @@ def build(kind, data, args):
         jit_compile=True,
     )
     return model
+
+
+def pretrained_map(data, args):
+    """The gate's map network: a `ParametricTSNE` of the training images (global affinities).
+
+    A batch of 128 random images holds few true neighbours, so a map trained
+    only by the gate's per-batch t-SNE loss stays coarse; starting from a map
+    fitted on the whole training set gives the experts meaningful regions,
+    and the gate's loss keeps it a t-SNE map while the task trains.
+    """
+    if not args.map_epochs:
+        layers = [keras.layers.Dense(units, activation="relu") for units in args.gate_hidden]
+        return keras.Sequential([*layers, keras.layers.Dense(2)], name="embedding")
+    print(f"\n== ParametricTSNE map of the {len(data.x_train)} training images")
+    tsne = ksm.ParametricTSNE(
+        hidden=tuple(args.gate_hidden),
+        perplexity=args.perplexity,
+        epochs=args.map_epochs,
+        seed=args.seed,
+        verbose=2,
+    )
+    return tsne.fit(data.x_train).network
 
 
 def cost(model):
@@ -208,6 +230,9 @@ def main(argv=None):
     parser.add_argument("--capacity-factor", type=float, default=1.5)
     parser.add_argument("--perplexity", type=float, default=30.0)
     parser.add_argument("--gate-hidden", type=int, nargs="+", default=[128])
+    parser.add_argument(
+        "--map-epochs", type=int, default=5, help="ParametricTSNE epochs of the gate's map; 0: none"
+    )
     parser.add_argument("--tsne-weight", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo_output", help="folder for pictures and models")

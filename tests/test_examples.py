@@ -86,6 +86,10 @@ def test_ptsne_gated_mose_example_end_to_end(tmp_path, capsys):
             "4",
             "--perplexity",
             "3",
+            "--gate-hidden",
+            "8",
+            "--map-epochs",
+            "1",
             "--out",
             str(out),
         ]

@@ -57,6 +57,13 @@ class PTSNEGate(Gate):
     batch in the graph, so batches may be shuffled; the perplexity must stay
     well below the batch size.
 
+    A batch of a hundred random samples holds few true neighbours, so a map
+    trained by the per-batch loss alone stays coarse. For a fine map, start
+    the embedding from a `keras_sparse_moe.ParametricTSNE` fitted on the
+    training set (`embedding=ParametricTSNE(...).fit(x).network`; its
+    affinities are global) and keep `tsne_weight` small (e.g. 0.1), or set
+    `task_gradient=False` to keep the task from reshaping it.
+
     Args:
         num_experts: Positive int.
         embedding: Optional Keras layer or model mapping the gate input to
