@@ -229,21 +229,23 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         for width in hidden:
             topologies.check_size("hidden", width, OWNER)
         exaggeration = 1.0 if self.early_exaggeration is None else self.early_exaggeration
-        if isinstance(exaggeration, bool) or not isinstance(exaggeration, (int, float)):
-            raise TypeError(
-                f"`{OWNER}` got an invalid `early_exaggeration`. Expected a float >= 1 or "
-                f"None. Received: early_exaggeration={self.early_exaggeration!r}"
-            )
-        if not exaggeration >= 1:
+        topologies.check_float(
+            "early_exaggeration", exaggeration, OWNER, "a float >= 1 or None", lambda v: v >= 1
+        )
+        topologies.check_float(
+            "dropout", self.dropout, OWNER, "a float in [0, 1)", lambda v: 0 <= v < 1
+        )
+        topologies.check_float(
+            "learning_rate", self.learning_rate, OWNER, "a float > 0", lambda v: v > 0
+        )
+        epochs = self.exaggeration_epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(
-                f"`{OWNER}` got an invalid `early_exaggeration`. Expected a float >= 1 or "
-                f"None. Received: early_exaggeration={self.early_exaggeration!r}"
+                f"`{OWNER}` got an invalid `exaggeration_epochs`. Expected an int >= 0. "
+                f"Received: exaggeration_epochs={epochs!r}"
             )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(
-                f"`{OWNER}` got an invalid `dropout`. Expected a float in [0, 1). "
-                f"Received: dropout={self.dropout!r}"
-            )
+        if self.pca_components is not None:
+            topologies.check_size("pca_components", self.pca_components, OWNER)
         return dof, hidden, float(exaggeration)
 
     def _build_network(self, x, hidden):

@@ -45,6 +45,22 @@ def check_size(name: str, value, owner: str) -> int:
     return int(value)
 
 
+def check_float(name: str, value, owner: str, expected: str, valid) -> float:
+    """`value` as a float: `TypeError` unless a real number, `ValueError` unless `valid(value)`.
+
+    `expected` completes "Expected ..." in the message, e.g. "a float > 0".
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"`{owner}` got an invalid `{name}`. Expected {expected}. Received: {name}={value!r}"
+        )
+    if not valid(value):
+        raise ValueError(
+            f"`{owner}` got an invalid `{name}`. Expected {expected}. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 def check_seed(seed, owner: str):
     """Returns `seed` if it is None or an int, else raises a `TypeError`."""
     if seed is None:

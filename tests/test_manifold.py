@@ -116,6 +116,12 @@ def test_network_saved_model_export(tmp_path):
         ({"dof": "learned"}, ValueError, "dof='learned'"),
         ({"affinities": "local"}, ValueError, "affinities='local'"),
         ({"early_exaggeration": 0.5}, ValueError, "early_exaggeration=0.5"),
+        ({"exaggeration_epochs": -1}, ValueError, "exaggeration_epochs=-1"),
+        ({"dropout": 1.0}, ValueError, "dropout=1.0"),
+        ({"learning_rate": 0}, ValueError, "learning_rate=0"),
+        ({"learning_rate": "fast"}, TypeError, "learning_rate='fast'"),
+        ({"pca_components": 0}, ValueError, "pca_components=0"),
+        ({"hidden": (64, 0)}, ValueError, "hidden=0"),
         ({"perplexity": 300.0, "batch_size": 256}, ValueError, "batch_size=256"),
     ],
 )

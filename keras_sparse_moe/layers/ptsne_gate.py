@@ -11,6 +11,7 @@ from keras import ops
 from keras_sparse_moe.layers.gates import Gate, Routing
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
+from keras_sparse_moe.topologies import check_float
 
 __all__ = ["EXPERT_POSITIONS", "PTSNEGate", "grid_positions"]
 
@@ -133,17 +134,9 @@ class PTSNEGate(Gate):
         self.perplexity = tsne.check_perplexity(perplexity, None, OWNER)
         self.dof = dof
         self._dof_value = check_dof(dof, n_components, OWNER)
-        if isinstance(tsne_weight, bool) or not isinstance(tsne_weight, (int, float)):
-            raise TypeError(
-                f"`{OWNER}` got an invalid `tsne_weight`. Expected a float >= 0. "
-                f"Received: tsne_weight={tsne_weight!r}"
-            )
-        if not tsne_weight >= 0:
-            raise ValueError(
-                f"`{OWNER}` got an invalid `tsne_weight`. Expected a float >= 0. "
-                f"Received: tsne_weight={tsne_weight!r}"
-            )
-        self.tsne_weight = float(tsne_weight)
+        self.tsne_weight = check_float(
+            "tsne_weight", tsne_weight, OWNER, "a float >= 0", lambda v: v >= 0
+        )
         self._fixed_positions = None
         if isinstance(expert_positions, str):
             if expert_positions not in EXPERT_POSITIONS:
@@ -164,24 +157,13 @@ class PTSNEGate(Gate):
             self._fixed_positions = positions
             expert_positions = positions.tolist()
         self.expert_positions = expert_positions
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(
-                f"`{OWNER}` got an invalid `temperature`. Expected a float > 0. "
-                f"Received: temperature={temperature!r}"
-            )
-        if not temperature > 0:
-            raise ValueError(
-                f"`{OWNER}` got an invalid `temperature`. Expected a float > 0. "
-                f"Received: temperature={temperature!r}"
-            )
-        self.temperature = float(temperature)
+        self.temperature = check_float(
+            "temperature", temperature, OWNER, "a float > 0", lambda v: v > 0
+        )
         self.task_gradient = bool(task_gradient)
-        if not 0 <= momentum < 1:
-            raise ValueError(
-                f"`{OWNER}` got an invalid `momentum`. Expected a float in [0, 1). "
-                f"Received: momentum={momentum!r}"
-            )
-        self.momentum = float(momentum)
+        self.momentum = check_float(
+            "momentum", momentum, OWNER, "a float in [0, 1)", lambda v: 0 <= v < 1
+        )
         self.seed = seed
         if embedding is None:
             init = keras.initializers.GlorotUniform

@@ -195,6 +195,8 @@ def test_saved_model_export_of_a_ptsne_gated_mixture(tmp_path):
         ({"expert_positions": "spiral"}, ValueError, "expert_positions='spiral'"),
         ({"expert_positions": np.zeros((3, 2))}, ValueError, r"shape \(3, 2\)"),
         ({"temperature": 0.0}, ValueError, "temperature=0.0"),
+        ({"temperature": "hot"}, TypeError, "temperature='hot'"),
+        ({"momentum": 1.0}, ValueError, "momentum=1.0"),
         ({"tsne_weight": -1.0}, ValueError, "tsne_weight=-1.0"),
         ({"embedding": "mlp"}, TypeError, "embedding='mlp'"),
     ],
