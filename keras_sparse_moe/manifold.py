@@ -159,7 +159,9 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         learning_rate: Adam's learning rate.
         dropout: Dropout rate after each hidden layer (0: none).
         pca_components: PCA width used to find the global neighbours.
-        seed: Int seeding the network, the batches and the PCA.
+        seed: Int seeding the network's initial weights, its dropout, the
+            global-mode batches and the PCA (process-wide state is left alone:
+            in batch mode Keras shuffles as `keras.utils.set_random_seed` says).
         verbose: Default verbosity of `fit` (Keras progress bar: 0, 1 or 2).
 
     Attributes:
@@ -284,8 +286,6 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         topologies.check_size("batch_size", batch_size, OWNER)
         batch_size = min(batch_size, len(x))
         tsne.check_perplexity(float(self.perplexity), batch_size, OWNER)
-        if self.seed is not None:
-            keras.utils.set_random_seed(self.seed)
         self.network = self._build_network(x, hidden)
         trainer = _TSNETrainer(self.network, float(self.perplexity), dof, name="tsne_trainer")
         trainer.compile(optimizer=keras.optimizers.Adam(self.learning_rate))
