@@ -28,6 +28,7 @@ scikit-learn's bundled 8x8 digits.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import time
@@ -162,7 +163,13 @@ def run_dataset(path, args):
     limit = args.train_samples
     if limit and limit < len(data.x_train):
         data.x_train, data.y_train = data.x_train[:limit], data.y_train[:limit]
-    print(f"\n### {data.name}: {len(data.x_train)} train / {len(data.x_test)} test images")
+    # Small sets (the offline digits) get more epochs: at least `min_steps` steps in all.
+    steps = math.ceil(len(data.x_train) / args.batch_size)
+    epochs = max(args.epochs, math.ceil(args.min_steps / steps))
+    print(
+        f"\n### {data.name}: {len(data.x_train)} train / {len(data.x_test)} test images, "
+        f"{epochs} epochs of {steps} steps"
+    )
     rows, extras = [], {}
     for kind in MODELS:
         keras.utils.set_random_seed(args.seed)
@@ -179,7 +186,7 @@ def run_dataset(path, args):
             data.x_train,
             data.y_train,
             batch_size=args.batch_size,
-            epochs=args.epochs,
+            epochs=epochs,
             callbacks=callbacks,
             verbose=2,
         )
@@ -221,6 +228,12 @@ def main(argv=None):
     parser.add_argument("--data", nargs="*", default=[None], help=".npz files (x/y_train/test)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=1000,
+        help="more epochs on small sets: at least this many steps",
+    )
     parser.add_argument("--train-samples", type=int, default=0, help="first N training images")
     parser.add_argument("--experts", type=int, default=10)
     parser.add_argument("--expert-units", type=int, default=64)
@@ -244,7 +257,8 @@ def main(argv=None):
         rows += dataset_rows
         tables.append(report_ptsne(extras, args))
     lines = [
-        f"Results after {args.epochs} epochs ({keras.backend.backend()} backend)",
+        f"Results after {args.epochs} epochs, at least {args.min_steps} steps "
+        f"({keras.backend.backend()} backend)",
         "| data | model | test accuracy | weights used | FLOPs / example | train time |",
         "|---|---|---|---|---|---|",
     ]

@@ -90,6 +90,8 @@ def test_ptsne_gated_mose_example_end_to_end(tmp_path, capsys):
             "8",
             "--map-epochs",
             "1",
+            "--min-steps",
+            "0",
             "--out",
             str(out),
         ]
