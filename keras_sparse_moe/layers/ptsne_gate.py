@@ -11,7 +11,7 @@ from keras import ops
 from keras_sparse_moe.layers.gates import Gate, Routing
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
-from keras_sparse_moe.topologies import check_float
+from keras_sparse_moe.topologies import check_float, check_seed
 
 __all__ = ["EXPERT_POSITIONS", "PTSNEGate", "grid_positions"]
 
@@ -164,7 +164,7 @@ class PTSNEGate(Gate):
         self.momentum = check_float(
             "momentum", momentum, OWNER, "a float in [0, 1)", lambda v: 0 <= v < 1
         )
-        self.seed = seed
+        self.seed = check_seed(seed, OWNER)
         if embedding is None:
             init = keras.initializers.GlorotUniform
             embedding = keras.Sequential(
@@ -230,7 +230,8 @@ class PTSNEGate(Gate):
 
     @property
     def loss_weights(self):
-        return {"tsne_kl": self.tsne_weight}
+        # A zero weight leaves the loss out, and with it the per-step bisection.
+        return {"tsne_kl": self.tsne_weight} if self.tsne_weight > 0 else {}
 
     def embed(self, inputs, training=False):
         """The raw map points `y` `(batch, n_components)` of `inputs`."""
@@ -276,7 +277,7 @@ class PTSNEGate(Gate):
         z = self.standardise(gate_points)
         logits = -_sq_distances(z, ops.cast(self.positions, "float32")) / self.temperature
         losses = None
-        if training:
+        if training and self.loss_weights:
             p = tsne.joint_affinities(inputs, self.perplexity)
             losses = {"tsne_kl": tsne.tsne_kl(p, points, dof=ops.exp(self.log_dof))}
         return Routing(ops.softmax(logits, axis=-1), logits=logits, embedding=points, losses=losses)

@@ -43,6 +43,10 @@ def test_route_returns_the_embedding_and_the_tsne_loss_in_training():
     assert float(to_numpy(routing.losses["tsne_kl"])) == pytest.approx(float(expected), rel=1e-5)
     assert gate.route(X[:64], training=False).losses is None
     assert gate.loss_weights == {"tsne_kl": 1.0}
+    # A zero weight leaves the loss out altogether (no affinities computed, nothing added).
+    silent = _gate(tsne_weight=0.0)
+    silent(X[:64])
+    assert silent.loss_weights == {} and silent.route(X[:64], training=True).losses is None
 
 
 def test_standalone_gate_adds_its_weighted_loss_in_training():
@@ -197,6 +201,7 @@ def test_saved_model_export_of_a_ptsne_gated_mixture(tmp_path):
         ({"temperature": 0.0}, ValueError, "temperature=0.0"),
         ({"temperature": "hot"}, TypeError, "temperature='hot'"),
         ({"momentum": 1.0}, ValueError, "momentum=1.0"),
+        ({"seed": "abc"}, TypeError, "seed='abc'"),
         ({"tsne_weight": -1.0}, ValueError, "tsne_weight=-1.0"),
         ({"embedding": "mlp"}, TypeError, "embedding='mlp'"),
     ],
