@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["SparseTrainingCallback", "find_sparse_layers"]
@@ -62,6 +63,9 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
         self.exclude = _check_exclude(exclude, type(self).__name__)
         self.seed = check_seed(seed, type(self).__name__)
+        # Randomness is a function of (this seed, the optimizer step): a resumed
+        # run draws what the uninterrupted one drew.
+        self._seed = _runtime.new_seed(self.seed)
         self._functions = {}
         self._slots = {}
         self._indices = {}
@@ -73,7 +77,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ #
     def on_train_begin(self, logs=None):
         self.sparse_layers = find_sparse_layers(self.model, self.exclude, type(self).__name__)
-        self._step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._step = _runtime.optimizer_step(self.model)
         self._epochs = self.params.get("epochs") or 1
         self._steps_per_epoch = self.params.get("steps")
         self._epoch = 0
@@ -84,6 +88,26 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._epoch = epoch
         self._rewired_in_epoch = 0
 
+    def on_train_batch_begin(self, batch, logs=None):
+        # Read here, not only in `on_train_begin`: `BackupAndRestore` may load
+        # the weights (and the optimizer's counter) after that ran.
+        self._step = _runtime.optimizer_step(self.model)
+
+    def _advance(self):
+        """`(previous, current)` optimizer steps: the steps run since the last call.
+
+        Keras calls `on_train_batch_end` once per `steps_per_execution` steps,
+        so schedules read the optimizer's counter instead of counting calls.
+        """
+        previous, self._step = self._step, _runtime.optimizer_step(self.model)
+        return previous, self._step
+
+    @staticmethod
+    def _boundary(previous, current, every):
+        """The last multiple of `every` in `(previous, current]`, or None."""
+        last = current // every * every
+        return last if last > previous else None
+
     def _is_last_step(self, batch):
         return (
             self._steps_per_epoch is not None
@@ -92,11 +116,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         )
 
     def _sync_model_state(self):
-        """On JAX, `fit` keeps variables in its own state between steps; bring them
-        back into the model (and have the next step read our assignments)."""
-        sync = getattr(self.model, "jax_state_sync", None)
-        if sync is not None:
-            sync()
+        _runtime.sync_model_state(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         self._report(logs, self._rewired_in_epoch)
@@ -129,17 +149,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         key = (id(layer), id(optimizer), len(optimizer.variables))
         if key not in self._slots:
-            prefix = layer.kernel.path.replace("/", "_") + "_"
-            variables = list(optimizer.variables)
-            inner = getattr(optimizer, "inner_optimizer", None)
-            if inner is not None:
-                variables += list(inner.variables)
-            unique = {id(v): v for v in variables}.values()  # wrappers list inner ones too
-            self._slots[key] = [
-                v
-                for v in unique
-                if v.name.startswith(prefix) and tuple(v.shape) == tuple(layer.kernel.shape)
-            ]
+            self._slots[key] = _runtime.optimizer_slots(optimizer, layer.kernel)
         return self._slots[key]
 
     def _state_variables(self, layer):

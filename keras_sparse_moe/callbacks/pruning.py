@@ -85,9 +85,15 @@ class MagnitudePruning(SparseTrainingCallback):
         return bool(np.asarray(should_prune)), 1.0 - float(np.asarray(value))
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
-        should_prune, density = self._target(self._step)
-        if should_prune:
+        # Every optimizer step since the last call is asked (`steps_per_execution`
+        # may run several per call); the latest that prunes sets the density.
+        previous, current = self._advance()
+        density = None
+        for step in range(previous + 1, current + 1):
+            should_prune, value = self._target(step)
+            if should_prune:
+                density = value
+        if density is not None:
             self._record_step(logs, self.prune(density))
 
     def prune(self, density):

@@ -162,7 +162,6 @@ class RigL(SparseTrainingCallback):
             end_step = check_update_every(end_step, owner + " end_step", allow_epoch=False)
         self.end_step = end_step
         self.batch_size = check_update_every(batch_size, owner + " batch_size", allow_epoch=False)
-        self._cursor = 0
         self._gradients = None
 
     def get_config(self):
@@ -197,22 +196,28 @@ class RigL(SparseTrainingCallback):
         return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self._end_step))
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
-        if self._step % self.update_every == 0 and not self._is_last_step(batch):
-            self._record_step(logs, self.update(self.fraction(self._step)))
+        previous, current = self._advance()
+        step = self._boundary(previous, current, self.update_every)
+        if step is not None and not self._is_last_step(batch):
+            self._record_step(logs, self.update(self.fraction(step), step))
 
-    def _batch(self):
+    def _batch(self, step):
+        """The rows of `data` for the update at `step`: consecutive, cycling, a function of step."""
         x, y = self.data
-        rows = (self._cursor + np.arange(min(self.batch_size, len(x)))) % len(x)
-        self._cursor = int(rows[-1] + 1) % len(x)
+        start = (step // self.update_every) * self.batch_size
+        rows = (start + np.arange(min(self.batch_size, len(x)))) % len(x)
         return x[rows], y[rows]
 
-    def update(self, fraction):
-        """Runs one drop-and-grow with `fraction` now; returns connections replaced."""
+    def update(self, fraction, step=None):
+        """Runs one drop-and-grow with `fraction` now; returns connections replaced.
+
+        `step` (default: the optimizer's) chooses the rows of `data` used for
+        the dense gradient.
+        """
         if fraction <= 0:
             return 0
         self._sync_model_state()
-        x, y = self._batch()
+        x, y = self._batch(self._step if step is None else step)
         grads = self._gradient_function()(x, y)
         return sum(
             self._update_layer(layer, grad, fraction)

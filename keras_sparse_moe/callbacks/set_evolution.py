@@ -9,6 +9,7 @@ import keras
 import numpy as np
 from keras import initializers, ops
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.ops import rewiring
 
@@ -113,8 +114,6 @@ class SETEvolution(SparseTrainingCallback):
         self.probability = probability
         self.regrow_initializer = initializers.get(regrow_initializer)
         self._regrow_zeros = isinstance(self.regrow_initializer, initializers.Zeros)
-        self._rng = np.random.default_rng(seed)
-        self._seeds = {}
 
     def get_config(self):
         return {
@@ -134,13 +133,15 @@ class SETEvolution(SparseTrainingCallback):
         self._report(logs, self._rewired_in_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
+        previous, current = self._advance()
         if self.update_every == "epoch" and self.probability is None:
             return
         if self.probability is not None:
-            due = self._rng.random() < self.probability
+            # One draw per optimizer step, from (seed, step): a resumed run draws the same.
+            steps = range(previous + 1, current + 1)
+            due = any(_runtime.step_uniform(self._seed, s) < self.probability for s in steps)
         else:
-            due = self._step % self.update_every == 0
+            due = self._boundary(previous, current, self.update_every) is not None
         if due and not self._is_last_step(batch):
             self._record_step(logs, self.evolve())
 
@@ -150,9 +151,11 @@ class SETEvolution(SparseTrainingCallback):
         if not getattr(self, "sparse_layers", None):
             raise ValueError("`SETEvolution.evolve()` runs during `fit` (after `on_train_begin`).")
         self._sync_model_state()
-        return sum(self._evolve_layer(layer) for layer in self.sparse_layers)
+        return sum(
+            self._evolve_layer(layer, stream) for stream, layer in enumerate(self.sparse_layers)
+        )
 
-    def _evolve_layer(self, layer, attempt=0):
+    def _evolve_layer(self, layer, stream, attempt=0):
         size = int(np.prod(layer.kernel.shape))
         indices = self._current_indices(layer)
         nnz = int(indices.shape[0])
@@ -174,18 +177,17 @@ class SETEvolution(SparseTrainingCallback):
             functools.partial(_set_step, self.zeta, k_max, n_candidates),
             ("set", k_max, n_candidates, bool(extra)),
         )
-        seed = self._seeds.get(id(layer))
-        if seed is None:  # later seeds come from the step itself (no host-side draw)
-            seed = ops.convert_to_tensor(self._rng.integers(0, 2**31 - 1, size=2), "int32")
-        new_indices, flags, self._seeds[id(layer)] = step(indices, seed, *extra)
+        # Regrowth is drawn from (seed, optimizer step, layer, attempt) alone.
+        seed = _runtime.step_seed(self._seed, self._step, 4 * stream + min(attempt, 3))
+        new_indices, flags = step(indices, seed, *extra)
         count, current, enough = (int(f) for f in ops.convert_to_numpy(flags))  # one read
         if not current:
             self._forget_indices(layer)  # the mask was changed elsewhere
-            return self._evolve_layer(layer, attempt)
+            return self._evolve_layer(layer, stream, attempt)
         if not enough:
             if attempt >= 3:
                 raise RuntimeError(f"SETEvolution found too few empty positions in {layer.name}.")
-            return self._evolve_layer(layer, attempt + 1)
+            return self._evolve_layer(layer, stream, attempt + 1)
         self._indices[id(layer)] = new_indices
         return count
 
@@ -197,8 +199,7 @@ def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None
     the connection list against the mask, and rewires only if the list is
     current and enough empty positions were found (else it writes nothing and
     the flags tell the caller to redo it). Returns the new connection list,
-    int32 flags `[replaced, list current, enough candidates]` (one host read)
-    and the seed for the next call.
+    int32 flags `[replaced, list current, enough candidates]` (one host read).
     """
     kernel, mask = state[0], state[1]
     size = ops.shape(mask)[0]
@@ -218,5 +219,4 @@ def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None
     flags = ops.stack(
         [ops.sum(ops.cast(drop, "int32")), ops.cast(current, "int32"), ops.cast(enough, "int32")]
     )
-    next_seed = seed + ops.convert_to_tensor([0, 1], "int32")
-    return new_state, (new_indices, flags, next_seed)
+    return new_state, (new_indices, flags)
