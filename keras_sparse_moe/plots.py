@@ -9,10 +9,8 @@ __all__ = ["accuracy_curves", "activation_table", "gate_map", "input_connectivit
 
 
 def _pyplot():
+    # The backend is the user's choice (or matplotlib's default): a library leaves it alone.
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(

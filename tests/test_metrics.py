@@ -101,3 +101,17 @@ def test_accuracy_curves_plot(tmp_path):
     ax = ksm.plots.accuracy_curves(histories, path=str(path))
     assert path.stat().st_size > 0
     assert [list(line.get_ydata()) for line in ax.lines] == [[0.5, 0.6, 0.7], [0.4, 0.8]]
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib", reason="the [plots] extra is not installed")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        table = ksm.metrics.activation_rates(
+            OracleGate(2), {"a": np.zeros(3, "int32")}, verbose=False
+        )
+        ksm.plots.activation_table(table, path=str(tmp_path / "t.png"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from keras import ops
 
 from keras_sparse_moe import topologies as T
 
@@ -167,3 +168,51 @@ def test_spectral_gap_reference_graphs():
 def test_invalid_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- #
+# BlockPattern: where connections may exist
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize(
+    "blocks_shape, shape", [((3, 4), (7, 9)), ((3, 4), (3, 4)), ((2, 2), (10, 6))]
+)
+def test_block_pattern_dense_count_and_contains_agree(blocks_shape, shape):
+    blocks = np.random.default_rng(1).random(blocks_shape) < 0.5
+    blocks[0, 0] = True
+    pattern = T.BlockPattern(blocks)
+    dense = pattern.dense(shape)
+    # The reference: each row and column belongs to the same near-equal group as small_world's.
+    rows = T.cluster_ids(shape[0], blocks_shape[0])
+    cols = T.cluster_ids(shape[1], blocks_shape[1])
+    expected = np.array([[blocks[r, c] for c in cols] for r in rows])
+    np.testing.assert_array_equal(dense, expected)
+    assert pattern.count(shape) == expected.sum()
+    inside = ops.convert_to_numpy(pattern.contains(np.arange(dense.size, dtype="int32"), shape))
+    np.testing.assert_array_equal(inside, expected.ravel())
+    clone = T.BlockPattern.from_config(pattern.get_config())
+    assert clone == pattern
+
+
+def test_block_pattern_between_and_within_clusters():
+    routes = T.BlockPattern.between_clusters(4).dense((8, 8))
+    same = T.cluster_ids(8, 4)[:, None] == T.cluster_ids(8, 4)[None, :]
+    np.testing.assert_array_equal(routes, ~same)
+    np.testing.assert_array_equal(T.BlockPattern.within_clusters(4).dense((8, 8)), same)
+    # small_world with rewire=1 puts every link between clusters: inside the routes pattern.
+    mask = T.small_world(8, 8, density=0.3, num_clusters=4, rewire=1.0, seed=0)
+    assert not np.any((mask > 0) & ~routes)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: T.BlockPattern(np.ones(3)), "2-D"),
+        (lambda: T.BlockPattern([[0, 2]]), "non-binary"),
+        (lambda: T.BlockPattern([[0, 0]]), "no 1"),
+        (lambda: T.BlockPattern.between_clusters(1), "num_clusters=1"),
+        (lambda: T.BlockPattern(np.ones((5, 2))).dense((4, 4)), r"blocks.shape=\(5, 2\)"),
+    ],
+)
+def test_block_pattern_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

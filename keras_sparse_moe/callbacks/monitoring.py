@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import keras
 
-from keras_sparse_moe import metrics
+from keras_sparse_moe import _runtime, metrics
 
 __all__ = ["ActivationRateLogger"]
 
 
+@keras.saving.register_keras_serializable(package="keras_sparse_moe")
 class ActivationRateLogger(keras.callbacks.Callback):
     """Writes activation rates, balancing losses and dispatch overflow into `logs`.
 
@@ -74,11 +75,23 @@ class ActivationRateLogger(keras.callbacks.Callback):
             mixture.reset_statistics()
 
     def _sync(self):
-        # On JAX, `fit` holds the variables between steps: bring them back, and
-        # make the next step read the reset statistics.
-        sync = getattr(self.model, "jax_state_sync", None)
-        if sync is not None:
-            sync()
+        # The next step must read the reset statistics.
+        _runtime.sync_model_state(self.model)
+
+    def get_config(self):
+        """Every argument but the arrays (`data`, `by_class`), which are not
+        configuration: give them back in `from_config({**config, "data": ...})`."""
+        layer = self.layer
+        return {
+            "layer": layer.name if isinstance(layer, keras.layers.Layer) else layer,
+            "every": self.every,
+            "batch_size": self.batch_size,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:

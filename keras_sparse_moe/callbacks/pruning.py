@@ -123,6 +123,7 @@ def _prune(state, count):
     kernel, mask, *slots = state
     drop = rewiring.select_smallest(rewiring.magnitude_keys(kernel), mask > 0, count)
     keep = ops.where(drop, 0.0, mask)
-    new_state = [kernel * ops.cast(keep, kernel.dtype), keep]
-    new_state += [slot * ops.cast(keep, slot.dtype) for slot in slots]
+    # Selects, not products: a pruned entry is zero whatever it held (NaN included).
+    new_state = [ops.where(keep > 0, x, ops.zeros_like(x)) for x in (kernel, *slots)]
+    new_state.insert(1, keep)
     return new_state, count

@@ -230,16 +230,18 @@ class RigL(SparseTrainingCallback):
         return self._gradients[1]
 
     def _update_layer(self, layer, grad, fraction, exact=False):
-        size = int(np.prod(layer.kernel.shape))
         indices = self._current_indices(layer)
         nnz = int(indices.shape[0])
-        # Growth is among positions empty before the drop, so at most size - nnz.
-        count = min(int(math.floor(fraction * nnz)), size - nnz)
+        # Growth is among allowed positions empty before the drop: at most allowed - nnz.
+        room = layer.num_allowed - nnz
+        count = min(int(math.floor(fraction * nnz)), room)
         if count <= 0:
             return 0
-        k_max = max(1, min(nnz, size - nnz, math.floor(self.drop_fraction * nnz)))
+        k_max = max(1, min(nnz, room, math.floor(self.drop_fraction * nnz)))
         step = self._apply_function(
-            layer, functools.partial(_rigl_step, k_max, exact), ("rigl", k_max, exact)
+            layer,
+            functools.partial(_rigl_step, k_max, exact, layer.allowed_positions),
+            ("rigl", k_max, exact),
         )
         # A numpy count: making a JAX device scalar would cost more (0.2 ms).
         new_indices, flags = step(indices, grad, np.asarray(count, np.int32))
@@ -253,9 +255,10 @@ class RigL(SparseTrainingCallback):
         return count
 
 
-def _rigl_step(k_max, exact, state, indices, grad, count):
+def _rigl_step(k_max, exact, allowed, state, indices, grad, count):
     """One RigL drop-and-grow, compiled and written in place: drop the smallest
-    magnitudes, grow the largest dense gradients among empty positions.
+    magnitudes, grow the largest dense gradients among empty positions (where
+    `allowed(positions)` says a connection may exist; None: anywhere).
 
     Writes nothing unless the connection list is current and the growth
     threshold bracketed its answer; the flags `[list current, bracketed]`
@@ -267,7 +270,11 @@ def _rigl_step(k_max, exact, state, indices, grad, count):
         rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
     )
     scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
-    grown, bracketed = rewiring.largest_empty_positions(mask, scores, count, k_max, exact)
+    occupied = mask
+    if allowed is not None:  # a forbidden position counts as occupied: never grown
+        inside = allowed(ops.arange(ops.shape(mask)[0], dtype="int32"))
+        occupied = ops.where(inside, mask, ops.ones_like(mask))
+    grown, bracketed = rewiring.largest_empty_positions(occupied, scores, count, k_max, exact)
     current = rewiring.connection_list_is_current(mask, indices)
     ok = ops.logical_and(current, bracketed)
     new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, ok), grown)

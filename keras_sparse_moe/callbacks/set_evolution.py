@@ -160,9 +160,10 @@ class SETEvolution(SparseTrainingCallback):
         indices = self._current_indices(layer)
         nnz = int(indices.shape[0])
         k_max = max(1, min(nnz, math.floor(self.zeta * nnz)))
-        # Random candidates for regrowth; about 1 - density of them land on empty
-        # positions. The margin makes a redraw (`enough` False) very unlikely.
-        free = max(1.0 - nnz / size, 1.0 / size)
+        # Random candidates for regrowth; about (allowed - nnz) / size of them land
+        # on empty allowed positions. The margin makes a redraw (`enough` False)
+        # very unlikely.
+        free = max((layer.num_allowed - nnz) / size, 1.0 / size)
         n_candidates = int(((k_max / free) * 1.3 + 1024) * (2**attempt))
         # Repeated candidates are rejected, so drawing about as many as there are
         # positions would waste most of them: small layers use a permutation.
@@ -174,7 +175,7 @@ class SETEvolution(SparseTrainingCallback):
             extra = [ops.reshape(values, (-1,))[:k_max]]
         step = self._apply_function(
             layer,
-            functools.partial(_set_step, self.zeta, k_max, n_candidates),
+            functools.partial(_set_step, self.zeta, k_max, n_candidates, layer.allowed_positions),
             ("set", k_max, n_candidates, bool(extra)),
         )
         # Regrowth is drawn from (seed, optimizer step, layer, attempt) alone.
@@ -192,13 +193,14 @@ class SETEvolution(SparseTrainingCallback):
         return count
 
 
-def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None):
+def _set_step(zeta, k_max, n_candidates, allowed, state, indices, seed, grown_values=None):
     """One SET evolution of a layer, compiled and written in place.
 
-    Chooses the weights to drop and random empty positions to regrow, checks
+    Chooses the weights to drop and random empty positions to regrow (where
+    `allowed(positions)` says a connection may exist; None: anywhere), checks
     the connection list against the mask, and rewires only if the list is
     current and enough empty positions were found (else it writes nothing and
-    the flags tell the caller to redo it). Returns the new connection list,
+    the flags tell the caller to redo it). Returns the new connection list and
     int32 flags `[replaced, list current, enough candidates]` (one host read).
     """
     kernel, mask = state[0], state[1]
@@ -210,7 +212,8 @@ def _set_step(zeta, k_max, n_candidates, state, indices, seed, grown_values=None
         candidates = rewiring.stateless_randint(seed, (n_candidates,), size)
     count = ops.sum(ops.cast(drop, "int32"))
     dropped = rewiring.dropped_positions(indices, drop, k_max, size)
-    grown, enough = rewiring.random_empty_positions(mask, candidates, count, k_max, dropped)
+    inside = None if allowed is None else allowed(candidates)
+    grown, enough = rewiring.random_empty_positions(mask, candidates, count, k_max, dropped, inside)
     current = rewiring.connection_list_is_current(mask, indices)
     ok = ops.logical_and(current, enough)
     drop = ops.logical_and(drop, ok)

@@ -118,7 +118,10 @@ class SparseExpertMixture(keras.layers.Layer):
     (`keras_sparse_moe.ops.dispatch`): static shapes, compiled by XLA, and the
     expert work grows with `top_k / E`. Assignments beyond capacity are
     dropped and counted in `overflow_counts`; when capacity suffices both
-    paths give the same output.
+    paths give the same output. Capacity applies in training only: inference
+    (`predict`, `evaluate`, an exported SavedModel) drops nothing, so a
+    token's output does not depend on the other tokens of its batch (nor on
+    the batch size, which may be unknown when exporting).
 
     **Balancing losses.** `balance_losses` names losses of
     `keras_sparse_moe.losses` with weights; in training each weighted loss, and
@@ -270,7 +273,7 @@ class SparseExpertMixture(keras.layers.Layer):
         elif self.gate.top_k is not None and top_k != self.gate.top_k:
             raise ValueError(
                 f"`{OWNER}` got `top_k={top_k}` but its gate selects "
-                f"k={self.gate.top_k} experts per token. Leave `top_k` unset or make "
+                f"top_k={self.gate.top_k} experts per token. Leave `top_k` unset or make "
                 "them equal."
             )
         if top_k is not None and (
@@ -294,7 +297,7 @@ class SparseExpertMixture(keras.layers.Layer):
             if top_k is None:
                 raise ValueError(
                     f"`{OWNER}`: the capacity dispatch (`capacity_factor`) routes each "
-                    "token to its `top_k` experts; set `top_k` (or use a gate with k). "
+                    "token to its `top_k` experts; set `top_k` (or use a gate with a `top_k`). "
                     f"Received: capacity_factor={capacity_factor}, top_k=None"
                 )
             capacity_factor = float(capacity_factor)
@@ -404,7 +407,7 @@ class SparseExpertMixture(keras.layers.Layer):
         bank = self.expert_bank
         tokens = bank.tokens(inputs)
         routing, weights, index = self._route(tokens, gate_inputs, training)
-        if self.capacity_factor is None:
+        if self.capacity_factor is None or not training:
             # Which experts a token selected matters only to the routes.
             active = None
             if bank.has_routes and index is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_sparse_moe import topologies
 from keras_sparse_moe.layers.sparse_dense import SparseDense
 
 __all__ = ["LayerExperts", "SparseExperts"]
@@ -79,6 +80,7 @@ class SparseExperts(keras.layers.Layer):
                 density=route_density * (num_experts - 1) / num_experts,
                 topology="small_world",
                 topology_kwargs={"num_clusters": num_experts, "rewire": 1.0},
+                allowed=topologies.BlockPattern.between_clusters(num_experts),
                 use_bias=False,
                 kernel_initializer=kernel_initializer,
                 seed=seeds[2],

@@ -15,9 +15,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sparse_moe import topologies
+from keras_sparse_moe.ops import dispatch
 
 __all__ = ["Gate", "NoisyTopKGate", "OracleGate", "Routing", "SoftmaxGate", "get"]
 
@@ -184,7 +186,7 @@ class NoisyTopKGate(Gate):
 
     Args:
         num_experts: Positive int.
-        k: Experts selected per token, `1 <= k <= num_experts`.
+        top_k: Experts selected per token, `1 <= top_k <= num_experts`.
         noise_epsilon: Small float added to the noise scale (keeps it positive).
         seed: Optional int seeding the noise.
         **kwargs: Base layer arguments.
@@ -193,7 +195,7 @@ class NoisyTopKGate(Gate):
 
     >>> import numpy as np
     >>> import keras_sparse_moe
-    >>> gate = keras_sparse_moe.layers.NoisyTopKGate(4, k=2)
+    >>> gate = keras_sparse_moe.layers.NoisyTopKGate(4, top_k=2)
     >>> g = gate(np.random.rand(3, 5).astype("float32"))
     >>> np.count_nonzero(np.asarray(g), axis=-1).tolist()
     [2, 2, 2]
@@ -201,20 +203,23 @@ class NoisyTopKGate(Gate):
 
     provides = frozenset({"logits", "load"})
 
-    def __init__(self, num_experts, k, noise_epsilon=1e-2, seed=None, **kwargs):
+    def __init__(self, num_experts, top_k, noise_epsilon=1e-2, seed=None, **kwargs):
         super().__init__(num_experts, **kwargs)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+        if (
+            isinstance(top_k, bool)
+            or not isinstance(top_k, (int, np.integer))
+            or not 1 <= top_k <= self.num_experts
+        ):
             raise ValueError(
-                "`NoisyTopKGate` got an invalid `k`. Expected an int in [1, "
-                f"num_experts={self.num_experts}]. Received: k={k!r}"
+                "`NoisyTopKGate` got an invalid `top_k`. Expected an int in [1, "
+                f"num_experts={self.num_experts}]. Received: top_k={top_k!r}"
             )
         if isinstance(noise_epsilon, bool) or not float(noise_epsilon) >= 0:
             raise ValueError(
                 "`NoisyTopKGate` got an invalid `noise_epsilon`. Expected a float "
                 f">= 0. Received: noise_epsilon={noise_epsilon!r}"
             )
-        self.k = k
-        self.top_k = k
+        self.top_k = int(top_k)
         self.noise_epsilon = float(noise_epsilon)
         self.seed = topologies.check_seed(seed, "NoisyTopKGate")
         self.seed_generator = keras.random.SeedGenerator(self.seed)
@@ -244,8 +249,8 @@ class NoisyTopKGate(Gate):
             )
         else:
             noisy = clean
-        k = self.k
-        top_values, top_index = ops.top_k(noisy, min(k + 1, self.num_experts))
+        k = self.top_k
+        top_values, top_index = dispatch.top_k(noisy, min(k + 1, self.num_experts))
         chosen = ops.one_hot(top_index[..., :k], self.num_experts, dtype="float32")
         weights = ops.softmax(top_values[..., :k], axis=-1)
         gates = ops.sum(chosen * ops.expand_dims(weights, -1), axis=-2)
@@ -271,7 +276,7 @@ class NoisyTopKGate(Gate):
     def get_config(self):
         return {
             **super().get_config(),
-            "k": self.k,
+            "top_k": self.top_k,
             "noise_epsilon": self.noise_epsilon,
             "seed": self.seed,
         }

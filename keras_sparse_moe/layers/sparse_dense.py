@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 from keras import activations, constraints, initializers, ops, regularizers
@@ -46,6 +48,10 @@ class SparseDense(keras.layers.Layer):
             zero). A truly sparse implementation is planned.
         topology_kwargs: Optional dict of extra arguments for the topology
             builder, e.g. `{"num_clusters": 8}` for `"small_world"`.
+        allowed: Where connections may exist: None (anywhere), a
+            `keras_sparse_moe.topologies.BlockPattern`, or a binary
+            `(input_dim, units)` array. The initial mask must lie inside it
+            (`"erdos_renyi"` draws inside it), and SET and RigL grow only there.
         activation: Activation function (see `keras.activations`).
         use_bias: Whether the layer uses a bias vector.
         kernel_initializer: Initializer for the kernel (masked after drawing).
@@ -89,6 +95,7 @@ class SparseDense(keras.layers.Layer):
         mask=None,
         implementation="masked",
         topology_kwargs=None,
+        allowed=None,
         activation=None,
         use_bias=True,
         kernel_initializer="glorot_uniform",
@@ -159,6 +166,16 @@ class SparseDense(keras.layers.Layer):
                     f"Received values such as {bad.tolist()}"
                 )
             mask = mask.astype(np.float32)
+        if allowed is not None and not isinstance(allowed, topologies.BlockPattern):
+            try:
+                allowed = topologies.BlockPattern(decode_mask(allowed))
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"`{owner}` got an invalid `allowed`. Expected None, a "
+                    "`keras_sparse_moe.topologies.BlockPattern` or a binary 2-D array. "
+                    f"Received: allowed={allowed!r} ({error})"
+                ) from None
+        self.allowed = allowed
         self.units = int(units)
         self.density = density
         self.epsilon = epsilon
@@ -196,17 +213,11 @@ class SparseDense(keras.layers.Layer):
                 )
             return self.mask_value
         builder = topologies.get(self.topology)
+        if self.allowed is not None and self.topology == "erdos_renyi":
+            return self._draw_inside_allowed(input_dim)
         if "degree" in self.topology_kwargs:
             return builder(input_dim, self.units, seed=self.seed, **self.topology_kwargs)
-        if self.density is not None:
-            density = self.density
-        elif self.epsilon is not None:
-            density = topologies.density_from_epsilon(self.epsilon, input_dim, self.units)
-        else:
-            density = min(
-                1.0,
-                _DEFAULT_EPSILON * (input_dim + self.units) / (input_dim * self.units),
-            )
+        density = self._density_for(input_dim)
         return builder(
             input_dim,
             self.units,
@@ -214,6 +225,58 @@ class SparseDense(keras.layers.Layer):
             seed=self.seed,
             **self.topology_kwargs,
         )
+
+    def _density_for(self, input_dim):
+        if self.density is not None:
+            return self.density
+        if self.epsilon is not None:
+            return topologies.density_from_epsilon(self.epsilon, input_dim, self.units)
+        return min(1.0, _DEFAULT_EPSILON * (input_dim + self.units) / (input_dim * self.units))
+
+    def _draw_inside_allowed(self, input_dim):
+        """Erdős–Rényi restricted to `allowed`: `density` of the whole kernel, drawn
+        uniformly among the allowed positions."""
+        shape = (input_dim, self.units)
+        inside = np.flatnonzero(self.allowed.dense(shape).ravel())
+        count = max(1, int(round(self._density_for(input_dim) * input_dim * self.units)))
+        if count > inside.size:
+            raise ValueError(
+                f"`SparseDense` '{self.name}' asks for {count} connections but its `allowed` "
+                f"pattern has room for {inside.size} of the {input_dim * self.units}. Lower "
+                f"`density`. Received: density={self._density_for(input_dim):.4g}"
+            )
+        flat = np.zeros(input_dim * self.units, np.float32)
+        flat[np.random.default_rng(self.seed).choice(inside, count, replace=False)] = 1.0
+        return flat.reshape(shape)
+
+    def _check_inside_allowed(self, mask):
+        if self.allowed is None:
+            return
+        self.allowed.check(mask.shape, "SparseDense")
+        outside = int(np.count_nonzero((mask != 0) & ~self.allowed.dense(mask.shape)))
+        if outside:
+            source = "its `mask`" if self.mask_value is not None else f"topology {self.topology!r}"
+            raise ValueError(
+                f"`SparseDense` '{self.name}': {outside} connections of {source} lie outside "
+                f"its `allowed` pattern ({self.allowed!r}). Give a mask inside it, or use "
+                "topology='erdos_renyi', which draws inside it."
+            )
+
+    @property
+    def num_allowed(self) -> int:
+        """Positions where a connection may exist (all of the kernel without `allowed`)."""
+        self._require_built("num_allowed")
+        shape = tuple(self.mask.shape)
+        return int(np.prod(shape)) if self.allowed is None else self.allowed.count(shape)
+
+    @property
+    def allowed_positions(self):
+        """None (anywhere), or `f(flat_positions) -> bool tensor`: where `allowed`
+        lets a connection exist. `keras.ops` only: growth steps call it compiled."""
+        self._require_built("allowed_positions")
+        if self.allowed is None:
+            return None
+        return functools.partial(self.allowed.contains, shape=tuple(self.mask.shape))
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
@@ -223,6 +286,7 @@ class SparseDense(keras.layers.Layer):
                 f"input_shape={input_shape}"
             )
         mask = self._draw_mask(int(input_dim))
+        self._check_inside_allowed(mask)
         scale = 1.0
         if self.density_aware_init and isinstance(
             self.kernel_initializer, initializers.VarianceScaling
@@ -262,7 +326,7 @@ class SparseDense(keras.layers.Layer):
 
     def apply_mask(self):
         """Zeroes the kernel wherever the mask is 0 (after an external assign)."""
-        self.kernel.assign(ops.multiply(self.kernel, ops.cast(self.mask, self.kernel.dtype)))
+        self.kernel.assign(ops.where(self.mask > 0, self.kernel, ops.zeros_like(self.kernel)))
 
     def masked_kernel(self):
         """The kernel as a tensor whose gradient is zero where the mask is.
@@ -324,6 +388,7 @@ class SparseDense(keras.layers.Layer):
                 "mask": None if self.mask_value is None else encode_mask(self.mask_value),
                 "implementation": self.implementation,
                 "topology_kwargs": dict(self.topology_kwargs),
+                "allowed": None if self.allowed is None else self.allowed.get_config()["blocks"],
                 "activation": activations.serialize(self.activation),
                 "use_bias": self.use_bias,
                 "kernel_initializer": initializers.serialize(self.kernel_initializer),

@@ -32,6 +32,7 @@ __all__ = [
     "dispatch_plan",
     "expert_capacity",
     "gather_slots",
+    "top_k",
     "top_k_weights",
 ]
 
@@ -54,13 +55,33 @@ class DispatchPlan(NamedTuple):
     capacity: object
 
 
+def top_k(values, k: int):
+    """`(values, indices)` of the `k` largest entries of the last axis, largest first.
+
+    Ties go to the lower index, as `ops.top_k`. Written as `k` rounds of
+    argmax over the (small) expert axis rather than `ops.top_k`: on JAX,
+    `top_k` lowers to a StableHLO composite that TensorFlow cannot load from
+    an exported SavedModel, while argmax exports everywhere.
+    """
+    n = values.shape[-1]
+    picked_values, picked_index = [], []
+    remaining = values
+    for _ in range(k):
+        index = ops.cast(ops.argmax(remaining, axis=-1), "int32")
+        hit = ops.one_hot(index, n) > 0
+        picked_values.append(ops.sum(ops.where(hit, values, ops.zeros_like(values)), axis=-1))
+        picked_index.append(index)
+        remaining = ops.where(hit, ops.full_like(remaining, float("-inf")), remaining)
+    return ops.stack(picked_values, axis=-1), ops.stack(picked_index, axis=-1)
+
+
 def top_k_weights(gates, k: int):
     """The `k` largest gate values per row, renormalised to sum to one.
 
     Returns `(weights, index)`, both `(tokens, k)`; `index` is int32. A row whose
     top-k values are all zero keeps zero weights.
     """
-    values, index = ops.top_k(gates, k)
+    values, index = top_k(gates, k)
     total = ops.sum(values, axis=-1, keepdims=True)
     weights = ops.where(total > 0, values / ops.where(total > 0, total, 1.0), 0.0)
     return weights, ops.cast(index, "int32")

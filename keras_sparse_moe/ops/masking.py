@@ -15,7 +15,9 @@ def _identity_with_masked_gradient(kernel, mask):
     def grad(*args, upstream=None):
         if upstream is None:
             (upstream,) = args
-        return ops.multiply(upstream, ops.cast(mask, upstream.dtype)), ops.zeros_like(mask)
+        # A select, not a product: a NaN or inf gradient must not reach a masked entry.
+        masked = ops.where(mask > 0, upstream, ops.zeros_like(upstream))
+        return masked, ops.zeros_like(mask)
 
     return ops.copy(kernel), grad
 
@@ -23,7 +25,8 @@ def _identity_with_masked_gradient(kernel, mask):
 def mask_gradient(kernel, mask):
     """Returns `kernel` unchanged; its gradient is multiplied by `mask`.
 
-    Where the mask is 0 the gradient is exactly 0, so an optimizer step (SGD,
+    Where the mask is 0 the gradient is exactly 0 (even where the incoming
+    gradient is NaN or inf), so an optimizer step (SGD,
     momentum, Adam, AdamW, RMSprop, ...) leaves a zero weight at zero. The
     forward pass costs nothing and the backward multiply fuses into the
     optimizer's elementwise update under XLA.

@@ -32,6 +32,7 @@ __all__ = [
     "quiet_tracing",
     "random_empty_positions",
     "connection_list_is_current",
+    "dropped_marker",
     "dropped_positions",
     "rewire",
     "select_smallest",
@@ -277,27 +278,47 @@ def dropped_positions(indices, drop, k_max: int, fill):
     return ops.where(ops.arange(k_max, dtype="int32") <= rank[-1], dropped, fill)
 
 
-def random_empty_positions(mask, candidates, count, k_max: int, dropped=None):
+def dropped_marker(n_candidates: int) -> int:
+    """The mark of a dropped position in `random_empty_positions`' hit counts:
+    a power of two above any count of hits (`n_candidates`), so that hits and a
+    mark add up in one int32 without ambiguity."""
+    marker = 1 << max(1, int(n_candidates)).bit_length()
+    if 2 * marker > _INT_MAX:
+        raise ValueError(
+            "Too many regrowth candidates for int32 hit counts. "
+            f"Received: n_candidates={n_candidates}"
+        )
+    return marker
+
+
+def random_empty_positions(mask, candidates, count, k_max: int, dropped=None, allowed=None):
     """`count` distinct empty positions from random `candidates`, in rank order.
 
     Candidates (uniform random ints in `[0, len(mask))`) that hit a kept
     position, or appear more than once, are rejected; the first `count` of the
     rest are taken, so the result is a uniform sample of empty positions.
     Positions in `dropped` (from `dropped_positions`), about to be removed,
-    count as empty. Returns `(positions, enough)`: `positions` has `k_max`
-    entries of which the first `count` are valid; `enough` is False if too few
-    candidates survived (the caller then draws again).
+    count as empty. `allowed` (optional, boolean like `candidates`) rejects
+    the candidates where no connection may exist. Returns `(positions,
+    enough)`: `positions` has `k_max` entries of which the first `count` are
+    valid; `enough` is False if too few candidates survived (the caller then
+    draws again).
     """
     # One int32 buffer counts candidate hits (units) and marks dropped
-    # positions (+1024), so both tests cost a single scatter and gather.
+    # positions (+marker), so both tests cost a single scatter and gather. A
+    # position is hit at most once per candidate: a marker above the number of
+    # candidates can never be confused with hits.
+    marker = dropped_marker(candidates.shape[0])
     marks = ops.ones(ops.shape(candidates), "int32")
     where, what = candidates, marks
     if dropped is not None:
         where = ops.concatenate([candidates, dropped])
-        what = ops.concatenate([marks, ops.full(ops.shape(dropped), 1024, "int32")])
+        what = ops.concatenate([marks, ops.full(ops.shape(dropped), marker, "int32")])
     hits = ops.take(ops.scatter(ops.expand_dims(where, -1), what, ops.shape(mask)), candidates)
-    empty = ops.logical_or(ops.take(mask, candidates) == 0, hits >= 1024)
-    valid = ops.logical_and(empty, hits % 1024 == 1)
+    empty = ops.logical_or(ops.take(mask, candidates) == 0, hits >= marker)
+    valid = ops.logical_and(empty, hits % marker == 1)
+    if allowed is not None:
+        valid = ops.logical_and(valid, allowed)
     rank = prefix_count(valid)
     chosen = ops.logical_and(valid, rank <= ops.cast(count, "int32"))
     slot = ops.where(chosen, rank - 1, k_max)
@@ -310,8 +331,11 @@ def random_empty_positions(mask, candidates, count, k_max: int, dropped=None):
 _SAMPLE = 16384  # entries sampled to bracket the growth threshold
 _GROUP = 16  # compaction groups: counted per group, then ranked inside one
 # Each entry of a group adds its weight when True: the sum holds the group's
-# count (low 5 bits) and its flags as bits (above them), in one reduction.
-_PACK = np.array([1 + (1 << (5 + j)) for j in range(_GROUP)], "int32")
+# count (low `_COUNT_BITS` bits: 0 to _GROUP) and its flags as bits (above
+# them), in one int32 reduction. The flags are read as two bytes (`_SELECT8`),
+# which is what fixes `_GROUP` at 16.
+_COUNT_BITS = _GROUP.bit_length()
+_PACK = np.array([1 + (1 << (_COUNT_BITS + j)) for j in range(_GROUP)], "int32")
 # Byte tables: `_POP8[b]` set bits of b; `_SELECT8[8 * b + r]` the place of
 # its (r + 1)-th set bit.
 _POP8 = np.array([bin(b).count("1") for b in range(256)], "int32")
@@ -335,7 +359,7 @@ def compact_positions(flags, capacity: int):
     groups = -(-n // _GROUP)
     table = ops.reshape(ops.pad(flags, [(0, groups * _GROUP - n)]), (groups, _GROUP))
     packed = ops.sum(ops.where(table, _PACK, 0), axis=1)
-    counts, bits = packed % 32, packed // 32
+    counts, bits = packed % (1 << _COUNT_BITS), packed // (1 << _COUNT_BITS)
     ends = _running_sum(counts)
     starts = ends - counts
     # Slot s lies in the last group starting at or before s: the number of

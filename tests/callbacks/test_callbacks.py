@@ -241,6 +241,33 @@ def test_rigl_in_fit_with_cosine_decay_and_reuse():
     assert_masked_weights_zero(model)
 
 
+@pytest.mark.parametrize("name", ["set", "set_dense_candidates", "rigl"])
+def test_growth_stays_inside_the_allowed_pattern(name):
+    # Block-diagonal connectivity (4 clusters); growth must never leave it.
+    pattern = ksm.topologies.BlockPattern.within_clusters(4)
+    density = 0.6 if name == "set_dense_candidates" else 0.1  # 0.6: candidates = a permutation
+    model = keras.Sequential(
+        [
+            keras.Input((24,)),
+            ksm.layers.SparseDense(32, density=density / 4, allowed=pattern, seed=0, name="h"),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
+    layer = model.layers[0]
+    count = layer.num_connections
+    if name == "rigl":
+        callback = RigL(data=(X, Y), update_every=2, drop_fraction=0.5, seed=0)
+    else:
+        callback = SETEvolution(zeta=0.5, update_every=2, seed=0)
+    history = model.fit(X, Y, batch_size=16, epochs=3, verbose=0, callbacks=[callback])
+    assert sum(history.history[f"{callback.name}/rewired"]) > 0
+    mask = to_numpy(layer.mask)
+    assert not np.any((mask > 0) & ~pattern.dense(mask.shape))
+    assert layer.num_connections == count
+    assert_masked_weights_zero(model)
+
+
 # --------------------------------------------------------------------------- #
 # Magnitude pruning and schedules
 # --------------------------------------------------------------------------- #
@@ -338,8 +365,10 @@ def test_callback_configs_cover_init():
         SETEvolution(zeta=0.2, update_every=5, seed=1, exclude=["a"]),
         RigL(data=(X, Y), update_every=10, end_step=100),
         MagnitudePruning(ConstantSparsity(0.5)),
+        ksm.callbacks.ActivationRateLogger(layer="mixture", every=2, batch_size=64, verbose=0),
     ):
-        params = set(inspect.signature(type(callback).__init__).parameters) - {"self", "data"}
+        arrays = {"data", "by_class"}  # arrays, not configuration
+        params = set(inspect.signature(type(callback).__init__).parameters) - {"self"} - arrays
         config = callback.get_config()
         assert params <= set(config)
         extra = {"data": (X, Y)} if isinstance(callback, RigL) else {}

@@ -35,7 +35,7 @@ def test_router_math_is_float32_under_mixed_precision():
     gate = SoftmaxGate(3, network=keras.layers.Dense(3))  # a float16 network
     routing = gate.route(X)
     assert routing.logits.dtype == "float32" and routing.gates.dtype == "float32"
-    assert NoisyTopKGate(3, k=1).compute_dtype == "float32"
+    assert NoisyTopKGate(3, top_k=1).compute_dtype == "float32"
 
 
 def _set_noisy_weights(gate):
@@ -46,7 +46,7 @@ def _set_noisy_weights(gate):
 
 
 def test_noisy_top_k_inference_is_softmax_over_the_clean_top_k():
-    gate = NoisyTopKGate(5, k=2)
+    gate = NoisyTopKGate(5, top_k=2)
     w_gate, _ = _set_noisy_weights(gate)
     gates = to_numpy(gate(X, training=False))
     clean = X @ w_gate
@@ -58,7 +58,7 @@ def test_noisy_top_k_inference_is_softmax_over_the_clean_top_k():
 
 
 def test_noisy_top_k_training_noise_and_load_match_the_paper():
-    gate = NoisyTopKGate(5, k=2, noise_epsilon=0.01, seed=3)
+    gate = NoisyTopKGate(5, top_k=2, noise_epsilon=0.01, seed=3)
     w_gate, w_noise = _set_noisy_weights(gate)
     routing = gate.route(X, training=True)
     noisy, gates, load = (to_numpy(v) for v in (routing.logits, routing.gates, routing.load))
@@ -78,7 +78,7 @@ def test_noisy_top_k_training_noise_and_load_match_the_paper():
 
 
 def test_noisy_top_k_starts_at_zero():
-    gate = NoisyTopKGate(4, k=1)
+    gate = NoisyTopKGate(4, top_k=1)
     gate.build(X.shape)
     assert not np.any(to_numpy(gate.gate_kernel)) and not np.any(to_numpy(gate.noise_kernel))
 
@@ -98,7 +98,7 @@ def test_oracle_gate_is_one_hot():
     [
         lambda: SoftmaxGate(3),
         lambda: SoftmaxGate(3, network=keras.Sequential([keras.layers.Dense(3)])),
-        lambda: NoisyTopKGate(4, k=2, noise_epsilon=0.1, seed=1),
+        lambda: NoisyTopKGate(4, top_k=2, noise_epsilon=0.1, seed=1),
         lambda: OracleGate(2),
     ],
 )
@@ -110,10 +110,10 @@ def test_config_round_trip(gate):
     "make, error, match",
     [
         (lambda: SoftmaxGate(0), ValueError, "num_experts=0"),
-        (lambda: NoisyTopKGate(3, k=4), ValueError, "k=4"),
-        (lambda: NoisyTopKGate(3, k=0), ValueError, "k=0"),
-        (lambda: NoisyTopKGate(3, k=1.5), ValueError, "k=1.5"),
-        (lambda: NoisyTopKGate(3, k=1, noise_epsilon=-1), ValueError, "noise_epsilon=-1"),
+        (lambda: NoisyTopKGate(3, top_k=4), ValueError, "top_k=4"),
+        (lambda: NoisyTopKGate(3, top_k=0), ValueError, "top_k=0"),
+        (lambda: NoisyTopKGate(3, top_k=1.5), ValueError, "top_k=1.5"),
+        (lambda: NoisyTopKGate(3, top_k=1, noise_epsilon=-1), ValueError, "noise_epsilon=-1"),
     ],
 )
 def test_invalid_arguments(make, error, match):

@@ -177,17 +177,6 @@ def test_keras_round_trip_of_a_ptsne_gated_mixture(tmp_path):
     assert_config_covers_init(mixture.gate)
 
 
-@pytest.mark.tensorflow_only
-def test_saved_model_export_of_a_ptsne_gated_mixture(tmp_path):
-    import tensorflow as tf
-
-    model = keras.Sequential([keras.Input((64,)), _mixture()])
-    path = os.path.join(tmp_path, "exported")
-    model.export(path, format="tf_saved_model", verbose=False)
-    reloaded = tf.saved_model.load(path)
-    np.testing.assert_allclose(reloaded.serve(X).numpy(), to_numpy(model(X)), rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

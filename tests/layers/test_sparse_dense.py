@@ -157,6 +157,20 @@ def test_masked_weights_stay_exactly_zero_in_fit(build, optimizer, jit_compile):
         assert moved.any() and np.all(to_numpy(layer.mask)[moved] == 1)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_nan_input_leaves_masked_weights_exactly_zero(jit_compile):
+    # A NaN gradient times a zero mask is NaN: masking must select, not multiply.
+    x = np.random.default_rng(0).random((64, 16)).astype("float32")
+    x[5, 3] = np.nan
+    model = keras.Sequential([keras.Input((16,)), SparseDense(8, density=0.3, seed=0)])
+    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
+    model.fit(x, np.zeros((64, 8), "float32"), batch_size=16, epochs=2, verbose=0)
+    layer = model.layers[0]
+    kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
+    assert np.isnan(kernel[mask > 0]).any()  # the user's NaN did reach the kept weights
+    assert np.all(kernel[mask == 0] == 0)
+
+
 def test_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
     model = _sequential()
@@ -192,6 +206,7 @@ def test_set_weights_keeps_the_invariant():
             "topology_kwargs": {"num_clusters": 2},
         },
         {"units": 8, "kernel_regularizer": "l2", "kernel_constraint": "max_norm", "seed": 1},
+        {"units": 8, "density": 0.2, "allowed": topologies.BlockPattern.within_clusters(2)},
     ],
 )
 def test_config_round_trip(kwargs):
@@ -267,6 +282,7 @@ def test_saved_model_export(tmp_path):
         ({"units": 8, "seed": 1.0}, TypeError, "seed=1.0"),
         ({"units": 8, "topology_kwargs": 3}, TypeError, "topology_kwargs=3"),
         ({"units": 8, "density_aware_init": "yes"}, TypeError, "density_aware_init='yes'"),
+        ({"units": 8, "allowed": "blocks"}, ValueError, "allowed='blocks'"),
         (
             {
                 "units": 8,
@@ -294,11 +310,38 @@ def test_invalid_arguments(kwargs, error, match):
             "degree=9",
         ),
         ({"units": 4}, (None, None), "known last input dimension"),
+        (  # more connections than the allowed blocks hold
+            {"units": 8, "density": 0.6, "allowed": np.eye(2)},
+            (None, 8),
+            "room for 32",
+        ),
+        (  # a topology drawing outside the pattern
+            {"units": 8, "density": 0.5, "topology": "fibonacci", "allowed": np.eye(2)},
+            (None, 8),
+            "lie outside its `allowed`",
+        ),
+        ({"units": 2, "mask": np.ones((4, 2)), "allowed": np.eye(2)}, (None, 4), "its `mask`"),
+        ({"units": 8, "allowed": np.ones((9, 1))}, (None, 8), r"blocks.shape=\(9, 1\)"),
     ],
 )
 def test_invalid_at_build(kwargs, shape, match):
     with pytest.raises(ValueError, match=match):
         SparseDense(**kwargs).build(shape)
+
+
+def test_allowed_pattern_bounds_the_initial_draw():
+    pattern = topologies.BlockPattern.between_clusters(3)
+    layer = SparseDense(12, density=0.25, allowed=pattern, seed=0)
+    layer.build((None, 12))
+    mask = to_numpy(layer.mask)
+    assert mask.sum() == round(0.25 * 144)  # density of the whole kernel
+    assert not np.any((mask > 0) & ~pattern.dense((12, 12)))
+    assert layer.num_allowed == 96
+    # A dense binary array is the finest pattern.
+    fine = np.random.default_rng(0).random((12, 12)) < 0.5
+    layer = SparseDense(12, density=0.1, allowed=fine.astype(int), seed=0)
+    layer.build((None, 12))
+    assert not np.any((to_numpy(layer.mask) > 0) & ~fine) and layer.num_allowed == fine.sum()
 
 
 def test_num_connections_before_build_is_a_clear_error():

@@ -92,3 +92,11 @@ def test_top_k_weights_renormalise():
     weights, index = dispatch.top_k_weights(gates, 2)
     np.testing.assert_array_equal(to_numpy(index)[0], [1, 2])
     np.testing.assert_allclose(to_numpy(weights), [[2 / 3, 1 / 3], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_top_k_matches_a_stable_sort_with_ties():
+    values = np.random.default_rng(2).integers(0, 4, (50, 6)).astype("float32")  # many ties
+    got_values, got_index = (to_numpy(v) for v in dispatch.top_k(values, 3))
+    expected = np.argsort(-values, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(got_index, expected)
+    np.testing.assert_array_equal(got_values, np.take_along_axis(values, expected, axis=1))

@@ -101,6 +101,35 @@ def test_dropped_positions_count_as_empty_for_regrowth():
     assert bool(to_numpy(enough))
 
 
+def test_a_kept_position_hit_many_times_is_never_regrown():
+    # 1,025 candidates on one kept position: a fixed +1024 marker for dropped
+    # positions would read 1,025 hits as "dropped, hit once".
+    mask = np.zeros(5000, "float32")
+    mask[[9, 30]] = 1
+    candidates = np.array([9] * 1025 + [40, 41], "int32")
+    fn = _compiled(
+        lambda m, c, i, d: rewiring.random_empty_positions(
+            m, c, 2, 2, rewiring.dropped_positions(i, d, 2, 5000)
+        )
+    )
+    positions, enough = fn(mask, candidates, np.array([9, 30], "int32"), np.array([False, True]))
+    np.testing.assert_array_equal(to_numpy(positions), [40, 41])
+    assert bool(to_numpy(enough))
+    assert rewiring.dropped_marker(1027) > 1027
+
+
+def test_bit_packing_constants_fit_together():
+    # compact_positions packs a group's count (0.._GROUP) under its _GROUP flags
+    # in one int32 and reads the flags as two bytes.
+    assert rewiring._GROUP == 16
+    assert (1 << rewiring._COUNT_BITS) > rewiring._GROUP
+    assert rewiring._COUNT_BITS + rewiring._GROUP <= 31
+    flags = np.ones(64, bool)  # full groups: the count reaches _GROUP
+    listed, total = _compiled(lambda f: rewiring.compact_positions(f, 64))(flags)
+    np.testing.assert_array_equal(to_numpy(listed), np.arange(64))
+    assert int(to_numpy(total)) == 64
+
+
 def test_rewire_moves_connections_and_resets_state():
     mask = (RNG.random(100) < 0.4).astype("float32")
     kernel = (RNG.standard_normal(100) * mask).astype("float32")
