@@ -54,7 +54,22 @@ def sparsify(model, density=None, epsilon=None, topology="erdos_renyi", exclude=
         raise TypeError(
             f"`sparsify` expects a Keras 3 model. Received: model of type {type(model).__name__}"
         )
+    if isinstance(exclude, str):
+        exclude = [exclude]
     excluded = set(exclude or ())
+    dense = [layer.name for layer in model.layers if type(layer) is keras.layers.Dense]
+    unknown = sorted(excluded - set(dense))
+    if unknown:
+        raise ValueError(
+            f"`sparsify` got `exclude` names that are not Dense layers of model '{model.name}'. "
+            f"Its Dense layers: {dense}. Received: exclude={sorted(excluded)}"
+        )
+    if not set(dense) - excluded:
+        raise ValueError(
+            f"`sparsify` found no `keras.layers.Dense` layer to convert in model "
+            f"'{model.name}' (top-level layers: {[type(x).__name__ for x in model.layers]}, "
+            f"excluded: {sorted(excluded) or 'none'})."
+        )
     counter = iter(range(10**9))
 
     def make(layer):

@@ -30,6 +30,21 @@ def _f32(x):
     return ops.cast(x, "float32")
 
 
+def _checked(x, name, owner, ranks, what):
+    """`x` as a float32 tensor, after checking its rank (static: no in-graph assert)."""
+    x = _f32(x)
+    if len(x.shape) not in ranks:
+        raise ValueError(
+            f"`{owner}` got an invalid `{name}`. Expected {what}. "
+            f"Received: {name} of shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def _gates(gates, owner, name="gates"):
+    return _checked(gates, name, owner, (2,), "a rank-2 tensor (tokens, num_experts)")
+
+
 def _entropy(p, axis=-1):
     """H(p) = -sum p ln p, with 0 ln 0 = 0 (and a zero gradient there)."""
     safe = ops.where(p > 0, p, ops.ones_like(p))
@@ -47,7 +62,7 @@ def batch_entropy(gates):
     >>> round(float(batch_entropy(np.full((4, 2), 0.5))), 4)
     -0.6931
     """
-    return -_entropy(ops.mean(_f32(gates), axis=0))
+    return -_entropy(ops.mean(_gates(gates, "batch_entropy"), axis=0))
 
 
 def sample_entropy(gates):
@@ -55,7 +70,7 @@ def sample_entropy(gates):
 
     The seed 003 sample term (weight beta = 0.01 there).
     """
-    return ops.mean(_entropy(_f32(gates)))
+    return ops.mean(_entropy(_gates(gates, "sample_entropy")))
 
 
 def batch_variance(gates):
@@ -64,7 +79,7 @@ def batch_variance(gates):
     Zero when every expert has the same mean gate value; minimising it
     balances usage.
     """
-    return ops.var(ops.mean(_f32(gates), axis=0))
+    return ops.var(ops.mean(_gates(gates, "batch_variance"), axis=0))
 
 
 def sample_variance(gates):
@@ -72,7 +87,7 @@ def sample_variance(gates):
 
     Minimising it pushes each sample's gate vector towards one-hot.
     """
-    return -ops.mean(ops.var(_f32(gates), axis=-1))
+    return -ops.mean(ops.var(_gates(gates, "sample_variance"), axis=-1))
 
 
 def coefficient_of_variation_squared(values):
@@ -88,11 +103,12 @@ def coefficient_of_variation_squared(values):
 
 def importance_cv2(gates):
     """CV² of the experts' importance `sum_x G(x)` (Shazeer et al. 2017)."""
-    return coefficient_of_variation_squared(ops.sum(_f32(gates), axis=0))
+    return coefficient_of_variation_squared(ops.sum(_gates(gates, "importance_cv2"), axis=0))
 
 
 def load_cv2(load):
     """CV² of the experts' (smooth) load, as returned by `NoisyTopKGate`."""
+    load = _checked(load, "load", "load_cv2", (1,), "a rank-1 tensor (num_experts,)")
     return coefficient_of_variation_squared(load)
 
 
@@ -108,9 +124,20 @@ def switch_load_balancing(router_probs, expert_index, alpha=0.01):
     `f_e` is the fraction of tokens dispatched to expert `e` and `P_e` the mean
     router probability of `e`; the loss is `alpha` at perfect balance.
     """
-    probs = _f32(router_probs)
+    owner = "switch_load_balancing"
+    probs = _gates(router_probs, owner, "router_probs")
+    expert_index = ops.convert_to_tensor(expert_index)
+    index_rank = len(expert_index.shape)  # static shapes: no in-graph assert
+    tokens, index_tokens = probs.shape[0], expert_index.shape[0] if index_rank else None
+    mismatch = tokens is not None and index_tokens is not None and tokens != index_tokens
+    if index_rank not in (1, 2) or mismatch:
+        raise ValueError(
+            f"`{owner}` got an invalid `expert_index`. Expected shape (tokens,) or "
+            f"(tokens, num_experts) with the tokens of `router_probs` {tuple(probs.shape)}. "
+            f"Received: expert_index of shape {tuple(expert_index.shape)}"
+        )
     num_experts = ops.shape(probs)[-1]
-    if len(ops.shape(expert_index)) == len(ops.shape(probs)):
+    if index_rank == 2:
         dispatch = _f32(expert_index)
     else:
         dispatch = ops.one_hot(ops.cast(expert_index, "int32"), num_experts, dtype="float32")
@@ -121,7 +148,8 @@ def switch_load_balancing(router_probs, expert_index, alpha=0.01):
 
 def router_z_loss(logits):
     """`mean_x logsumexp(logits_x)^2` (ST-MoE): keeps router logits small."""
-    return ops.mean(ops.square(ops.logsumexp(_f32(logits), axis=-1)))
+    logits = _gates(logits, "router_z_loss", "logits")
+    return ops.mean(ops.square(ops.logsumexp(logits, axis=-1)))
 
 
 def tsne_kl(x, y, perplexity=30.0, dof=1.0, exaggeration=1.0):
@@ -143,7 +171,13 @@ def tsne_kl(x, y, perplexity=30.0, dof=1.0, exaggeration=1.0):
     """
     from keras_sparse_moe.ops import tsne
 
+    y = _checked(y, "y", "tsne_kl", (2,), "a rank-2 embedding (n, d)")
     n = x.shape[0]
+    if n is not None and y.shape[0] is not None and n != y.shape[0]:
+        raise ValueError(
+            "`tsne_kl` needs one embedding row per input. "
+            f"Received: x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}"
+        )
     tsne.check_perplexity(perplexity, n, "tsne_kl")
     p = tsne.joint_affinities(x, perplexity)
     return tsne.tsne_kl(p, y, dof=dof, exaggeration=exaggeration)

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sparse_moe import topologies
+
 __all__ = ["ActivationTable", "activation_rates", "gate_values_fn"]
 
 
@@ -186,6 +188,13 @@ def activation_rates(
             "`activation_rates` got an invalid `by_class`. Expected None or a dict "
             f"{{name: labels}}. Received: {type(by_class).__name__}"
         )
+    unknown = sorted(set(by_class or ()) - set(data), key=str)
+    if unknown:
+        raise ValueError(
+            "`activation_rates` got `by_class` names that are not in `data`. "
+            f"Expected names from {sorted(data, key=str)}. Received: {unknown}"
+        )
+    batch_size = topologies.check_size("batch_size", batch_size, "activation_rates")
     values_of = gate_values_fn(model_or_gate, layer)
     rows, values, counts = [], [], []
     for name, inputs in data.items():
@@ -199,8 +208,8 @@ def activation_rates(
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(gates):
             raise ValueError(
-                f"`activation_rates`: `by_class[{name!r}]` has {len(labels)} labels for "
-                f"{len(gates)} tokens."
+                f"`activation_rates` needs one label per token in `by_class[{name!r}]`. "
+                f"Received: {len(labels)} labels for {len(gates)} tokens of `data[{name!r}]`"
             )
         for label in np.unique(labels):
             chosen = gates[labels == label]

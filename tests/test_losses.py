@@ -94,3 +94,29 @@ def _value_and_grad(fn, x):
 
     value, grad = jax.value_and_grad(lambda v: fn(v))(x)
     return float(value), np.asarray(grad)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: losses.batch_entropy(np.ones(4, "float32")), r"gates of shape \(4,\)"),
+        (lambda: losses.sample_entropy(np.ones((2, 2, 2), "float32")), "rank-2"),
+        (lambda: losses.batch_variance(np.ones(4, "float32")), "rank-2"),
+        (lambda: losses.sample_variance(np.ones(4, "float32")), "rank-2"),
+        (lambda: losses.importance_cv2(np.ones((2, 2, 2), "float32")), "rank-2"),
+        (lambda: losses.load_cv2(np.ones((2, 2), "float32")), r"load of shape \(2, 2\)"),
+        (lambda: losses.router_z_loss(np.ones(3, "float32")), r"logits of shape \(3,\)"),
+        (
+            lambda: losses.switch_load_balancing(np.ones((4, 3)), np.zeros(5, "int32")),
+            r"expert_index of shape \(5,\)",
+        ),
+        (
+            lambda: losses.tsne_kl(np.ones((40, 4)), np.ones((30, 2)), perplexity=5.0),
+            r"y of shape \(30, 2\)",
+        ),
+        (lambda: losses.tsne_kl(np.ones((40, 4)), np.ones(40), perplexity=5.0), "rank-2"),
+    ],
+)
+def test_wrong_ranks_and_sizes_are_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

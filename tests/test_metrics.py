@@ -64,6 +64,10 @@ def test_errors():
         ksm.metrics.activation_rates("model", {"x": X}, verbose=False)
     with pytest.raises(ValueError, match="3 labels"):
         ksm.metrics.activation_rates(_mixture(), {"x": X}, by_class={"x": [0, 1, 2]}, verbose=False)
+    with pytest.raises(ValueError, match=r"Received: \['y'\]"):
+        ksm.metrics.activation_rates(_mixture(), {"x": X}, by_class={"y": [0]}, verbose=False)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ksm.metrics.activation_rates(_mixture(), {"x": X}, batch_size=0, verbose=False)
     with pytest.raises(ValueError, match="every=0"):
         ksm.callbacks.ActivationRateLogger(every=0)
     plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])

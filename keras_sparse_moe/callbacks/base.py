@@ -17,6 +17,12 @@ def find_sparse_layers(model, exclude=(), owner="callback"):
     from keras_sparse_moe.layers import SparseDense
 
     excluded = {x if isinstance(x, str) else x.name for x in exclude}
+    names = {layer.name for layer in model._flatten_layers(include_self=False)}
+    if excluded - names:
+        raise ValueError(
+            f"`{owner}` got `exclude` names that match no layer of model '{model.name}'. "
+            f"Received: exclude={sorted(excluded)}; unknown: {sorted(excluded - names)}"
+        )
     found = [
         layer
         for layer in model._flatten_layers(include_self=False)

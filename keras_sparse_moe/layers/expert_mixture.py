@@ -45,6 +45,19 @@ BALANCE_PRESETS = {
 }
 
 
+def _check_same_batch(inputs_shape, gate_inputs_shape):
+    """Static shapes only (no in-graph assert): one gate input per sample."""
+    if gate_inputs_shape is None or not len(gate_inputs_shape):
+        return
+    batch, gate_batch = inputs_shape[0], gate_inputs_shape[0]
+    if batch is not None and gate_batch is not None and batch != gate_batch:
+        raise ValueError(
+            f"`{OWNER}` needs one `gate_inputs` row per sample of `inputs`. Received: "
+            f"inputs of shape {tuple(inputs_shape)}, gate_inputs of shape "
+            f"{tuple(gate_inputs_shape)}"
+        )
+
+
 def _check_balance_losses(balance_losses, gate):
     if balance_losses is None:
         return {}
@@ -66,7 +79,7 @@ def _check_balance_losses(balance_losses, gate):
         if name not in BALANCE_LOSSES:
             raise ValueError(
                 f"`{OWNER}` got an unknown balance loss {name!r}. Expected names from "
-                f"{sorted(BALANCE_LOSSES)}."
+                f"{sorted(BALANCE_LOSSES)}. Received: balance_losses={balance_losses!r}"
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(
@@ -330,6 +343,12 @@ class SparseExpertMixture(keras.layers.Layer):
                 f"`{OWNER}`: `{type(self.gate).__name__}` routes by a separate input. "
                 "Call the mixture as `mixture(x, gate_inputs=expert_index)`."
             )
+        if len(inputs_shape) < 2:
+            raise ValueError(
+                f"`{OWNER}` needs inputs of rank >= 2 (batch, ..., features). "
+                f"Received: inputs_shape={tuple(inputs_shape)}"
+            )
+        _check_same_batch(inputs_shape, gate_inputs_shape)
         self.expert_bank.build(inputs_shape)
         token_shape = self.expert_bank.token_shape
         if not self.gate.built:
@@ -404,6 +423,8 @@ class SparseExpertMixture(keras.layers.Layer):
 
     # ------------------------------------------------------------------ #
     def call(self, inputs, gate_inputs=None, training=None):
+        if gate_inputs is not None:
+            _check_same_batch(inputs.shape, gate_inputs.shape)
         bank = self.expert_bank
         tokens = bank.tokens(inputs)
         routing, weights, index = self._route(tokens, gate_inputs, training)

@@ -326,7 +326,8 @@ class SparseDense(keras.layers.Layer):
 
     def apply_mask(self):
         """Zeroes the kernel wherever the mask is 0 (after an external assign)."""
-        self.kernel.assign(ops.where(self.mask > 0, self.kernel, ops.zeros_like(self.kernel)))
+        kernel = ops.convert_to_tensor(self.kernel)
+        self.kernel.assign(ops.where(ops.convert_to_tensor(self.mask) > 0, kernel, 0.0))
 
     def masked_kernel(self):
         """The kernel as a tensor whose gradient is zero where the mask is.

@@ -341,6 +341,11 @@ def test_sparsify_keeps_weights_where_the_mask_does():
     np.testing.assert_allclose(to_numpy(full(x)), to_numpy(dense(x)), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="Keras 3 model"):
         ksm.sparsify("model", density=0.5)
+    with pytest.raises(ValueError, match=r"exclude=\['nope'\]"):
+        ksm.sparsify(dense, density=0.5, exclude=["nope"])
+    convolution = keras.Sequential([keras.Input((10, 1)), keras.layers.Conv1D(2, 3)])
+    with pytest.raises(ValueError, match="no `keras.layers.Dense` layer"):
+        ksm.sparsify(convolution, density=0.5)
 
 
 def test_input_connectivity_plot(tmp_path):
@@ -381,6 +386,8 @@ def test_callbacks_need_a_sparse_layer():
     model.compile("sgd", "mse")
     with pytest.raises(ValueError, match="found no `SparseDense` layer"):
         model.fit(np.ones((4, 4)), np.ones((4, 1)), verbose=0, callbacks=[SETEvolution()])
+    with pytest.raises(ValueError, match=r"unknown: \['hidden'\]"):  # a typo is not ignored
+        _model().fit(X, Y, verbose=0, callbacks=[SETEvolution(exclude=["hidden"])])
 
 
 @pytest.mark.parametrize(

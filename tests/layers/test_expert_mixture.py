@@ -387,6 +387,10 @@ def test_invalid_at_build():
         SparseExpertMixture(gate=_gate_of_width(3), **BUILTIN)(X)
     with pytest.raises(ValueError, match="units=5"):
         SparseExpertMixture(experts=[keras.layers.Dense(3)] * 2, units=5)(X)
+    with pytest.raises(ValueError, match=r"inputs_shape=\(10,\)"):
+        SparseExpertMixture(**BUILTIN)(X[0])
+    with pytest.raises(ValueError, match=r"gate_inputs of shape \(5, 10\)"):
+        SparseExpertMixture(**BUILTIN)(X, gate_inputs=X[:5])
 
 
 @pytest.mark.parametrize(
