@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -30,6 +31,9 @@ from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from keras_sparse_moe import ParametricTSNE
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from common import load_named  # noqa: E402
 
 # Published 2-D figures (ParametricUMAP paper), 1-NN / trustworthiness(5).
 ANCHORS = {
@@ -50,11 +54,8 @@ VARIANTS = {
 
 
 def load(data_dir, name, train, test):
-    with np.load(os.path.join(data_dir, f"{name}.npz")) as f:
-        x_train, y_train = f["x_train"][:train], f["y_train"][:train]
-        x_test, y_test = f["x_test"][:test], f["y_test"][:test]
-    flat = lambda x: x.reshape(len(x), -1).astype("float32") / 255.0  # noqa: E731
-    return flat(x_train), y_train.astype(int), flat(x_test), y_test.astype(int)
+    data = load_named(data_dir, name, train, test)
+    return data.x_train, data.y_train, data.x_test, data.y_test
 
 
 def score(train_emb, y_train, test_emb, y_test, x_test):

@@ -10,17 +10,21 @@ table gives the median step time and its ratio to the dense model.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 
 import keras
 import numpy as np
 from interleaved import fit_step_times
 from keras import ops
 
+import keras_sparse_moe as ksm
 from keras_sparse_moe.layers import SparseDense
 
-HIDDEN = (1000, 1000, 1000)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from common import build_mlp, dense_layer  # noqa: E402
 
 
 class ForwardMaskedDense(SparseDense):
@@ -32,27 +36,17 @@ class ForwardMaskedDense(SparseDense):
         return self.activation(outputs)
 
 
-def mlp(make_layer, seed=0):
-    keras.utils.set_random_seed(seed)
-    layers = [keras.Input((784,))]
-    layers += [make_layer(units, "relu") for units in HIDDEN]
-    # At epsilon=20 a 1000x10 layer would be denser than full: SET keeps it dense.
-    layers += [keras.layers.Dense(10, activation="softmax")]
-    model = keras.Sequential(layers)
-    model.compile(
-        keras.optimizers.SGD(0.01, momentum=0.9),
-        "sparse_categorical_crossentropy",
-        jit_compile=True,
+def mlp(hidden_layer, seed=0):
+    return build_mlp(
+        hidden_layer, optimizer=keras.optimizers.SGD(0.01, momentum=0.9), metrics=(), seed=seed
     )
-    return model
 
 
 def load(path, steps, batch):
     n = steps * batch
     if path:
-        with np.load(path) as d:
-            x, y = d["x_train"][:n], d["y_train"][:n]
-        return x.reshape(len(x), -1).astype("float32") / 255.0, y.astype("int32")
+        data = ksm.datasets.load_image_classification(path)
+        return data.x_train[:n], data.y_train[:n]
     rng = np.random.default_rng(0)
     return rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n).astype("int32")
 
@@ -68,10 +62,14 @@ def main():
 
     x, y = load(args.data, args.steps, args.batch)
     models = {
-        "Dense": mlp(lambda u, a: keras.layers.Dense(u, activation=a)),
-        "SparseDense": mlp(lambda u, a: SparseDense(u, epsilon=args.epsilon, activation=a, seed=1)),
+        "Dense": mlp(dense_layer),
+        "SparseDense": mlp(
+            lambda units, i: SparseDense(units, epsilon=args.epsilon, activation="relu", seed=1)
+        ),
         "SparseDense, mask in forward (ablation)": mlp(
-            lambda u, a: ForwardMaskedDense(u, epsilon=args.epsilon, activation=a, seed=1)
+            lambda units, i: ForwardMaskedDense(
+                units, epsilon=args.epsilon, activation="relu", seed=1
+            )
         ),
     }
     times = fit_step_times(models, x, y, args.batch, args.steps, args.repeats)
@@ -81,7 +79,7 @@ def main():
     dense_weights = sum(int(np.prod(layer.kernel.shape)) for layer in sparse)
     print(
         f"backend={keras.backend.backend()} machine={platform.machine()} "
-        f"cpus={__import__('os').cpu_count()} epsilon={args.epsilon} "
+        f"cpus={os.cpu_count()} epsilon={args.epsilon} "
         f"hidden kernel weights used={used}/{dense_weights} ({used / dense_weights:.1%})"
     )
     base = statistics.median(times["Dense"])

@@ -23,6 +23,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import keras
@@ -32,13 +33,8 @@ import keras_sparse_moe as ksm
 from keras_sparse_moe.callbacks.rigl import dense_kernel_gradients
 from keras_sparse_moe.layers import SparseDense
 
-HIDDEN = (1000, 1000, 1000)
-EPSILON = 20.0
-
-
-def load(path):
-    data = ksm.datasets.load_image_classification(path)
-    return data.x_train, data.y_train, data.x_test, data.y_test
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from common import EPSILON, HIDDEN, build_mlp, dense_layer, load_named, sparse_layer  # noqa: E402
 
 
 def make_optimizer(name, module):
@@ -49,24 +45,12 @@ def make_optimizer(name, module):
 
 
 def keras3_mlp(sparse, seed, optimizer="adam", dropout=0.0):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((784,))
-    x = inputs
-    for i, units in enumerate(HIDDEN):
-        if sparse:
-            x = SparseDense(units, epsilon=EPSILON, activation="relu", seed=seed + i)(x)
-        else:
-            x = keras.layers.Dense(units, activation="relu")(x)
-        if dropout:
-            x = keras.layers.Dropout(dropout)(x)
-    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
-    model.compile(
-        make_optimizer(optimizer, keras),
-        "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=True,
+    return build_mlp(
+        sparse_layer(EPSILON, seed) if sparse else dense_layer,
+        optimizer=make_optimizer(optimizer, keras),
+        dropout=dropout,
+        seed=seed,
     )
-    return model
 
 
 def tfmot_mlp(densities, end_step, seed, optimizer="adam", dropout=0.0):
@@ -153,7 +137,8 @@ def hidden_weights(model):
 def training(args):
     rows = []
     for dataset in args.datasets:
-        x, y, xt, yt = load(os.path.join(args.data_dir, f"{dataset}.npz"))
+        data = load_named(args.data_dir, dataset)
+        x, y, xt, yt = data.x_train, data.y_train, data.x_test, data.y_test
         steps = int(np.ceil(len(x) / args.batch_size))
         total_steps = steps * args.epochs
         recipe = {"optimizer": args.optimizer, "dropout": args.dropout}
@@ -272,7 +257,7 @@ def rewiring(args):
     def rigl_once():
         # Returns once the compiled step has run: it reads the step's flags back,
         # as SET's `evolve` does (no further read, which would time the script).
-        rigl_cb._update_layer(layer, grad, 0.3)
+        rigl_cb.update(0.3, gradients=[grad])
 
     def train_step():
         model.train_on_batch(x[:128], x[:128])

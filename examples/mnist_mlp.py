@@ -15,43 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import keras
-import numpy as np
 
 import keras_sparse_moe as ksm
 
-HIDDEN = (1000, 1000, 1000)
-
-
-def build_mlp(input_dim, num_classes, hidden_layer):
-    inputs = keras.Input((input_dim,))
-    x = inputs
-    for units in HIDDEN:
-        x = hidden_layer(units)(x)
-    # At epsilon=20 a 1000x10 layer would be denser than full, so the output stays Dense.
-    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(
-        keras.optimizers.Adam(1e-3),
-        "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=True,
-    )
-    return model
-
-
-def weight_count(model):
-    """(weights used, weights of the same model fully connected): kernels + biases."""
-    used = full = 0
-    for layer in model.layers:
-        for weight in layer.trainable_weights:
-            size = int(np.prod(weight.shape))
-            full += size
-            if isinstance(layer, ksm.layers.SparseDense) and weight is layer.kernel:
-                size = layer.num_connections
-            used += size
-    return used, full
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build_mlp, dense_layer, sparse_layer, weight_count  # noqa: E402
 
 
 def main(argv=None):
@@ -70,24 +41,12 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
 
     def sparse_mlp():
-        return build_mlp(
-            data.x_train.shape[1],
-            data.num_classes,
-            lambda units: ksm.layers.SparseDense(
-                units, epsilon=args.epsilon, activation="relu", seed=args.seed + units
-            ),
-        )
+        return build_mlp(sparse_layer(args.epsilon, args.seed), dim, data.num_classes)
 
+    dim = data.x_train.shape[1]
     set_name = f"SparseDense MLP + SET (epsilon={args.epsilon:g}, zeta=0.3)"
     runs = {
-        "Dense MLP": (
-            build_mlp(
-                data.x_train.shape[1],
-                data.num_classes,
-                lambda units: keras.layers.Dense(units, activation="relu"),
-            ),
-            [],
-        ),
+        "Dense MLP": (build_mlp(dense_layer, dim, data.num_classes), []),
         f"SparseDense MLP, static (epsilon={args.epsilon:g})": (sparse_mlp(), []),
         set_name: (sparse_mlp(), [ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed)]),
     }

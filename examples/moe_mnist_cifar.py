@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import keras
@@ -29,6 +30,9 @@ import numpy as np
 from keras import ops
 
 import keras_sparse_moe as ksm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_named  # noqa: E402
 
 GATES = ("oracle", "conv", "dense")
 LOSSES = ("none", "entropy", "variance")
@@ -40,24 +44,23 @@ def load(data_dir, samples, test_samples, seed):
     rng = np.random.default_rng(seed)
     parts = {}
     for index, name in ((MNIST, "mnist"), (CIFAR, "cifar10")):
-        path = os.path.join(data_dir, f"{name}.npz")
-        if not os.path.exists(path):
+        if not os.path.exists(os.path.join(data_dir, f"{name}.npz")):
             raise FileNotFoundError(
-                f"{path} not found: pass --data-dir with mnist.npz and cifar10.npz"
+                f"{name}.npz not found in {data_dir}: pass --data-dir with mnist.npz and "
+                "cifar10.npz"
             )
-        with np.load(path) as d:
-            arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        data = load_named(data_dir, name)
         for split, count in (("train", samples), ("test", test_samples)):
-            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"].reshape(-1)
+            x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
             pick = rng.permutation(len(x))[: min(count, len(x))]
-            x, y = x[pick].astype("float32") / 255.0, y[pick]
+            x = x[pick].reshape((-1, *data.image_shape))  # in [0, 1]
             if x.ndim == 4:  # CIFAR: RGB to grey (ITU-R 601 luma)
                 x = x @ np.array([0.299, 0.587, 0.114], dtype="float32")
             x = x[..., None]
             if x.shape[1:3] != (32, 32):
                 x = ops.convert_to_numpy(ops.image.resize(x, (32, 32)))
             parts.setdefault(split, []).append(
-                (x, y.astype("int32") + 10 * index, np.full(len(x), index, "int32"))
+                (x, y[pick] + 10 * index, np.full(len(x), index, "int32"))
             )
     return {split: [np.concatenate(a) for a in zip(*chunks)] for split, chunks in parts.items()}
 

@@ -208,17 +208,28 @@ class RigL(SparseTrainingCallback):
         rows = (start + np.arange(min(self.batch_size, len(x)))) % len(x)
         return x[rows], y[rows]
 
-    def update(self, fraction, step=None):
+    def update(self, fraction, step=None, gradients=None):
         """Runs one drop-and-grow with `fraction` now; returns connections replaced.
 
         `step` (default: the optimizer's) chooses the rows of `data` used for
-        the dense gradient.
+        the dense gradient. `gradients`, one dense `(input_dim, units)` array per
+        layer the callback acts on (`callback.sparse_layers`), replaces that
+        gradient (e.g. one computed elsewhere, or to time the rewiring alone).
         """
         if fraction <= 0:
             return 0
         self._sync_model_state()
-        x, y = self._batch(self._step if step is None else step)
-        grads = self._gradient_function()(x, y)
+        if gradients is None:
+            x, y = self._batch(self._step if step is None else step)
+            grads = self._gradient_function()(x, y)
+        else:
+            grads = list(gradients)
+            shapes = [tuple(layer.kernel.shape) for layer in self.sparse_layers]
+            if [tuple(g.shape) for g in grads] != shapes:
+                raise ValueError(
+                    "`RigL.update` needs one gradient per layer, shaped like its kernel. "
+                    f"Expected shapes {shapes}. Received: {[tuple(g.shape) for g in grads]}"
+                )
         return sum(
             self._update_layer(layer, grad, fraction)
             for layer, grad in zip(self.sparse_layers, grads)
