@@ -31,8 +31,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/ptsne_gated_mose.py $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
 
 test: $(VENV)/.test-installed
-	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -m "not tensorflow_only"
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n auto
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -n auto -m "not tensorflow_only"
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check keras_sparse_moe tests examples benchmarks

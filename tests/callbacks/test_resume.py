@@ -1,5 +1,7 @@
 """Callbacks count optimizer steps and draw from (seed, step): `steps_per_execution`, resuming."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -53,6 +55,18 @@ def _final(model):
     return [(to_numpy(layer.mask), to_numpy(layer.kernel)) for layer in masked_layers(model)]
 
 
+def _density(name):
+    return 1.0 if name == "pruning" else 0.3
+
+
+@functools.cache
+def _uninterrupted(name):
+    """Final masks and kernels of the plain seeded run (one step per call), and its rewiring total."""
+    model = _model(_density(name))
+    history = _fit(model, CALLBACKS[name]())
+    return _final(model), sum(history.history[f"{CALLBACKS[name]().name}/rewired"])
+
+
 def _assert_same(a, b):
     for (mask_a, kernel_a), (mask_b, kernel_b) in zip(a, b):
         np.testing.assert_array_equal(mask_a, mask_b)
@@ -73,14 +87,11 @@ def test_pruning_schedule_counts_optimizer_steps():
 def test_steps_per_execution_decides_as_single_steps(name):
     # The updates fall on optimizer steps that are multiples of 4 and draw from
     # (seed, step): four steps per call must end exactly where single steps do.
-    density = 1.0 if name == "pruning" else 0.3
-    results = []
-    for steps in (1, 4):
-        model = _model(density, steps_per_execution=steps)
-        history = _fit(model, CALLBACKS[name]())
-        results.append(_final(model))
-        assert sum(history.history[f"{CALLBACKS[name]().name}/rewired"]) > 0
-    _assert_same(*results)
+    expected, rewired = _uninterrupted(name)
+    assert rewired > 0
+    model = _model(_density(name), steps_per_execution=4)
+    _fit(model, CALLBACKS[name]())
+    _assert_same(_final(model), expected)
 
 
 def test_probability_draws_follow_the_step():
@@ -115,11 +126,8 @@ class _Crash(keras.callbacks.Callback):
 
 @pytest.mark.parametrize("name", ["set_steps", "set_probability", "rigl", "pruning"])
 def test_backup_and_restore_resumes_to_the_uninterrupted_result(name, tmp_path):
-    density = 1.0 if name == "pruning" else 0.3
-    model = _model(density)
-    _fit(model, CALLBACKS[name]())
-    expected = _final(model)
-
+    density = _density(name)
+    expected, _ = _uninterrupted(name)
     backup = str(tmp_path / "backup")
     model = _model(density)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -149,10 +157,7 @@ def test_backup_and_restore_resumes_to_the_uninterrupted_result(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["set_epoch", "rigl"])
 def test_model_checkpoint_load_and_continue_is_exact(name, tmp_path):
-    model = _model()
-    _fit(model, CALLBACKS[name]())
-    expected = _final(model)
-
+    expected, _ = _uninterrupted(name)
     path = str(tmp_path / "model.keras")
     model = _model()
     with pytest.raises(RuntimeError, match="simulated crash"):
