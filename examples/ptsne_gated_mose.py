@@ -177,10 +177,9 @@ def run_dataset(path, args):
         model = build(kind, data, args)
         callbacks = []
         if kind != "dense MLP":
-            # The routes stay as drawn: SET's regrowth does not yet keep them between experts.
-            callbacks.append(
-                ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed, exclude=["expert_routes"])
-            )
+            # SET evolves the experts and the routes; routes regrow only between experts
+            # (`expert_routes` is bounded by `BlockPattern.between_clusters`).
+            callbacks.append(ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed))
         print(f"\n== {kind}")
         model.fit(
             data.x_train,
