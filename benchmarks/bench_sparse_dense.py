@@ -36,6 +36,22 @@ class ForwardMaskedDense(SparseDense):
         return self.activation(outputs)
 
 
+@ops.custom_gradient
+def _multiply_masked_gradient(kernel, mask):
+    def grad(*args, upstream=None):
+        upstream = args[0] if upstream is None else upstream
+        return upstream * ops.cast(mask, upstream.dtype), ops.zeros_like(mask)
+
+    return ops.copy(kernel), grad
+
+
+class ProductMaskedDense(SparseDense):
+    """Ablation: the gradient masked by a product (`g * mask`, NaN-unsafe) instead of a select."""
+
+    def masked_kernel(self):
+        return _multiply_masked_gradient(ops.copy(self.kernel), ops.copy(self.mask))
+
+
 def mlp(hidden_layer, seed=0):
     return build_mlp(
         hidden_layer, optimizer=keras.optimizers.SGD(0.01, momentum=0.9), metrics=(), seed=seed
@@ -65,6 +81,11 @@ def main():
         "Dense": mlp(dense_layer),
         "SparseDense": mlp(
             lambda units, i: SparseDense(units, epsilon=args.epsilon, activation="relu", seed=1)
+        ),
+        "SparseDense, gradient masked by a product (ablation)": mlp(
+            lambda units, i: ProductMaskedDense(
+                units, epsilon=args.epsilon, activation="relu", seed=1
+            )
         ),
         "SparseDense, mask in forward (ablation)": mlp(
             lambda units, i: ForwardMaskedDense(
