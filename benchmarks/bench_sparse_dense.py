@@ -48,7 +48,7 @@ def _multiply_masked_gradient(kernel, mask):
 class ProductMaskedDense(SparseDense):
     """Ablation: the gradient masked by a product (`g * mask`, NaN-unsafe) instead of a select."""
 
-    def masked_kernel(self):
+    def dense_kernel(self):
         return _multiply_masked_gradient(ops.copy(self.kernel), ops.copy(self.mask))
 
 

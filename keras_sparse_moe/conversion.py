@@ -114,8 +114,7 @@ def replace_dense_layers(model, sparse_arguments):
         model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
     ):
         if isinstance(new, SparseDense) and not isinstance(old, SparseDense):
-            mask = ops.convert_to_numpy(new.mask)
-            new.kernel.assign(ops.convert_to_numpy(old.kernel) * mask)
+            new.assign_dense_kernel(ops.convert_to_numpy(old.kernel))
             if old.use_bias:
                 new.bias.assign(ops.convert_to_numpy(old.bias))
         elif old.weights:

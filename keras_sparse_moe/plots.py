@@ -32,7 +32,7 @@ def input_connectivity(layer, image_shape, ax=None, path=None, title=None):
     Returns:
         The `(height, width)` array of per-pixel connection counts.
     """
-    mask = np.asarray(ops.convert_to_numpy(layer.mask))
+    mask = layer.dense_mask()
     if int(np.prod(image_shape)) != mask.shape[0]:
         raise ValueError(
             f"`image_shape` must multiply to the layer's input size {mask.shape[0]}. "

@@ -1,13 +1,10 @@
-"""Shared machinery of the connectivity callbacks: finding layers, applying a rewiring."""
+"""Shared machinery of the connectivity callbacks: finding layers, counting steps, reporting."""
 
 from __future__ import annotations
 
 import keras
-import numpy as np
-from keras import ops
 
 from keras_sparse_moe import _runtime
-from keras_sparse_moe.ops import rewiring
 
 __all__ = ["SparseTrainingCallback", "find_sparse_layers"]
 
@@ -56,8 +53,8 @@ def _check_exclude(exclude, owner):
 class SparseTrainingCallback(keras.callbacks.Callback):
     """Base class: policy lives here, state (mask, kernel) lives in the layers.
 
-    Subclasses decide when and what to rewire; `rewiring.rewire`, compiled by
-    `_apply_function`, writes the result into the layer in place and resets the
+    Subclasses decide when and what to rewire; the layer runs their compiled
+    step on its own storage (`SparseDense.rewire`), in place, resetting the
     optimizer state where connections changed.
     """
 
@@ -72,9 +69,6 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         # Randomness is a function of (this seed, the optimizer step): a resumed
         # run draws what the uninterrupted one drew.
         self._seed = _runtime.new_seed(self.seed)
-        self._functions = {}
-        self._slots = {}
-        self._indices = {}
 
     @classmethod
     def from_config(cls, config):
@@ -88,7 +82,8 @@ class SparseTrainingCallback(keras.callbacks.Callback):
         self._steps_per_epoch = self.params.get("steps")
         self._epoch = 0
         self._rewired_in_epoch = 0
-        self._indices = {}
+        for layer in self.sparse_layers:
+            layer.refresh_connections()  # weights may have been set since the last fit
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -141,57 +136,3 @@ class SparseTrainingCallback(keras.callbacks.Callback):
             logs[f"density/{layer.name}"] = layer.actual_density
         if rewired is not None:
             logs[f"{self.name}/rewired"] = rewired
-
-    # ------------------------------------------------------------------ #
-    def _function(self, layer, key, make):
-        """Compiled per layer (static sizes), reused across calls and fits."""
-        cache_key = (id(layer), key)
-        if cache_key not in self._functions:
-            self._functions[cache_key] = make()
-        return self._functions[cache_key]
-
-    def _optimizer_slots(self, layer):
-        """Optimizer variables shaped like the kernel that belong to it (momenta, moments)."""
-        optimizer = self.model.optimizer
-        key = (id(layer), id(optimizer), len(optimizer.variables))
-        if key not in self._slots:
-            self._slots[key] = _runtime.optimizer_slots(optimizer, layer.kernel)
-        return self._slots[key]
-
-    def _state_variables(self, layer):
-        """Variables a rewiring writes: kernel, mask and the kernel's optimizer slots."""
-        return [layer.kernel, layer.mask, *self._optimizer_slots(layer)]
-
-    def _apply_function(self, layer, fn, key=()):
-        """`fn(state, *args)` compiled to update the layer's variables in place.
-
-        Returns `run(*args)`; the state is read from and written to
-        `_state_variables(layer)`.
-        """
-        variables = self._state_variables(layer)
-        # A partial's bound values must be covered by `key`; its function names the
-        # cache entry. The variables are part of the key: a new optimizer has new slots.
-        name = getattr(fn, "func", fn)
-        return self._function(
-            layer,
-            ("apply", name, tuple(id(v) for v in variables), key),
-            lambda: rewiring.compile_update(fn, variables),
-        )
-
-    def _current_indices(self, layer):
-        """int32 positions of the layer's connections (a cache of its mask).
-
-        The mask is the source of truth: the cache is rebuilt at every
-        `on_train_begin`, and each selection step also checks it against the
-        mask (`connection_list_is_current`) so a change made elsewhere is
-        noticed and the step redone (`_forget_indices`).
-        """
-        indices = self._indices.get(id(layer))
-        if indices is None:
-            mask = np.asarray(ops.convert_to_numpy(layer.mask)).ravel()
-            indices = ops.convert_to_tensor(np.flatnonzero(mask).astype("int32"))
-            self._indices[id(layer)] = indices
-        return indices
-
-    def _forget_indices(self, layer):
-        self._indices.pop(id(layer), None)

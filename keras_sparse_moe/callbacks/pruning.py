@@ -106,18 +106,16 @@ class MagnitudePruning(SparseTrainingCallback):
         self._sync_model_state()
         removed = 0
         for layer in self.sparse_layers:
-            size = int(np.prod(layer.kernel.shape))
+            size = int(np.prod(layer.kernel_shape))
             count = layer.num_connections - max(1, int(round(density * size)))
             if count <= 0:
                 continue
-            apply = self._apply_function(layer, _prune)
-            apply(np.asarray(count, np.int32))
-            self._indices.pop(id(layer), None)
+            layer.rewire(_prune, self.model.optimizer, (), np.asarray(count, np.int32))
             removed += count
         return removed
 
 
-def _prune(state, count):
+def _prune(state, positions, count):
     """Removes the `count` smallest-magnitude connections (full arrays: pruning is
     rare and changes the number of connections)."""
     kernel, mask, *slots = state
@@ -126,4 +124,4 @@ def _prune(state, count):
     # Selects, not products: a pruned entry is zero whatever it held (NaN included).
     new_state = [ops.where(keep > 0, x, ops.zeros_like(x)) for x in (kernel, *slots)]
     new_state.insert(1, keep)
-    return new_state, count
+    return new_state, None, count  # None: the layer rebuilds its connection list

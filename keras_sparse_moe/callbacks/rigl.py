@@ -224,7 +224,7 @@ class RigL(SparseTrainingCallback):
             grads = self._gradient_function()(x, y)
         else:
             grads = list(gradients)
-            shapes = [tuple(layer.kernel.shape) for layer in self.sparse_layers]
+            shapes = [layer.kernel_shape for layer in self.sparse_layers]
             if [tuple(g.shape) for g in grads] != shapes:
                 raise ValueError(
                     "`RigL.update` needs one gradient per layer, shaped like its kernel. "
@@ -241,28 +241,24 @@ class RigL(SparseTrainingCallback):
         return self._gradients[1]
 
     def _update_layer(self, layer, grad, fraction, exact=False):
-        indices = self._current_indices(layer)
-        nnz = int(indices.shape[0])
+        nnz = layer.num_connections
         # Growth is among allowed positions empty before the drop: at most allowed - nnz.
         room = layer.num_allowed - nnz
         count = min(int(math.floor(fraction * nnz)), room)
         if count <= 0:
             return 0
         k_max = max(1, min(nnz, room, math.floor(self.drop_fraction * nnz)))
-        step = self._apply_function(
-            layer,
-            functools.partial(_rigl_step, k_max, exact, layer.allowed_positions),
-            ("rigl", k_max, exact),
-        )
+        step = functools.partial(_rigl_step, k_max, exact, layer.allowed_positions)
         # A numpy count: making a JAX device scalar would cost more (0.2 ms).
-        new_indices, flags = step(indices, grad, np.asarray(count, np.int32))
+        flags = layer.rewire(
+            step, self.model.optimizer, ("rigl", k_max, exact), grad, np.asarray(count, np.int32)
+        )
         current, bracketed = (bool(f) for f in ops.convert_to_numpy(flags))  # one read
         if not current:
-            self._forget_indices(layer)  # the mask was changed elsewhere
+            layer.refresh_connections()  # the mask was changed elsewhere
             return self._update_layer(layer, grad, fraction, exact)
         if not bracketed:  # the sampled threshold missed: select over the whole kernel
             return self._update_layer(layer, grad, fraction, exact=True)
-        self._indices[id(layer)] = new_indices
         return count
 
 
@@ -289,4 +285,4 @@ def _rigl_step(k_max, exact, allowed, state, indices, grad, count):
     current = rewiring.connection_list_is_current(mask, indices)
     ok = ops.logical_and(current, bracketed)
     new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, ok), grown)
-    return new_state, (new_indices, ops.cast(ops.stack([current, bracketed]), "int32"))
+    return new_state, new_indices, ops.cast(ops.stack([current, bracketed]), "int32")

@@ -156,9 +156,8 @@ class SETEvolution(SparseTrainingCallback):
         )
 
     def _evolve_layer(self, layer, stream, attempt=0):
-        size = int(np.prod(layer.kernel.shape))
-        indices = self._current_indices(layer)
-        nnz = int(indices.shape[0])
+        size = int(np.prod(layer.kernel_shape))
+        nnz = layer.num_connections
         k_max = max(1, min(nnz, math.floor(self.zeta * nnz)))
         # Random candidates for regrowth; about (allowed - nnz) / size of them land
         # on empty allowed positions. The margin makes a redraw (`enough` False)
@@ -171,25 +170,22 @@ class SETEvolution(SparseTrainingCallback):
         extra = []
         if not self._regrow_zeros:
             # Drawn for the kernel's shape so fan-based initializers scale right.
-            values = self.regrow_initializer(layer.kernel.shape, layer.kernel.dtype)
+            values = self.regrow_initializer(layer.kernel_shape, layer.variable_dtype)
             extra = [ops.reshape(values, (-1,))[:k_max]]
-        step = self._apply_function(
-            layer,
-            functools.partial(_set_step, self.zeta, k_max, n_candidates, layer.allowed_positions),
-            ("set", k_max, n_candidates, bool(extra)),
-        )
+        step = functools.partial(_set_step, self.zeta, k_max, n_candidates, layer.allowed_positions)
         # Regrowth is drawn from (seed, optimizer step, layer, attempt) alone.
         seed = _runtime.step_seed(self._seed, self._step, 4 * stream + min(attempt, 3))
-        new_indices, flags = step(indices, seed, *extra)
+        flags = layer.rewire(
+            step, self.model.optimizer, ("set", k_max, n_candidates, bool(extra)), seed, *extra
+        )
         count, current, enough = (int(f) for f in ops.convert_to_numpy(flags))  # one read
         if not current:
-            self._forget_indices(layer)  # the mask was changed elsewhere
+            layer.refresh_connections()  # the mask was changed elsewhere
             return self._evolve_layer(layer, stream, attempt)
         if not enough:
             if attempt >= 3:
                 raise RuntimeError(f"SETEvolution found too few empty positions in {layer.name}.")
             return self._evolve_layer(layer, stream, attempt + 1)
-        self._indices[id(layer)] = new_indices
         return count
 
 
@@ -222,4 +218,4 @@ def _set_step(zeta, k_max, n_candidates, allowed, state, indices, seed, grown_va
     flags = ops.stack(
         [ops.sum(ops.cast(drop, "int32")), ops.cast(current, "int32"), ops.cast(enough, "int32")]
     )
-    return new_state, (new_indices, flags)
+    return new_state, new_indices, flags

@@ -123,7 +123,7 @@ class SparseExperts(keras.layers.Layer):
     # ------------------------------------------------------------------ #
     def _per_expert(self, layer, width):
         """`layer`'s kernel as `(fan_in, E, width)` and bias as `(E, width)`."""
-        kernel = layer.masked_kernel()
+        kernel = layer.dense_kernel()
         kernel = ops.reshape(kernel, (kernel.shape[0], self.num_experts, width))
         bias = None if layer.bias is None else ops.reshape(layer.bias, (self.num_experts, width))
         return kernel, bias
@@ -146,7 +146,7 @@ class SparseExperts(keras.layers.Layer):
         """`(tokens, E, h)` hidden of the active experts -> what the routes add."""
         tokens = ops.shape(hidden_tokens)[0]
         flat = ops.reshape(hidden_tokens, (tokens, self.num_experts * self.hidden_units))
-        routed = ops.matmul(flat, self.expert_routes.masked_kernel())
+        routed = ops.matmul(flat, self.expert_routes.dense_kernel())
         return ops.reshape(routed, (tokens, self.num_experts, self.hidden_units))
 
     def mix(self, tokens, weights, active, training=None):

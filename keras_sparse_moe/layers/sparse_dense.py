@@ -200,6 +200,10 @@ class SparseDense(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
         self._dense_gradient = False
+        # Storage-side caches behind the connection interface (not configuration):
+        # the connection list and the compiled rewiring functions.
+        self._positions = None
+        self._rewire_functions = {}
 
     # ------------------------------------------------------------------ #
     def _draw_mask(self, input_dim):
@@ -328,8 +332,88 @@ class SparseDense(keras.layers.Layer):
         """Zeroes the kernel wherever the mask is 0 (after an external assign)."""
         kernel = ops.convert_to_tensor(self.kernel)
         self.kernel.assign(ops.where(ops.convert_to_tensor(self.mask) > 0, kernel, 0.0))
+        self._positions = None
 
-    def masked_kernel(self):
+    # ------------------------------------------------------------------ #
+    # Connections: what callbacks, conversion, plots and the mixture use, whatever
+    # the storage. Positions are flat row-major indices into (input_dim, units).
+    @property
+    def kernel_shape(self) -> tuple:
+        """`(input_dim, units)`: the shape of the dense weight matrix this layer stands for."""
+        self._require_built("kernel_shape")
+        return tuple(int(d) for d in self.mask.shape)
+
+    def connection_positions(self):
+        """int32 `(num_connections,)` flat positions of the connections, increasing
+        after a rebuild (a rewiring keeps each replaced connection's slot).
+
+        A cache of the mask, the source of truth: rebuilt after weights are set
+        or loaded, and whenever a rewiring step finds it stale
+        (`refresh_connections`).
+        """
+        self._require_built("connection_positions")
+        if self._positions is None:
+            mask = np.asarray(ops.convert_to_numpy(self.mask)).ravel()
+            self._positions = ops.convert_to_tensor(np.flatnonzero(mask).astype("int32"))
+        return self._positions
+
+    def connection_values(self):
+        """The `(num_connections,)` weights at `connection_positions()`."""
+        return ops.take(ops.reshape(self.kernel, (-1,)), self.connection_positions())
+
+    def refresh_connections(self):
+        """Forgets the cached connection list (after the mask was changed elsewhere)."""
+        self._positions = None
+
+    def dense_mask(self) -> np.ndarray:
+        """Boolean `(input_dim, units)` numpy array of the connections (small layers)."""
+        self._require_built("dense_mask")
+        return np.asarray(ops.convert_to_numpy(self.mask)) > 0
+
+    def assign_dense_kernel(self, values):
+        """Sets the weights from a dense `(input_dim, units)` array; only connected
+        positions are kept (the rest stays exactly zero)."""
+        values = np.asarray(values, dtype=self.kernel.dtype)
+        if values.shape != self.kernel_shape:
+            raise ValueError(
+                f"`SparseDense.assign_dense_kernel` needs an array of shape {self.kernel_shape}. "
+                f"Received: shape {values.shape}"
+            )
+        self.kernel.assign(np.where(self.dense_mask(), values, 0).astype(values.dtype))
+
+    def rewire(self, step, optimizer, key=(), *args):
+        """Runs a compiled rewiring `step` on this layer's storage, in place; returns its output.
+
+        `step(state, positions, *args) -> (new_state, new_positions, aux)`:
+        `state` is the flat `[kernel, mask, *optimizer slots of the kernel]`,
+        `positions` the current connection list; `new_positions` (or None:
+        rebuild from the mask) becomes the connection list. The step is
+        compiled once per (`step`, `key`, variables): a `functools.partial`'s
+        bound values must be covered by `key`. Optimizer slots (momenta, Adam
+        moments) are rewired with the kernel, so a step can reset them at the
+        positions it changes.
+        """
+        from keras_sparse_moe import _runtime
+        from keras_sparse_moe.ops import rewiring
+
+        slots = [] if optimizer is None else _runtime.optimizer_slots(optimizer, self.kernel)
+        variables = [self.kernel, self.mask, *slots]
+        name = getattr(step, "func", step)
+        cache_key = (name, tuple(id(v) for v in variables), key)
+        function = self._rewire_functions.get(cache_key)
+        if function is None:
+
+            def update(state, positions, *call_args):
+                new_state, new_positions, aux = step(state, positions, *call_args)
+                return new_state, (new_positions, aux)
+
+            function = rewiring.compile_update(update, variables)
+            self._rewire_functions[cache_key] = function
+        new_positions, aux = function(self.connection_positions(), *args)
+        self._positions = new_positions
+        return aux
+
+    def dense_kernel(self):
         """The kernel as a tensor whose gradient is zero where the mask is.
 
         The stored kernel is already zero there, so the forward pass needs no
@@ -341,7 +425,7 @@ class SparseDense(keras.layers.Layer):
         return self.kernel if self._dense_gradient else mask_gradient(self.kernel, self.mask)
 
     def call(self, inputs):
-        outputs = ops.matmul(inputs, self.masked_kernel())
+        outputs = ops.matmul(inputs, self.dense_kernel())
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self.activation(outputs)
@@ -363,13 +447,13 @@ class SparseDense(keras.layers.Layer):
     def num_connections(self) -> int:
         """Number of connections kept (ones in the mask)."""
         self._require_built("num_connections")
-        return int(np.count_nonzero(ops.convert_to_numpy(self.mask)))
+        return int(self.connection_positions().shape[0])
 
     @property
     def actual_density(self) -> float:
         """Fraction of the `input_dim * units` possible connections kept."""
         self._require_built("actual_density")
-        return self.num_connections / int(np.prod(self.mask.shape))
+        return self.num_connections / int(np.prod(self.kernel_shape))
 
     def _require_built(self, what):
         if not self.built:

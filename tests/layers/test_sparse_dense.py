@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers import SparseDense
@@ -342,6 +343,42 @@ def test_allowed_pattern_bounds_the_initial_draw():
     layer = SparseDense(12, density=0.1, allowed=fine.astype(int), seed=0)
     layer.build((None, 12))
     assert not np.any((to_numpy(layer.mask) > 0) & ~fine) and layer.num_allowed == fine.sum()
+
+
+def test_connection_interface_matches_the_mask():
+    layer = SparseDense(6, density=0.3, seed=2)
+    layer.build((None, 5))
+    mask, kernel = to_numpy(layer.mask) > 0, to_numpy(layer.kernel)
+    assert layer.kernel_shape == (5, 6)
+    positions = to_numpy(layer.connection_positions())
+    np.testing.assert_array_equal(positions, np.flatnonzero(mask))
+    np.testing.assert_array_equal(to_numpy(layer.connection_values()), kernel.ravel()[positions])
+    np.testing.assert_array_equal(layer.dense_mask(), mask)
+    layer.assign_dense_kernel(np.full((5, 6), 2.0))
+    np.testing.assert_array_equal(to_numpy(layer.kernel), np.where(mask, 2.0, 0.0))
+    with pytest.raises(ValueError, match=r"shape \(6, 5\)"):
+        layer.assign_dense_kernel(np.ones((6, 5)))
+
+    # `rewire` runs a compiled step on [kernel, mask, *slots] and keeps its connection list.
+    def move_first(state, positions, target):
+        kernel, mask = state
+        first = positions[:1]
+        mask = ops.scatter_update(mask, ops.expand_dims(first, -1), ops.zeros((1,)))
+        mask = ops.scatter_update(mask, ops.reshape(target, (1, 1)), ops.ones((1,)))
+        kernel = ops.scatter_update(kernel, ops.expand_dims(first, -1), ops.zeros((1,)))
+        new_positions = ops.concatenate([ops.reshape(target, (1,)), positions[1:]])
+        return [kernel, mask], new_positions, ops.sum(mask)
+
+    target = int(np.flatnonzero(~mask.ravel())[0])
+    count = layer.rewire(move_first, None, (), np.asarray(target, "int32"))
+    assert int(to_numpy(count)) == mask.sum() == layer.num_connections
+    expected = np.append(positions[1:], target)
+    np.testing.assert_array_equal(
+        np.sort(to_numpy(layer.connection_positions())), np.sort(expected)
+    )
+    np.testing.assert_array_equal(np.flatnonzero(layer.dense_mask()), np.sort(expected))
+    layer.set_weights(layer.get_weights())  # setting weights rebuilds the list from the mask
+    np.testing.assert_array_equal(to_numpy(layer.connection_positions()), np.sort(expected))
 
 
 def test_num_connections_before_build_is_a_clear_error():
