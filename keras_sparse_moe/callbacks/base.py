@@ -88,19 +88,19 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._rewired_in_epoch = 0
+        # The optimizer's counter, read once an epoch (after `BackupAndRestore`
+        # restored it in `on_train_begin`); batch ends count from it without a
+        # host read per step, which would stall asynchronous dispatch.
+        self._epoch_start = self._step = _runtime.optimizer_step(self.model)
 
-    def on_train_batch_begin(self, batch, logs=None):
-        # Read here, not only in `on_train_begin`: `BackupAndRestore` may load
-        # the weights (and the optimizer's counter) after that ran.
-        self._step = _runtime.optimizer_step(self.model)
-
-    def _advance(self):
+    def _advance(self, batch):
         """`(previous, current)` optimizer steps: the steps run since the last call.
 
         Keras calls `on_train_batch_end` once per `steps_per_execution` steps,
-        so schedules read the optimizer's counter instead of counting calls.
+        with `batch` the index of the last step run in this epoch, so schedules
+        count optimizer steps, not calls.
         """
-        previous, self._step = self._step, _runtime.optimizer_step(self.model)
+        previous, self._step = self._step, self._epoch_start + batch + 1
         return previous, self._step
 
     @staticmethod

@@ -87,7 +87,7 @@ class MagnitudePruning(SparseTrainingCallback):
     def on_train_batch_end(self, batch, logs=None):
         # Every optimizer step since the last call is asked (`steps_per_execution`
         # may run several per call); the latest that prunes sets the density.
-        previous, current = self._advance()
+        previous, current = self._advance(batch)
         density = None
         for step in range(previous + 1, current + 1):
             should_prune, value = self._target(step)

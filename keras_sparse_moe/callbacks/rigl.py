@@ -196,7 +196,7 @@ class RigL(SparseTrainingCallback):
         return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / self._end_step))
 
     def on_train_batch_end(self, batch, logs=None):
-        previous, current = self._advance()
+        previous, current = self._advance(batch)
         step = self._boundary(previous, current, self.update_every)
         if step is not None and not self._is_last_step(batch):
             self._record_step(logs, self.update(self.fraction(step), step))

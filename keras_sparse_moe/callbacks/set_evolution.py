@@ -133,7 +133,7 @@ class SETEvolution(SparseTrainingCallback):
         self._report(logs, self._rewired_in_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
-        previous, current = self._advance()
+        previous, current = self._advance(batch)
         if self.update_every == "epoch" and self.probability is None:
             return
         if self.probability is not None:
