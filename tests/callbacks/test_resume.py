@@ -45,9 +45,16 @@ CALLBACKS = {
 }
 
 
-def _fit(model, callback, epochs=3, **kwargs):
+def _fit(model, *callbacks, epochs=3, **kwargs):
     return model.fit(
-        X, Y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=[callback], **kwargs
+        X,
+        Y,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=list(callbacks),
+        **kwargs,
     )
 
 
@@ -108,7 +115,7 @@ def test_probability_draws_follow_the_step():
                 seen.append(_runtime.optimizer_step(self.model))
 
     model = _model()
-    model.fit(X, Y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[callback, Spy()])
+    _fit(model, callback, Spy())
     assert seen == due  # step 24, the last, never evolves
 
 
@@ -131,26 +138,10 @@ def test_backup_and_restore_resumes_to_the_uninterrupted_result(name, tmp_path):
     backup = str(tmp_path / "backup")
     model = _model(density)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        model.fit(
-            X,
-            Y,
-            batch_size=8,
-            epochs=3,
-            shuffle=False,
-            verbose=0,
-            callbacks=[CALLBACKS[name](), keras.callbacks.BackupAndRestore(backup), _Crash(13)],
-        )
+        _fit(model, CALLBACKS[name](), keras.callbacks.BackupAndRestore(backup), _Crash(13))
     # A new process: a fresh model (other initial weights) and a fresh callback.
     model = _model(density, seed=99)
-    model.fit(
-        X,
-        Y,
-        batch_size=8,
-        epochs=3,
-        shuffle=False,
-        verbose=0,
-        callbacks=[CALLBACKS[name](), keras.callbacks.BackupAndRestore(backup)],
-    )
+    _fit(model, CALLBACKS[name](), keras.callbacks.BackupAndRestore(backup))
     _assert_same(_final(model), expected)
     assert_masked_weights_zero(model)
 
@@ -161,15 +152,7 @@ def test_model_checkpoint_load_and_continue_is_exact(name, tmp_path):
     path = str(tmp_path / "model.keras")
     model = _model()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        model.fit(
-            X,
-            Y,
-            batch_size=8,
-            epochs=3,
-            shuffle=False,
-            verbose=0,
-            callbacks=[CALLBACKS[name](), keras.callbacks.ModelCheckpoint(path), _Crash(10)],
-        )
+        _fit(model, CALLBACKS[name](), keras.callbacks.ModelCheckpoint(path), _Crash(10))
     restored = keras.saving.load_model(path)  # saved at the end of epoch 0, after SET's evolution
     _fit(restored, CALLBACKS[name](), initial_epoch=1)
     _assert_same(_final(restored), expected)
