@@ -12,7 +12,7 @@ from keras_sparse_moe import (
     schedules,
     topologies,
 )
-from keras_sparse_moe.conversion import sparsify
+from keras_sparse_moe.conversion import convert_implementation, sparsify
 from keras_sparse_moe.layers import SparseDense, SparseExpertMixture
 from keras_sparse_moe.manifold import ParametricTSNE
 
@@ -24,6 +24,7 @@ __all__ = [
     "SparseExpertMixture",
     "__version__",
     "callbacks",
+    "convert_implementation",
     "datasets",
     "layers",
     "losses",

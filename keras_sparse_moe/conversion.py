@@ -8,7 +8,7 @@ from keras import ops
 
 from keras_sparse_moe.layers import SparseDense
 
-__all__ = ["sparsify"]
+__all__ = ["convert_implementation", "sparsify"]
 
 _SHARED = (
     "units",
@@ -27,7 +27,15 @@ _SHARED = (
 )
 
 
-def sparsify(model, density=None, epsilon=None, topology="erdos_renyi", exclude=None, seed=None):
+def sparsify(
+    model,
+    density=None,
+    epsilon=None,
+    topology="erdos_renyi",
+    exclude=None,
+    seed=None,
+    implementation="masked",
+):
     """Returns a copy of `model` whose `Dense` layers are `SparseDense`.
 
     Each converted layer keeps the `Dense` layer's weights wherever its mask
@@ -39,7 +47,8 @@ def sparsify(model, density=None, epsilon=None, topology="erdos_renyi", exclude=
 
     Args:
         model: A built Sequential or Functional Keras model.
-        density, epsilon, topology: As in `SparseDense`.
+        density, epsilon, topology, implementation: As in `SparseDense`
+            (`implementation="sparse"` stores only the kept connections).
         exclude: Names of `Dense` layers to leave dense.
         seed: Optional int; layer `i` uses `seed + i`.
 
@@ -81,9 +90,71 @@ def sparsify(model, density=None, epsilon=None, topology="erdos_renyi", exclude=
             epsilon=epsilon,
             topology=topology,
             seed=None if seed is None else seed + index,
+            implementation=implementation,
         )
 
     return replace_dense_layers(model, make)
+
+
+def convert_implementation(model, implementation):
+    """Returns a copy of `model` whose `SparseDense` layers use `implementation`.
+
+    Connections, weights and biases are kept exactly (masked to sparse and
+    back); every other layer keeps its weights. A sparse layer has as many
+    slots as its configuration draws, so a masked layer converted to sparse
+    must not hold more connections than that (pruned layers hold fewer: the
+    rest of the slots are parked). Top-level layers of Sequential and
+    Functional models are converted (not those inside other layers).
+
+    Example:
+    >>> import keras, numpy as np, keras_sparse_moe
+    >>> masked = keras.Sequential([keras.Input((8,)),
+    ...     keras_sparse_moe.layers.SparseDense(16, density=0.25, seed=0)])
+    >>> sparse = keras_sparse_moe.convert_implementation(masked, "sparse")
+    >>> x = np.ones((2, 8), "float32")
+    >>> sparse.layers[0].implementation, bool(np.allclose(sparse(x), masked(x), atol=1e-6))
+    ('sparse', True)
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`convert_implementation` expects a Keras 3 model. Received: model of type "
+            f"{type(model).__name__}"
+        )
+    if implementation not in ("masked", "sparse"):
+        raise ValueError(
+            "`convert_implementation` got an invalid `implementation`. Expected 'masked' or "
+            f"'sparse'. Received: implementation={implementation!r}"
+        )
+
+    def convert(layer):
+        config = layer.get_config()
+        if isinstance(layer, SparseDense):
+            config["implementation"] = implementation
+        return layer.__class__.from_config(config)
+
+    clone = _clone(model, convert)
+    for old, new in zip(
+        model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
+    ):
+        if isinstance(old, SparseDense) and isinstance(new, SparseDense):
+            new.assign_connections(
+                *old.connection_indices(), ops.convert_to_numpy(old.connection_values())
+            )
+            if old.use_bias:
+                new.bias.assign(ops.convert_to_numpy(old.bias))
+        elif old.weights:
+            new.set_weights([np.asarray(ops.convert_to_numpy(w)) for w in old.weights])
+    return clone
+
+
+def _clone(model, clone_function):
+    try:
+        return keras.models.clone_model(model, clone_function=clone_function)
+    except ValueError as error:
+        raise ValueError(
+            "Converting works on Sequential and Functional models; rebuild a subclassed "
+            f"model with `SparseDense` layers instead. Keras said: {error}"
+        ) from error
 
 
 def replace_dense_layers(model, sparse_arguments):
@@ -103,13 +174,7 @@ def replace_dense_layers(model, sparse_arguments):
                 return SparseDense(density_aware_init=False, **arguments, **kwargs)
         return layer.__class__.from_config(layer.get_config())
 
-    try:
-        clone = keras.models.clone_model(model, clone_function=convert)
-    except ValueError as error:
-        raise ValueError(
-            "Converting works on Sequential and Functional models; rebuild a subclassed "
-            f"model with `SparseDense` layers instead. Keras said: {error}"
-        ) from error
+    clone = _clone(model, convert)
     for old, new in zip(
         model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
     ):

@@ -20,6 +20,7 @@ __all__ = [
     "algebraic_connectivity",
     "density_from_epsilon",
     "erdos_renyi",
+    "erdos_renyi_positions",
     "erk_densities",
     "fibonacci",
     "get",
@@ -196,10 +197,70 @@ def erdos_renyi(
     density = check_density(density, owner)
     total = n_in * n_out
     count = max(1, int(round(density * total)))
-    rng = np.random.default_rng(seed)
-    flat = np.zeros(total, dtype=np.float32)
-    flat[rng.choice(total, size=count, replace=False)] = 1.0
-    return flat.reshape(n_in, n_out)
+    rows, cols = erdos_renyi_positions(n_in, n_out, count, seed=seed)
+    mask = np.zeros((n_in, n_out), dtype=np.float32)
+    mask[rows, cols] = 1.0
+    return mask
+
+
+def erdos_renyi_positions(
+    n_in: int, n_out: int, count: int, seed: int | None = None, allowed=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` distinct uniformly random positions of an `(n_in, n_out)` matrix,
+    as int32 `(rows, cols)` in row-major order, without a dense array.
+
+    The positions of `erdos_renyi(n_in, n_out, density, seed=seed)` for
+    `count = round(density * n_in * n_out)`: both draw the same. Memory is
+    O(count) (a 600k x 600k layer at SET's epsilon 20, 24 M positions, takes
+    about 4 s and 0.5 GB). `allowed` (a `BlockPattern`) restricts the draw to
+    its allowed positions, uniformly.
+
+    Example:
+    >>> rows, cols = erdos_renyi_positions(600_000, 600_000, 5, seed=0)
+    >>> rows.dtype, len(set(zip(rows.tolist(), cols.tolist())))
+    (dtype('int32'), 5)
+    """
+    owner = "erdos_renyi_positions"
+    n_in = check_size("n_in", n_in, owner)
+    n_out = check_size("n_out", n_out, owner)
+    count = check_size("count", count, owner)
+    if max(n_in, n_out) > 2**31 - 1:
+        raise ValueError(
+            f"`{owner}` needs n_in and n_out below 2**31 (int32 positions). "
+            f"Received: n_in={n_in}, n_out={n_out}"
+        )
+    total = n_in * n_out
+    room = total if allowed is None else allowed.count((n_in, n_out))
+    if count > room:
+        raise ValueError(
+            f"`{owner}` got a `count` above the {room} positions available. Received: count={count}"
+        )
+    rng = np.random.default_rng(check_seed(seed, owner))
+    if allowed is None:
+        flat = np.sort(rng.choice(total, size=count, replace=False))
+    elif total <= _DENSE_DRAW_LIMIT:
+        inside = np.flatnonzero(allowed.dense((n_in, n_out)).ravel())
+        flat = np.sort(rng.choice(inside, size=count, replace=False))
+    else:
+        flat = _rejection_draw(rng, n_in, n_out, count, allowed)
+    return (flat // n_out).astype(np.int32), (flat % n_out).astype(np.int32)
+
+
+_DENSE_DRAW_LIMIT = 1 << 26  # above this many positions, `allowed` draws by rejection
+
+
+def _rejection_draw(rng, n_in, n_out, count, allowed):
+    """Sorted distinct flat positions inside `allowed`: iid draws, kept where allowed
+    and new, in order of first appearance (a uniform sample without replacement)."""
+    share = allowed.count((n_in, n_out)) / (n_in * n_out)
+    found = np.empty(0, np.int64)
+    while found.size < count:
+        draws = rng.integers(0, n_in * n_out, int((count - found.size) / share * 1.1) + 64)
+        draws = draws[allowed.allows(draws // n_out, draws % n_out, (n_in, n_out))]
+        merged = np.concatenate([found, draws])
+        _, first = np.unique(merged, return_index=True)
+        found = merged[np.sort(first)][:count]
+    return np.sort(found)
 
 
 def random_regular(
@@ -432,15 +493,31 @@ class BlockPattern:
         are allowed. `keras.ops` only: usable inside compiled steps."""
         from keras import ops
 
-        n_in, n_out = int(shape[0]), int(shape[1])
-        rows, cols = self.blocks.shape
         positions = ops.cast(positions, "int32")
+        n_out = int(shape[1])
+        return self.contains_indices(positions // n_out, positions % n_out, shape)
+
+    def contains_indices(self, rows, cols, shape):
+        """Boolean tensor: which `(rows[k], cols[k])` of a `(n_in, n_out)` kernel are
+        allowed (`keras.ops`, any kernel size whose sides fit in int32)."""
+        from keras import ops
+
+        n_in, n_out = int(shape[0]), int(shape[1])
+        r, c = self.blocks.shape
+        row, col = ops.cast(rows, "int32"), ops.cast(cols, "int32")
         # Group of index i among n in g groups: (i * g) // n, as `cluster_ids`.
-        row, col = positions // n_out, positions % n_out
-        row = row if rows == n_in else row * rows // n_in
-        col = col if cols == n_out else col * cols // n_out
+        row = row if r == n_in else row * r // n_in
+        col = col if c == n_out else col * c // n_out
         flat = ops.convert_to_tensor(self.blocks.ravel())
-        return ops.take(flat, ops.clip(row * cols + col, 0, rows * cols - 1))
+        return ops.take(flat, ops.clip(row * c + col, 0, r * c - 1))
+
+    def allows(self, rows, cols, shape) -> np.ndarray:
+        """numpy `contains_indices`: which `(rows[k], cols[k])` are allowed."""
+        n_in, n_out = int(shape[0]), int(shape[1])
+        r, c = self.blocks.shape
+        row = np.asarray(rows, np.int64) * r // n_in
+        col = np.asarray(cols, np.int64) * c // n_out
+        return self.blocks[row, col]
 
     def get_config(self) -> dict:
         from keras_sparse_moe.ops.masking import encode_mask

@@ -40,6 +40,9 @@ def _oracle():
 
 MODELS = {
     "sparse_dense": lambda: _sequential(SparseDense(7, density=0.3, activation="relu", seed=0)),
+    "sparse_dense_sparse_storage": lambda: _sequential(
+        SparseDense(7, density=0.3, activation="relu", seed=0, implementation="sparse")
+    ),
     "softmax_routes_capacity": lambda: _sequential(
         SparseExpertMixture(top_k=2, capacity_factor=1.0, route_density=0.2, **MIXTURE)
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 from keras import ops
@@ -110,7 +112,14 @@ class MagnitudePruning(SparseTrainingCallback):
             count = layer.num_connections - max(1, int(round(density * size)))
             if count <= 0:
                 continue
-            layer.rewire(_prune, self.model.optimizer, (), np.asarray(count, np.int32))
+            if layer.implementation == "masked":
+                step, key = _prune, ()
+            else:
+                step, key = (
+                    functools.partial(_prune_sparse, layer.kernel_shape[0]),
+                    layer.kernel_shape,
+                )
+            layer.rewire(step, self.model.optimizer, key, np.asarray(count, np.int32))
             removed += count
         return removed
 
@@ -125,3 +134,20 @@ def _prune(state, positions, count):
     new_state = [ops.where(keep > 0, x, ops.zeros_like(x)) for x in (kernel, *slots)]
     new_state.insert(1, keep)
     return new_state, None, count  # None: the layer rebuilds its connection list
+
+
+def _prune_sparse(n_in, state, positions, count):
+    """`_prune` on the sparse storage `[values, rows, cols, *slots]`: the pruned
+    connections' slots are parked (row `n_in`, value and optimizer state zero)."""
+    values, rows, cols, *slots = state
+    drop = rewiring.select_smallest(rewiring.magnitude_keys(values), rows < n_in, count)
+    return (
+        [
+            ops.where(drop, ops.zeros_like(values), values),
+            ops.where(drop, n_in, rows),
+            ops.where(drop, ops.zeros_like(cols), cols),
+            *(ops.where(drop, ops.zeros_like(s), s) for s in slots),
+        ],
+        None,
+        count,
+    )

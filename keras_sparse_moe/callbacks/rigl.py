@@ -10,8 +10,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.callbacks.set_evolution import check_fraction, check_update_every
+from keras_sparse_moe.layers.sparse_dense import DENSE_LIMIT
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["RigL"]
@@ -20,45 +22,81 @@ DECAYS = ("cosine", "constant")
 
 
 @contextlib.contextmanager
-def _dense_gradients(layers):
-    for layer in layers:
-        layer._dense_gradient = True
+def _growth_mode(layers, probes):
+    """While tracing: masked layers expose the gradient at empty positions, sparse
+    layers add zero-valued probe connections at their candidate positions."""
+    for layer, probe in zip(layers, probes):
+        if probe is None:
+            layer._dense_gradient = True
+        else:
+            layer._probe = probe
     try:
         yield
     finally:
         for layer in layers:
             layer._dense_gradient = False
+            layer._probe = None
 
 
-def compiled_dense_gradients(model, layers):
-    """A compiled `(x, y) -> [dL/dW for each layer's full kernel]`.
+def _draw_candidates(layers, candidates, seeds):
+    """Per layer: None (masked), or the `(rows, cols)` of its candidate positions:
+    every position when `candidates` is at least the kernel's size, else that
+    many uniform random ones from its `(2,)` seed."""
+    drawn = []
+    for layer, count, seed in zip(layers, candidates, seeds):
+        if count is None:
+            drawn.append(None)
+            continue
+        n_in, n_out = layer.kernel_shape
+        if count >= n_in * n_out:
+            flat = ops.arange(n_in * n_out, dtype="int32")
+            drawn.append((flat // n_out, flat % n_out))
+        else:
+            drawn.append(rewiring.random_indices(seed, count, layer.kernel_shape))
+    return drawn
 
-    Unlike training, empty (masked) positions get their true gradient too:
-    that is RigL's growth criterion. The layers' `_dense_gradient` flag is set
+
+def compiled_growth_scores(model, layers, candidates=None):
+    """A compiled `(x, y, seeds) -> one growth score per layer`.
+
+    Masked layers (`candidates[i]` None): the dense gradient `dL/dW` of the
+    full kernel. Unlike training, empty positions get their true gradient
+    too: that is RigL's growth criterion. Sparse layers: `(scores, rows,
+    cols)`, the gradient at `candidates[i]` candidate positions (all
+    positions when it covers the kernel), read as the gradient of zero-valued
+    probe connections added there: O(batch * candidates), no dense array.
+    `seeds` is an int32 `(len(layers), 2)` array. The layers' flags are set
     only while the function is traced, so training steps are unaffected.
     """
+    candidates = list(candidates or [None] * len(layers))
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        kernels = [layer.kernel for layer in layers]
-
         @tf.function(jit_compile=True, reduce_retracing=True)
-        def gradients(x, y):
-            with _dense_gradients(layers), tf.GradientTape() as tape:
+        def scores(x, y, seeds):
+            drawn = _draw_candidates(layers, candidates, tf.unstack(seeds))
+            probes = [None if d is None else (tf.zeros(d[0].shape), *d) for d in drawn]
+            targets = [layer.kernel if p is None else p[0] for layer, p in zip(layers, probes)]
+            with _growth_mode(layers, probes), tf.GradientTape() as tape:
+                tape.watch([p[0] for p in probes if p is not None])
                 y_pred = model(x, training=True)
                 loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
-            return tape.gradient(loss, kernels)
+            grads = tape.gradient(loss, targets)
+            return [g if d is None else (g, *d) for g, d in zip(grads, drawn)]
 
-        return rewiring.quiet_tracing(gradients)
+        return rewiring.quiet_tracing(scores)
     if backend == "jax":
         import jax
 
         index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-        positions = [index[id(layer.kernel)] for layer in layers]
+        positions = [
+            index[id(layer.kernel)] if c is None else None for layer, c in zip(layers, candidates)
+        ]
 
-        def loss_fn(trainable, non_trainable, metrics, optimizer, x, y):
-            with _dense_gradients(layers):
+        def loss_fn(probe_values, trainable, non_trainable, metrics, optimizer, x, y, drawn):
+            probes = [None if d is None else (v, *d) for v, d in zip(probe_values, drawn)]
+            with _growth_mode(layers, probes):
                 loss, _ = model.compute_loss_and_updates(
                     trainable,
                     non_trainable,
@@ -71,25 +109,43 @@ def compiled_dense_gradients(model, layers):
                 )
             return loss
 
-        grad_fn = jax.jit(jax.grad(loss_fn))
+        grad_fn = jax.grad(loss_fn, argnums=(0, 1))
 
-        def gradients(x, y):
-            grads = grad_fn(
+        @jax.jit
+        def compute(trainable, non_trainable, metrics, optimizer, x, y, seeds):
+            drawn = _draw_candidates(layers, candidates, list(seeds))
+            zeros = [None if d is None else jax.numpy.zeros(d[0].shape) for d in drawn]
+            probe_grads, grads = grad_fn(
+                zeros, trainable, non_trainable, metrics, optimizer, x, y, drawn
+            )
+            return [
+                grads[i] if d is None else (g, *d) for i, g, d in zip(positions, probe_grads, drawn)
+            ]
+
+        def scores(x, y, seeds):
+            return compute(
                 [v.value for v in model.trainable_variables],
                 [v.value for v in model.non_trainable_variables],
                 [v.value for v in model.metrics_variables],
                 [v.value for v in model.optimizer.variables],
                 x,
                 y,
+                seeds,
             )
-            return [grads[i] for i in positions]
 
-        return gradients
+        return scores
     raise NotImplementedError(f"RigL supports the TensorFlow and JAX backends, not {backend}.")
 
 
+def compiled_dense_gradients(model, layers):
+    """A compiled `(x, y) -> [dL/dW for each (masked) layer's full kernel]`."""
+    scores = compiled_growth_scores(model, layers)
+    seeds = np.zeros((len(layers), 2), "int32")
+    return lambda x, y: scores(x, y, seeds)
+
+
 def dense_kernel_gradients(model, layers, x, y):
-    """Dense gradients of the compiled loss w.r.t. each layer's kernel (see above)."""
+    """Dense gradients of the compiled loss w.r.t. each masked layer's kernel (see above)."""
     return compiled_dense_gradients(model, layers)(x, y)
 
 
@@ -109,6 +165,12 @@ class RigL(SparseTrainingCallback):
     taken on `data`: an `(x, y)` tuple of arrays from which a batch of
     `batch_size` rows is drawn at each update (cycling through it).
 
+    Layers with `implementation="sparse"` never form the dense gradient: the
+    gradient is read at `growth_candidates` random empty positions per
+    connection to grow (as zero-valued probe connections, O(batch x
+    candidates)), and the best of those grow. `growth_candidates=None`
+    scores every position: exact RigL, for layers small enough to densify.
+
     Reference: Evci et al., "Rigging the Lottery: Making All Tickets Winners", 2020.
 
     Args:
@@ -118,6 +180,8 @@ class RigL(SparseTrainingCallback):
         decay: `"cosine"` or `"constant"`.
         end_step: Last step with updates; default 75 % of the training steps.
         batch_size: Rows of `data` per gradient (default 128).
+        growth_candidates: For sparse layers, random candidate positions
+            scored per connection grown (default 10), or None for all.
         exclude: Layers (or names) left unchanged.
         seed: Optional int.
 
@@ -134,6 +198,7 @@ class RigL(SparseTrainingCallback):
         decay="cosine",
         end_step=None,
         batch_size=128,
+        growth_candidates=10,
         exclude=None,
         seed=None,
     ):
@@ -162,6 +227,16 @@ class RigL(SparseTrainingCallback):
             end_step = check_update_every(end_step, owner + " end_step", allow_epoch=False)
         self.end_step = end_step
         self.batch_size = check_update_every(batch_size, owner + " batch_size", allow_epoch=False)
+        if growth_candidates is not None and (
+            isinstance(growth_candidates, bool)
+            or not isinstance(growth_candidates, (int, float, np.integer, np.floating))
+            or not growth_candidates >= 1
+        ):
+            raise ValueError(
+                f"`{owner}` got an invalid `growth_candidates`. Expected a number >= 1 or "
+                f"None (every position). Received: growth_candidates={growth_candidates!r}"
+            )
+        self.growth_candidates = growth_candidates
         self._gradients = None
 
     def get_config(self):
@@ -173,6 +248,7 @@ class RigL(SparseTrainingCallback):
             "decay": self.decay,
             "end_step": self.end_step,
             "batch_size": self.batch_size,
+            "growth_candidates": self.growth_candidates,
             "exclude": [x if isinstance(x, str) else x.name for x in self.exclude],
             "seed": self.seed,
         }
@@ -212,35 +288,71 @@ class RigL(SparseTrainingCallback):
         """Runs one drop-and-grow with `fraction` now; returns connections replaced.
 
         `step` (default: the optimizer's) chooses the rows of `data` used for
-        the dense gradient. `gradients`, one dense `(input_dim, units)` array per
+        the gradient and the candidates of sparse layers. `gradients`, one per
         layer the callback acts on (`callback.sparse_layers`), replaces that
-        gradient (e.g. one computed elsewhere, or to time the rewiring alone).
+        gradient (e.g. one computed elsewhere, or to time the rewiring alone):
+        a dense `(input_dim, units)` array for a masked layer, `(scores, rows,
+        cols)` of candidate positions for a sparse one.
         """
         if fraction <= 0:
             return 0
         self._sync_model_state()
+        step = self._step if step is None else step
         if gradients is None:
-            x, y = self._batch(self._step if step is None else step)
-            grads = self._gradient_function()(x, y)
+            x, y = self._batch(step)
+            seeds = np.stack(
+                [_runtime.step_seed(self._seed, step, i) for i in range(len(self.sparse_layers))]
+            )
+            grads = self._gradient_function()(x, y, seeds)
         else:
             grads = list(gradients)
-            shapes = [layer.kernel_shape for layer in self.sparse_layers]
-            if [tuple(g.shape) for g in grads] != shapes:
+            shapes = [
+                layer.kernel_shape if layer.implementation == "masked" else "(scores, rows, cols)"
+                for layer in self.sparse_layers
+            ]
+            received = [tuple(g.shape) if hasattr(g, "shape") else "tuple" for g in grads]
+            if len(grads) != len(shapes) or any(
+                isinstance(s, tuple) and s != r for s, r in zip(shapes, received)
+            ):
                 raise ValueError(
-                    "`RigL.update` needs one gradient per layer, shaped like its kernel. "
-                    f"Expected shapes {shapes}. Received: {[tuple(g.shape) for g in grads]}"
+                    "`RigL.update` needs one gradient per layer: shaped like the kernel for a "
+                    f"masked layer, (scores, rows, cols) for a sparse one. Expected {shapes}. "
+                    f"Received: {received}"
                 )
+        salt = np.asarray(_runtime.step_seed(self._seed, step, 1 << 20)[1], np.int32)
         return sum(
-            self._update_layer(layer, grad, fraction)
+            self._update_layer(layer, grad, fraction, salt=salt)
             for layer, grad in zip(self.sparse_layers, grads)
         )
 
+    def candidate_count(self, layer):
+        """Candidate positions scored for a sparse `layer` (None for a masked one)."""
+        if layer.implementation == "masked":
+            return None
+        size = int(np.prod(layer.kernel_shape))
+        if self.growth_candidates is None:
+            if size > DENSE_LIMIT:
+                raise ValueError(
+                    f"`RigL(growth_candidates=None)` scores every position of a layer, and "
+                    f"{layer.name}'s {layer.kernel_shape} kernel is too large for that. "
+                    "Give a number of candidates per connection grown instead."
+                )
+            return size
+        nnz = layer.num_connections
+        k_max = max(1, math.floor(self.drop_fraction * nnz))
+        free = max((layer.num_allowed - nnz) / size, 1.0 / size)
+        return min(size, int(math.ceil(self.growth_candidates * k_max / free)))
+
     def _gradient_function(self):
         if self._gradients is None or self._gradients[0] is not self.model:
-            self._gradients = (self.model, compiled_dense_gradients(self.model, self.sparse_layers))
+            candidates = [self.candidate_count(layer) for layer in self.sparse_layers]
+            self._gradients = (
+                self.model,
+                compiled_growth_scores(self.model, self.sparse_layers, candidates),
+            )
         return self._gradients[1]
 
-    def _update_layer(self, layer, grad, fraction, exact=False):
+    def _update_layer(self, layer, grad, fraction, exact=False, salt=0):
         nnz = layer.num_connections
         # Growth is among allowed positions empty before the drop: at most allowed - nnz.
         room = layer.num_allowed - nnz
@@ -248,6 +360,19 @@ class RigL(SparseTrainingCallback):
         if count <= 0:
             return 0
         k_max = max(1, min(nnz, room, math.floor(self.drop_fraction * nnz)))
+        if layer.implementation == "sparse":
+            step = functools.partial(
+                _rigl_step_sparse, k_max, layer.kernel_shape, layer.allowed_indices
+            )
+            flags = layer.rewire(
+                step,
+                self.model.optimizer,
+                ("rigl", k_max, int(grad[0].shape[0])),  # shapes are static per function
+                *grad,
+                np.asarray(count, np.int32),
+                np.asarray(salt, np.int32),
+            )
+            return int(ops.convert_to_numpy(flags))
         step = functools.partial(_rigl_step, k_max, exact, layer.allowed_positions)
         # A numpy count: making a JAX device scalar would cost more (0.2 ms).
         flags = layer.rewire(
@@ -286,3 +411,25 @@ def _rigl_step(k_max, exact, allowed, state, indices, grad, count):
     ok = ops.logical_and(current, bracketed)
     new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, ok), grown)
     return new_state, new_indices, ops.cast(ops.stack([current, bracketed]), "int32")
+
+
+def _rigl_step_sparse(
+    k_max, shape, allowed, state, positions, scores, cand_rows, cand_cols, count, salt
+):
+    """`_rigl_step` on the sparse storage `[values, rows, cols, *slots]`: grow the
+    candidates with the largest gradient among those empty before the drop (and
+    allowed), drop as many smallest magnitudes. Returns the number replaced
+    (fewer than `count` only if fewer candidates were acceptable)."""
+    values, rows, cols = state[:3]
+    active = rows < shape[0]
+    candidates = (ops.cast(cand_rows, "int32"), ops.cast(cand_cols, "int32"))
+    valid = rewiring.empty_candidates(rows, cols, active, candidates, shape, salt)
+    if allowed is not None:
+        valid = ops.logical_and(valid, allowed(*candidates))
+    count = ops.minimum(ops.cast(count, "int32"), ops.sum(ops.cast(valid, "int32")))
+    keys = rewiring.INT_MAX - rewiring.magnitude_keys(scores)
+    grown_rows, grown_cols = rewiring.compact_chosen(
+        rewiring.select_smallest(keys, valid, count), candidates, k_max
+    )
+    drop = rewiring.select_smallest(rewiring.magnitude_keys(values), active, count)
+    return rewiring.rewire_slots(state, drop, grown_rows, grown_cols), None, count

@@ -9,6 +9,7 @@ from keras import activations, initializers, ops
 from keras_sparse_moe import losses, topologies
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
+from keras_sparse_moe.layers.sparse_dense import IMPLEMENTATIONS
 from keras_sparse_moe.ops import dispatch
 
 __all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "SparseExpertMixture"]
@@ -173,6 +174,9 @@ class SparseExpertMixture(keras.layers.Layer):
         use_bias: Whether the built-in experts' layers use biases.
         kernel_initializer: Initializer of the built-in experts' kernels; the
             default He-uniform scales by fan-in, which is each expert's own.
+        implementation: Storage of the built-in experts' `SparseDense` layers:
+            `"masked"` or `"sparse"` (only the connections: expert compute and
+            memory grow with them, not with `input_dim * experts * width`).
         seed: Optional int making the built-in experts' topology reproducible.
         **kwargs: Base layer arguments.
 
@@ -213,6 +217,7 @@ class SparseExpertMixture(keras.layers.Layer):
         use_bias=True,
         kernel_initializer="he_uniform",
         seed=None,
+        implementation="masked",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -261,6 +266,7 @@ class SparseExpertMixture(keras.layers.Layer):
                 "expert_units": expert_units,
                 "expert_density": expert_density,
                 "route_density": route_density,
+                "implementation": None if implementation == "masked" else implementation,
             }
             given = {k: v for k, v in given.items() if v is not None}
             if given:
@@ -271,6 +277,12 @@ class SparseExpertMixture(keras.layers.Layer):
             if units is not None:
                 units = topologies.check_size("units", units, OWNER)
             num_experts = len(experts)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"`{OWNER}` got an invalid `implementation`. Expected one of "
+                f"{IMPLEMENTATIONS}. Received: implementation={implementation!r}"
+            )
+        self.implementation = implementation
         self.units = units
         self.num_experts = num_experts
         self.expert_units = expert_units
@@ -330,6 +342,7 @@ class SparseExpertMixture(keras.layers.Layer):
                 use_bias=self.use_bias,
                 kernel_initializer=self.kernel_initializer,
                 seed=self.seed,
+                implementation=implementation,
                 dtype=self.dtype_policy,
                 name="experts",
             )
@@ -519,6 +532,7 @@ class SparseExpertMixture(keras.layers.Layer):
             "use_bias": self.use_bias,
             "kernel_initializer": initializers.serialize(self.kernel_initializer),
             "seed": self.seed,
+            "implementation": self.implementation,
         }
 
     @classmethod

@@ -18,6 +18,7 @@ from keras import ops
 
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers.sparse_dense import SparseDense
+from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
 
 __all__ = ["LayerExperts", "SparseExperts"]
 
@@ -34,6 +35,11 @@ class SparseExperts(keras.layers.Layer):
     `sum_e h_e @ R[e -> f]` to expert `f`'s hidden units; a route from an
     expert the token did not select carries nothing.
 
+    With `implementation="sparse"` the three layers store only their
+    connections, and every contraction below is a `sparse_matmul` over them:
+    expert compute grows with the number of connections, not with
+    `input_dim * E * hidden`.
+
     This is the built-in bank of `SparseExpertMixture(num_experts=...)`; users
     configure it through the mixture's arguments.
     """
@@ -49,10 +55,12 @@ class SparseExperts(keras.layers.Layer):
         use_bias,
         kernel_initializer,
         seed=None,
+        implementation="masked",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = num_experts
+        self.implementation = implementation
         self.units = units
         self.hidden_units = hidden_units
         seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
@@ -60,6 +68,7 @@ class SparseExperts(keras.layers.Layer):
             "density": density,
             "kernel_initializer": kernel_initializer,
             "dtype": self.dtype_policy,
+            "implementation": implementation,
         }
         self.expert_hidden = SparseDense(
             num_experts * hidden_units,
@@ -75,11 +84,14 @@ class SparseExperts(keras.layers.Layer):
         self.expert_routes = None
         if route_density > 0 and num_experts > 1:
             # Density over all E*h x E*h pairs whose links all lie between experts.
+            # Sparse storage draws them uniformly inside the pattern (no dense mask).
+            masked = implementation == "masked"
             self.expert_routes = SparseDense(
                 num_experts * hidden_units,
                 density=route_density * (num_experts - 1) / num_experts,
-                topology="small_world",
-                topology_kwargs={"num_clusters": num_experts, "rewire": 1.0},
+                topology="small_world" if masked else "erdos_renyi",
+                topology_kwargs={"num_clusters": num_experts, "rewire": 1.0} if masked else None,
+                implementation=implementation,
                 allowed=topologies.BlockPattern.between_clusters(num_experts),
                 use_bias=False,
                 kernel_initializer=kernel_initializer,
@@ -122,15 +134,60 @@ class SparseExperts(keras.layers.Layer):
 
     # ------------------------------------------------------------------ #
     def _per_expert(self, layer, width):
-        """`layer`'s kernel as `(fan_in, E, width)` and bias as `(E, width)`."""
-        kernel = layer.dense_kernel()
-        kernel = ops.reshape(kernel, (kernel.shape[0], self.num_experts, width))
+        """`layer`'s kernel as `(fan_in, E, width)` (None for sparse storage) and bias
+        as `(E, width)`."""
+        kernel = None
+        if self.implementation == "masked":
+            kernel = layer.dense_kernel()
+            kernel = ops.reshape(kernel, (kernel.shape[0], self.num_experts, width))
         bias = None if layer.bias is None else ops.reshape(layer.bias, (self.num_experts, width))
         return kernel, bias
+
+    def _sparse_contract(self, layer, x, width, per_expert_inputs, sum_experts):
+        """`x @ W` for a sparse-storage expert layer whose columns are E blocks of `width`.
+
+        `x` is `(n, k)` (one input shared by all experts) or, with
+        `per_expert_inputs`, `(n, E * k)` (expert e reads block e): each
+        connection's row moves into its expert's block. With `sum_experts` the
+        E output blocks are summed into `(n, width)`; else `(n, E * width)`.
+        """
+        k = layer.kernel_shape[0]
+        rows, cols = ops.cast(layer.rows, "int32"), ops.cast(layer.cols, "int32")
+        n_in = x.shape[-1]
+        expert = cols // width
+        shifted = rows + k * expert if per_expert_inputs else rows
+        rows = ops.where(rows < k, shifted, n_in)  # parked slots stay parked
+        if sum_experts:
+            cols, n_out = cols % width, width
+        else:
+            n_out = self.num_experts * width
+        return sparse_matmul(x, layer.values, rows, cols, n_out)
+
+    def _blocks(self, x):
+        """`(E, c, k)` per-expert slots -> `(c, E * k)`."""
+        e, c, k = self.num_experts, ops.shape(x)[1], x.shape[-1]
+        return ops.reshape(ops.transpose(x, (1, 0, 2)), (c, e * k))
+
+    def _unblock(self, y, width):
+        """`(c, E * width)` -> `(E, c, width)`."""
+        c = ops.shape(y)[0]
+        return ops.transpose(ops.reshape(y, (c, self.num_experts, width)), (1, 0, 2))
 
     def hidden(self, x):
         """Expert hidden units: `(n, d)` shared by all experts -> `(n, E, h)`, or
         `(E, c, d)` per-expert slots -> `(E, c, h)`."""
+        if self.implementation == "sparse":
+            layer, h = self.expert_hidden, self.hidden_units
+            bias = None if layer.bias is None else ops.reshape(layer.bias, (self.num_experts, h))
+            if len(x.shape) == 2:
+                flat = self._sparse_contract(layer, x, h, False, False)
+                hidden = ops.reshape(flat, (-1, self.num_experts, h))
+                hidden = hidden if bias is None else hidden + bias
+            else:
+                flat = self._sparse_contract(layer, self._blocks(x), h, True, False)
+                hidden = self._unblock(flat, h)
+                hidden = hidden if bias is None else hidden + ops.expand_dims(bias, 1)
+            return layer.activation(hidden)
         kernel, bias = self._per_expert(self.expert_hidden, self.hidden_units)
         if len(x.shape) == 2:
             hidden = ops.einsum("nd,deh->neh", x, kernel)
@@ -146,7 +203,11 @@ class SparseExperts(keras.layers.Layer):
         """`(tokens, E, h)` hidden of the active experts -> what the routes add."""
         tokens = ops.shape(hidden_tokens)[0]
         flat = ops.reshape(hidden_tokens, (tokens, self.num_experts * self.hidden_units))
-        routed = ops.matmul(flat, self.expert_routes.dense_kernel())
+        if self.implementation == "sparse":
+            routes = self.expert_routes
+            routed = sparse_matmul(flat, routes.values, routes.rows, routes.cols, routes.units)
+        else:
+            routed = ops.matmul(flat, self.expert_routes.dense_kernel())
         return ops.reshape(routed, (tokens, self.num_experts, self.hidden_units))
 
     def mix(self, tokens, weights, active, training=None):
@@ -161,7 +222,11 @@ class SparseExperts(keras.layers.Layer):
         kernel, bias = self._per_expert(self.expert_output, self.units)
         weights = ops.cast(weights, hidden.dtype)
         weighted = hidden * ops.expand_dims(weights, -1)
-        outputs = ops.einsum("neh,heu->nu", weighted, kernel)
+        if self.implementation == "sparse":
+            flat = ops.reshape(weighted, (-1, self.num_experts * self.hidden_units))
+            outputs = self._sparse_contract(self.expert_output, flat, self.units, True, True)
+        else:
+            outputs = ops.einsum("neh,heu->nu", weighted, kernel)
         if bias is not None:
             outputs = outputs + ops.matmul(weights, bias)
         return outputs
@@ -172,7 +237,13 @@ class SparseExperts(keras.layers.Layer):
         if self.expert_routes is not None:
             hidden = hidden + self._slot_routes(hidden, plan, index)
         kernel, bias = self._per_expert(self.expert_output, self.units)
-        outs = ops.einsum("ech,heu->ecu", hidden, kernel)
+        if self.implementation == "sparse":
+            flat = self._sparse_contract(
+                self.expert_output, self._blocks(hidden), self.units, True, False
+            )
+            outs = self._unblock(flat, self.units)
+        else:
+            outs = ops.einsum("ech,heu->ecu", hidden, kernel)
         if bias is not None:
             outs = outs + ops.expand_dims(bias, 1)
         return outs

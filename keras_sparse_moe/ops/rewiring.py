@@ -30,7 +30,13 @@ __all__ = [
     "magnitude_keys",
     "prefix_count",
     "quiet_tracing",
+    "compact_chosen",
+    "empty_candidates",
+    "random_empty_indices",
     "random_empty_positions",
+    "random_indices",
+    "membership_table_size",
+    "rewire_slots",
     "connection_list_is_current",
     "dropped_marker",
     "dropped_positions",
@@ -41,7 +47,7 @@ __all__ = [
     "stateless_randint",
 ]
 
-_INT_MAX = 2**31 - 1
+INT_MAX = _INT_MAX = 2**31 - 1
 
 _NEG = -3.0e38  # below any score: never selected while `count` allows
 
@@ -250,15 +256,19 @@ def magnitude_keys(values):
     return ops.view(ops.abs(ops.cast(values, "float32")), "int32")
 
 
-def set_drop(values, zeta):
+def set_drop(values, zeta, valid=None):
     """SET's removal over the kept `values`: the fraction `zeta` of the positive
     ones closest to zero and of the negative ones closest to zero.
 
-    Exact zeros count as positive. Returns a boolean over the values.
+    Exact zeros count as positive. `valid` (optional boolean) leaves the other
+    entries out (empty slots). Returns a boolean over the values.
     """
     keys = magnitude_keys(values)
     positive = values >= 0
     negative = ops.logical_not(positive)
+    if valid is not None:
+        positive = ops.logical_and(positive, valid)
+        negative = ops.logical_and(negative, valid)
     n_pos = ops.floor(zeta * ops.cast(_count(positive), "float32"))
     n_neg = ops.floor(zeta * ops.cast(_count(negative), "float32"))
     return ops.logical_or(
@@ -482,6 +492,119 @@ def rewire(state, indices, drop, grown, grown_values=None, dropped=None):
     start = 0.0 if grown_values is None else grown_values[:k_max]
     new_state = [write(kernel, start), write(mask, 1.0), *(write(s, None) for s in slots)]
     return new_state, new_indices
+
+
+def random_indices(seed, count: int, shape):
+    """`count` uniform random `(rows, cols)` of a `shape` matrix (int32; positions
+    may repeat), from a `(2,)` int32 `seed` tensor."""
+    rows = stateless_randint(seed, (count,), int(shape[0]))
+    cols = stateless_randint(seed + np.array([0x2545F491, 0], "int32"), (count,), int(shape[1]))
+    return rows, cols
+
+
+def membership_table_size(shape, entries: int) -> int:
+    """Buckets of `random_empty_indices`' table for `entries` marks: the positions
+    themselves (exact) when there are no more of them than a hash table would
+    need, else the power of two >= 2 * entries (at most 2**30)."""
+    size = int(shape[0]) * int(shape[1])
+    hashed = min(1 << 30, 1 << max(10, (2 * entries - 1).bit_length()))
+    return size if size <= hashed else hashed
+
+
+def _buckets(rows, cols, shape, table: int, salt):
+    """Bucket of each `(rows, cols)`: its flat position when `table` holds every
+    position, else a salted int32 hash (multiply-xorshift; wrap-around intended)."""
+    n_out = int(shape[1])
+    if table == int(shape[0]) * n_out:
+        return rows * n_out + cols
+    h = rows * np.int32(-1640531535) + cols  # 0x9E3779B1
+    h = ops.bitwise_xor(h, salt)
+    h = ops.bitwise_xor(h, ops.right_shift(h, 15)) * np.int32(-2048144789)  # 0x85EBCA6B
+    h = ops.bitwise_xor(h, ops.right_shift(h, 13)) * np.int32(-1028477387)  # 0xC2B2AE35
+    h = ops.bitwise_xor(h, ops.right_shift(h, 16))
+    return ops.bitwise_and(h, table - 1)
+
+
+def empty_candidates(rows, cols, kept, candidates, shape, salt):
+    """Which random `candidates` may be grown, without a dense array.
+
+    Args:
+        rows, cols: int32 `(nnz,)` positions of the storage's slots.
+        kept: Boolean `(nnz,)`: the slots counted as occupied (parked slots
+            and, for SET, the dropped ones are not).
+        candidates: `(rows, cols)` int32 positions (`random_indices`).
+        shape: `(n_in, n_out)`.
+        salt: int32 scalar varying the hash per call.
+
+    Returns a boolean over the candidates: True where no kept slot and no
+    other candidate holds its bucket. Candidates and kept positions are
+    counted in one table of int32 buckets (`membership_table_size`). Where
+    the table has a bucket per position the test is exact. For larger layers
+    the buckets are a salted hash: a candidate sharing a bucket with a kept
+    position or another candidate is refused too (never is a kept or repeated
+    position accepted, so the connection list stays valid). Those refusals
+    fall on a random fifth or so of the empty positions, redrawn with the
+    salt at every call, so every empty position is equally likely to be
+    accepted: uniform in distribution, not exactly per call.
+    """
+    cand_rows, cand_cols = candidates
+    n = cand_rows.shape[0]
+    table = membership_table_size(shape, rows.shape[0] + n)
+    marker = dropped_marker(n)
+    where = ops.concatenate(
+        [
+            _buckets(cand_rows, cand_cols, shape, table, salt),
+            _buckets(rows, cols, shape, table, salt),
+        ]
+    )
+    what = ops.concatenate([ops.ones((n,), "int32"), ops.where(kept, marker, 0)])
+    counts = ops.scatter(ops.expand_dims(where, -1), what, (table,))
+    return ops.take(counts, where[:n]) == 1
+
+
+def compact_chosen(chosen, candidates, k_max: int):
+    """The `(rows, cols)` of the True entries of `chosen` (at most `k_max`), in order,
+    padded to `k_max` with zeros."""
+    rank = prefix_count(chosen)
+    slot = ops.expand_dims(ops.where(chosen, rank - 1, k_max), -1)
+    return tuple(
+        ops.scatter(slot, ops.where(chosen, c, 0), (k_max + 1,))[:k_max] for c in candidates
+    )
+
+
+def random_empty_indices(
+    rows, cols, kept, candidates, count, k_max: int, shape, salt, allowed=None
+):
+    """The first `count` (at most `k_max`) acceptable random `candidates`
+    (`empty_candidates`, and `allowed` where given), in rank order: the sparse
+    storage's `random_empty_positions`. Returns `(grown_rows, grown_cols,
+    enough)`; `enough` is False when too few candidates survived.
+    """
+    valid = empty_candidates(rows, cols, kept, candidates, shape, salt)
+    if allowed is not None:
+        valid = ops.logical_and(valid, allowed)
+    rank = prefix_count(valid)
+    chosen = ops.logical_and(valid, rank <= ops.cast(count, "int32"))
+    grown_rows, grown_cols = compact_chosen(chosen, candidates, k_max)
+    return grown_rows, grown_cols, rank[-1] >= ops.cast(count, "int32")
+
+
+def rewire_slots(state, drop, grown_rows, grown_cols, grown_values=None):
+    """Applies a drop-and-grow to the sparse storage `[values, rows, cols, *slots]`.
+
+    The r-th dropped slot (in slot order) takes `(grown_rows[r], grown_cols[r])`,
+    starting at `grown_values[r]` (zero when None) with zero optimizer state.
+    O(nnz): every array is rewritten with one select.
+    """
+    values, rows, cols, *slots = state
+    rank = ops.maximum(prefix_count(drop) - 1, 0)
+    start = 0.0 if grown_values is None else ops.take(grown_values, rank)
+    return [
+        ops.where(drop, ops.cast(start, values.dtype), values),
+        ops.where(drop, ops.take(grown_rows, rank), rows),
+        ops.where(drop, ops.take(grown_cols, rank), cols),
+        *(ops.where(drop, ops.zeros_like(s), s) for s in slots),
+    ]
 
 
 def connection_list_is_current(mask, indices):

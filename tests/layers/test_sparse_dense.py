@@ -275,7 +275,7 @@ def test_saved_model_export(tmp_path):
             ValueError,
             "erdos_renyi.*fibonacci|fibonacci.*erdos_renyi",
         ),
-        ({"units": 8, "implementation": "sparse"}, ValueError, "implementation='sparse'"),
+        ({"units": 8, "implementation": "csr"}, ValueError, "implementation='csr'"),
         ({"units": 3, "mask": np.ones((4, 2))}, ValueError, r"mask.shape=\(4, 2\)"),
         ({"units": 2, "mask": np.full((4, 2), 0.5)}, ValueError, "non-binary"),
         ({"units": 2, "mask": np.ones((4, 2)), "density": 0.5}, ValueError, "not both"),

@@ -1,0 +1,324 @@
+"""SparseDense(implementation="sparse"): step time, formulations, rewiring and scale.
+
+Parts (each prints a markdown table; times are medians of rounds run in turns):
+
+- `step`: fit-step time of a `width`-`width`-10 MLP whose hidden layer is a
+  sparse-storage `SparseDense`, a masked one, or `keras.layers.Dense`, for
+  widths 1024, 4096, 16384 and densities 0.5 %, 1 %, 5 %; batch 128, SGD
+  with momentum, `jit_compile=True`. Ratios are to the Dense model of the same
+  width, measured in the same rounds.
+- `formulations`: forward + backward of `x @ W` at width 8192 (and the
+  issue's 10000 at 0.4 %), as one gather + segment sum over all connections
+  (the baseline), and as the library's chunked loop at several chunk sizes,
+  with connections in random or column order.
+- `rewiring`: one SET and one RigL update of a 1024 x 1024 layer at epsilon
+  20, and of a 600k x 600k layer (24 M connections), sparse storage; RigL's
+  growth scores (a forward/backward with probe connections) are timed apart.
+- `scale`: `3312-H-H-H-5` at epsilon 20 on synthetic data of the Lung data's
+  shape (203 samples, 3312 features, 5 classes), SET after every epoch; epoch
+  time, SET time and peak resident memory.
+
+    python benchmarks/bench_truly_sparse.py --part step
+    python benchmarks/bench_truly_sparse.py --part scale --hidden 600000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import keras
+import numpy as np
+from interleaved import fit_step_times
+from keras import ops
+
+import keras_sparse_moe as ksm
+from keras_sparse_moe.layers import SparseDense
+
+BATCH = 128
+
+
+def _header(**extra):
+    items = " ".join(f"{k}={v}" for k, v in extra.items())
+    print(
+        f"backend={keras.backend.backend()} machine={platform.machine()} "
+        f"cpus={os.cpu_count()} {items}"
+    )
+
+
+def _peak_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _mlp(width, hidden):
+    model = keras.Sequential(
+        [keras.Input((width,)), hidden, keras.layers.Dense(10, activation="softmax")]
+    )
+    model.compile(
+        keras.optimizers.SGD(0.01, momentum=0.9),
+        "sparse_categorical_crossentropy",
+        jit_compile=True,
+    )
+    return model
+
+
+def part_step(args):
+    _header(batch=BATCH, repeats=args.repeats)
+    print("| width | density | model | median step (ms) | ratio to Dense |\n|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for width in args.widths:
+        steps = max(2, min(args.steps, int(args.steps * (2048 / width) ** 2)))
+        x = rng.standard_normal((steps * BATCH, width)).astype("float32")
+        y = rng.integers(0, 10, steps * BATCH).astype("int32")
+        for density in args.densities:
+            models = {}
+            if width * width <= args.dense_limit:
+                models["Dense"] = _mlp(width, keras.layers.Dense(width, activation="relu"))
+                models["masked"] = _mlp(
+                    width, SparseDense(width, density=density, activation="relu", seed=0)
+                )
+            models["sparse"] = _mlp(
+                width,
+                SparseDense(
+                    width, density=density, activation="relu", seed=0, implementation="sparse"
+                ),
+            )
+            times = fit_step_times(models, x, y, BATCH, steps, args.repeats)
+            base = statistics.median(times["Dense"]) if "Dense" in times else None
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                ratio = f"{med / base:.3f}" if base else "n/a"
+                print(f"| {width} | {density:.1%} | {name} | {med * 1e3:.1f} | {ratio} |")
+            del models
+            keras.backend.clear_session()
+
+
+def _gather_segment_sum(x, values, rows, cols, n_out):
+    """The baseline: one gather and one segment sum over all connections."""
+    products = ops.take(ops.transpose(x), rows, axis=0) * ops.expand_dims(values, -1)
+    return ops.transpose(ops.segment_sum(products, cols, num_segments=n_out))
+
+
+def _compiled_value_and_grad(fn):
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(jax.grad(lambda x, v, r, c: ops.sum(fn(x, v, r, c) ** 2), argnums=(0, 1)))
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def run(x, v, r, c):
+        with tf.GradientTape() as tape:
+            tape.watch([x, v])
+            loss = tf.reduce_sum(fn(x, v, r, c) ** 2)
+        return tape.gradient(loss, [x, v])
+
+    return run
+
+
+def _time(fn, arguments, repeats):
+    result = fn(*arguments)
+    keras.tree.map_structure(ops.convert_to_numpy, result)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        keras.tree.map_structure(ops.convert_to_numpy, fn(*arguments))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def part_formulations(args):
+    from keras_sparse_moe.ops import sparse_matmul as module
+
+    _header(batch=BATCH, repeats=args.repeats)
+    print(
+        "| width | density | formulation | forward+backward (ms) | ratio to baseline |"
+        "\n|---|---|---|---|---|"
+    )
+    rng = np.random.default_rng(0)
+    for width, density in ((8192, 0.01), (10000, 0.004)):
+        rows, cols = ksm.topologies.erdos_renyi_positions(
+            width, width, int(density * width * width), seed=0
+        )
+        by_column = np.lexsort((rows, cols))
+        x = rng.standard_normal((BATCH, width)).astype("float32")
+        values = rng.standard_normal(rows.size).astype("float32")
+        variants = {"gather + segment sum (baseline)": (_gather_segment_sum, None, False)}
+        for chunk in (512, 2048, 8192, 32768):
+            variants[f"chunked loop, {chunk} per chunk"] = (module.sparse_matmul, chunk, False)
+        variants["chunked loop, 2048, column order"] = (module.sparse_matmul, 2048, True)
+        base = None
+        original = module.chunk_size
+        for name, (fn, chunk, ordered) in variants.items():
+            if chunk is not None:
+                module.chunk_size = lambda batch, nnz, chunk=chunk: chunk
+            order = by_column if ordered else np.arange(rows.size)
+            run = _compiled_value_and_grad(
+                lambda x, v, r, c, fn=fn, width=width: fn(x, v, r, c, width)
+            )
+            seconds = _time(run, (x, values[order], rows[order], cols[order]), args.repeats)
+            module.chunk_size = original
+            base = base or seconds
+            print(
+                f"| {width} | {density:.1%} | {name} | {seconds * 1e3:.1f} | {seconds / base:.3f} |"
+            )
+
+
+def _evolution_model(shape, epsilon, implementation):
+    n_in, n_out = shape
+    layer = SparseDense(n_out, epsilon=epsilon, seed=0, implementation=implementation)
+    model = keras.Sequential([keras.Input((n_in,)), layer])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse", jit_compile=True)
+    model.optimizer.build(model.trainable_variables)
+    return model, layer
+
+
+def _callback(model, callback, steps=1000):
+    callback.set_model(model)
+    callback.set_params({"epochs": 2, "steps": steps})
+    callback.on_train_begin()
+    callback._step = 0
+    return callback
+
+
+def part_rewiring(args):
+    _header(repeats=args.repeats)
+    print("| layer | storage | update | median (ms) | connections |\n|---|---|---|---|---|")
+    for shape, implementations in (((1024, 1024), ("masked", "sparse")), (args.wide, ("sparse",))):
+        repeats = args.repeats if shape[0] <= 4096 else max(3, args.repeats // 5)
+        batch = np.zeros((BATCH, shape[0]), "float32")
+        for implementation in implementations:
+            model, layer = _evolution_model(shape, 20.0, implementation)
+            label = f"{shape[0]}x{shape[1]}"
+            set_cb = _callback(model, ksm.callbacks.SETEvolution(zeta=0.3, seed=0))
+            set_cb.evolve()  # compiles
+            seconds = _time(set_cb.evolve, (), repeats)
+            print(
+                f"| {label} | {implementation} | SET zeta 0.3 | {seconds * 1e3:.2f} | "
+                f"{layer.num_connections} |"
+            )
+            data = (batch, np.zeros((BATCH, shape[1]), "float32"))
+            rigl = _callback(model, ksm.callbacks.RigL(data=data, seed=0, batch_size=BATCH))
+            seeds = np.zeros((1, 2), "int32")
+            scores = rigl._gradient_function()
+            grads = scores(*data, seeds)
+            # Growth scores apart: the gradient at the candidates (sparse) or the
+            # dense gradient (masked), from one batch.
+            seconds = _time(scores, (*data, seeds), repeats)
+            print(f"| {label} | {implementation} | RigL growth scores | {seconds * 1e3:.2f} | |")
+            rigl.update(0.3, step=0, gradients=grads)
+            seconds = _time(rigl.update, (0.3, 0, grads), repeats)
+            print(
+                f"| {label} | {implementation} | RigL drop/grow 0.3 (scores given) | "
+                f"{seconds * 1e3:.2f} | {layer.num_connections} |"
+            )
+            del model, layer, set_cb, rigl, grads
+            keras.backend.clear_session()
+    print(f"peak resident memory {_peak_gb():.2f} GB")
+
+
+class _EpochTimes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.evolutions = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(time.perf_counter() - self._start)
+
+
+class _TimedSET(ksm.callbacks.SETEvolution):
+    def evolve(self):
+        start = time.perf_counter()
+        result = super().evolve()
+        self.seconds = getattr(self, "seconds", []) + [time.perf_counter() - start]
+        return result
+
+
+def part_scale(args):
+    hidden = args.hidden
+    samples, features, classes = 203, 3312, 5
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((samples, features)).astype("float32")
+    y = rng.integers(0, classes, samples).astype("int32")
+    start = time.perf_counter()
+    layers = [
+        SparseDense(
+            hidden, epsilon=20.0, activation="relu", seed=i, implementation="sparse", name=f"h{i}"
+        )
+        for i in range(args.layers)
+    ]
+    # epsilon 20 asks for more than all 5 * H connections of the output layer: it is full.
+    out = SparseDense(classes, density=1.0, seed=9, implementation="sparse", name="out")
+    model = keras.Sequential([keras.Input((features,)), *layers, out])
+    model.compile(
+        keras.optimizers.SGD(0.01, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(),
+        jit_compile=True,
+    )
+    built = time.perf_counter() - start
+    connections = sum(layer.num_connections for layer in model.layers)
+    neurons = features + args.layers * hidden + classes
+    # SET after the last epoch too (update_every counts steps): one per epoch.
+    steps = -(-samples // args.batch)
+    timer, set_cb = _EpochTimes(), _TimedSET(zeta=0.3, update_every=steps, exclude=["out"], seed=0)
+    model.fit(
+        x,
+        y,
+        batch_size=args.batch,
+        epochs=args.epochs,
+        verbose=2,
+        callbacks=[set_cb, timer],
+    )
+    _header(batch=args.batch, epochs=args.epochs)
+    print(
+        "| model | neurons | connections | build (s) | first epoch (s, compiles) | "
+        "later epochs, median (s) | SET (s, median) | peak RSS (GB) |"
+        "\n|---|---|---|---|---|---|---|---|"
+    )
+    later = statistics.median(timer.epochs[1:]) if len(timer.epochs) > 1 else float("nan")
+    evolutions = getattr(set_cb, "seconds", [float("nan")])
+    set_time = statistics.median(evolutions[1:] or evolutions)
+    name = "-".join(str(n) for n in [features, *[hidden] * args.layers, classes])
+    print(
+        f"| {name} | {neurons:,} | {connections:,} | {built:.1f} | {timer.epochs[0]:.1f} | "
+        f"{later:.1f} | {set_time:.2f} | {_peak_gb():.2f} |"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--part", choices=("step", "formulations", "rewiring", "scale"), default="step"
+    )
+    parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.005, 0.01, 0.05])
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed epoch at 2048")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--dense-limit", type=int, default=16384**2, help="largest width**2 timed dense"
+    )
+    parser.add_argument("--wide", type=int, nargs=2, default=[600_000, 600_000])
+    parser.add_argument("--hidden", type=int, default=600_000)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    {
+        "step": part_step,
+        "formulations": part_formulations,
+        "rewiring": part_rewiring,
+        "scale": part_scale,
+    }[args.part](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
