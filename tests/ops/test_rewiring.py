@@ -24,6 +24,12 @@ def _compiled(fn):
         (3001, 40, 1999),
         (3001, 10**6, 1),  # distinct keys: the bisection stops at an exact count
         (3001, 10**6, 500),
+        # From 2**18 entries a sample brackets the threshold first.
+        (300_000, 10**9, 0),
+        (300_000, 10**9, 90_000),
+        (300_000, 10**9, 209_000),
+        (300_000, 50, 100_000),  # huge ties: the sample cannot bracket, bisection runs
+        (300_000, 5000, 12_345),
     ],
 )
 def test_select_smallest_matches_stable_argsort(size, key_range, count):
