@@ -14,6 +14,7 @@ Parts (each prints a markdown table; times are medians of rounds run in turns):
 - `rewiring`: one SET and one RigL update of a 1024 x 1024 layer at epsilon
   20, and of a 600k x 600k layer (24 M connections), sparse storage; RigL's
   growth scores (a forward/backward with probe connections) are timed apart.
+- `rigl_sampling`: how close RigL's sampled growth comes to exact RigL.
 - `scale`: `3312-H-H-H-5` at epsilon 20 on synthetic data of the Lung data's
   shape (203 samples, 3312 features, 5 classes), SET after every epoch; epoch
   time, SET time and peak resident memory.
@@ -251,6 +252,60 @@ def part_rewiring(args):
     print(f"peak resident memory {_peak_gb():.2f} GB")
 
 
+def part_rigl_sampling(args):
+    """RigL's sampled growth against exact RigL on one update, from one trained state.
+
+    A 784-1024-10 MLP (hidden layer sparse storage, epsilon 20) trains one
+    epoch on MNIST (or random data); then exact RigL (every position scored)
+    and sampled RigL (`growth_candidates` per connection grown) each grow 30 %
+    from copies of that state and the same batch. Reported: the share of the
+    exact growth the sample also grows, and the share of the exact growth's
+    gradient mass (sum of |dL/dW| over the grown positions) it reaches.
+    """
+    if args.data:
+        data = ksm.datasets.load_image_classification(args.data)
+        x, y = data.x_train[:10000], data.y_train[:10000]
+    else:
+        rng = np.random.default_rng(0)
+        x, y = rng.random((10000, 784), dtype=np.float32), rng.integers(0, 10, 10000)
+    hidden = SparseDense(1024, epsilon=20, activation="relu", seed=0, implementation="sparse")
+    model = keras.Sequential([keras.Input((784,)), hidden, keras.layers.Dense(10)])
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0)
+    state = [np.array(ops.convert_to_numpy(v)) for v in model.variables]
+    batch = (x[:BATCH], y[:BATCH])
+    exact = ksm.callbacks.RigL(data=batch, batch_size=BATCH, growth_candidates=None, seed=0)
+    _callback(model, exact)
+    full = exact._gradient_function()(*batch, np.zeros((1, 2), "int32"))[0]
+    # |dL/dW| at every position: the exact scores, in row-major order.
+    magnitude = np.abs(np.asarray(ops.convert_to_numpy(full[0]))).reshape(hidden.kernel_shape)
+    before = hidden.dense_mask()
+    exact.update(0.3, step=0)
+    reference = hidden.dense_mask() & ~before
+    _header(data=args.data or "random", grown=int(reference.sum()))
+    print(
+        "| growth candidates per connection grown | grown also by exact RigL | "
+        "gradient mass vs exact |\n|---|---|---|"
+    )
+    for candidates in args.candidates:
+        for variable, value in zip(model.variables, state):
+            variable.assign(value)
+        hidden.refresh_connections()
+        rigl = ksm.callbacks.RigL(
+            data=batch, batch_size=BATCH, growth_candidates=candidates, seed=1
+        )
+        _callback(model, rigl)
+        rigl.update(0.3, step=0)
+        grown = hidden.dense_mask() & ~before
+        overlap = (grown & reference).sum() / reference.sum()
+        mass = magnitude[grown].sum() / magnitude[reference].sum()
+        print(f"| {candidates} | {overlap:.1%} | {mass:.1%} |", flush=True)
+
+
 class _EpochTimes(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -289,7 +344,7 @@ def part_scale(args):
     model = keras.Sequential([keras.Input((features,)), *layers, out])
     model.compile(
         keras.optimizers.SGD(0.01, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=True,
     )
     built = time.perf_counter() - start
@@ -298,7 +353,7 @@ def part_scale(args):
     # SET after the last epoch too (update_every counts steps): one per epoch.
     steps = -(-samples // args.batch)
     timer, set_cb = _EpochTimes(), _TimedSET(zeta=0.3, update_every=steps, exclude=["out"], seed=0)
-    model.fit(
+    history = model.fit(
         x,
         y,
         batch_size=args.batch,
@@ -306,11 +361,12 @@ def part_scale(args):
         verbose=2,
         callbacks=[set_cb, timer],
     )
+    losses = history.history["loss"]
     _header(batch=args.batch, epochs=args.epochs)
     print(
         "| model | neurons | connections | build (s) | first epoch (s, compiles) | "
-        "later epochs, median (s) | SET (s, median) | peak RSS (GB) |"
-        "\n|---|---|---|---|---|---|---|---|"
+        "later epochs, median (s) | SET (s, median) | peak RSS (GB) | loss, first -> last epoch |"
+        "\n|---|---|---|---|---|---|---|---|---|"
     )
     later = statistics.median(timer.epochs[1:]) if len(timer.epochs) > 1 else float("nan")
     evolutions = getattr(set_cb, "seconds", [float("nan")])
@@ -318,15 +374,19 @@ def part_scale(args):
     name = "-".join(str(n) for n in [features, *[hidden] * args.layers, classes])
     print(
         f"| {name} | {neurons:,} | {connections:,} | {built:.1f} | {timer.epochs[0]:.1f} | "
-        f"{later:.1f} | {set_time:.2f} | {_peak_gb():.2f} |"
+        f"{later:.1f} | {set_time:.2f} | {_peak_gb():.2f} | {losses[0]:.3f} -> {losses[-1]:.3f} |"
     )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--part", choices=("step", "formulations", "rewiring", "scale"), default="step"
+        "--part",
+        choices=("step", "formulations", "rewiring", "rigl_sampling", "scale"),
+        default="step",
     )
+    parser.add_argument("--data", default=None, help="rigl_sampling: an .npz (MNIST)")
+    parser.add_argument("--candidates", type=float, nargs="+", default=[1, 2, 4, 10, 40])
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.005, 0.01, 0.05])
     parser.add_argument("--steps", type=int, default=20, help="steps per timed epoch at 2048")
@@ -344,6 +404,7 @@ def main():
         "step": part_step,
         "formulations": part_formulations,
         "rewiring": part_rewiring,
+        "rigl_sampling": part_rigl_sampling,
         "scale": part_scale,
     }[args.part](args)
 
