@@ -11,6 +11,7 @@ from keras import initializers, ops
 
 from keras_sparse_moe import _runtime
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
+from keras_sparse_moe.layers.sparse_dense import initial_values
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["SETEvolution"]
@@ -163,17 +164,22 @@ class SETEvolution(SparseTrainingCallback):
         # on empty allowed positions. The margin makes a redraw (`enough` False)
         # very unlikely.
         free = max((layer.num_allowed - nnz) / size, 1.0 / size)
-        # The sparse storage's hashed membership test also refuses about a fifth.
-        margin = 1.3 if layer.implementation == "masked" else 1.7
-        n_candidates = int(((k_max / free) * margin + 1024) * (2**attempt))
+        needed = k_max / free * 1.3 + 1024
+        if layer.implementation == "sparse":
+            # Its hashed membership test also refuses candidates sharing a bucket:
+            # a fifth at a quarter load, more once the table reaches its cap.
+            accept = rewiring.acceptance(layer.kernel_shape, nnz + needed)
+            needed = k_max / (free * accept) * 1.3 + 1024
+        n_candidates = int(needed * (2**attempt))
         # Repeated candidates are rejected, so drawing about as many as there are
         # positions would waste most of them: small layers use a permutation.
         n_candidates = min(n_candidates, size)
         extra = []
         if not self._regrow_zeros:
-            # Drawn for the kernel's shape so fan-based initializers scale right.
-            values = self.regrow_initializer(layer.kernel_shape, layer.variable_dtype)
-            extra = [ops.reshape(values, (-1,))[:k_max]]
+            # With the kernel's fans, so fan-based initializers scale right; no
+            # dense draw (`k_max` values only).
+            draw = initial_values(self.regrow_initializer, layer.kernel_shape, k_max)
+            extra = [draw(None, layer.variable_dtype)]
         if layer.implementation == "masked":
             step = functools.partial(
                 _set_step, self.zeta, k_max, n_candidates, layer.allowed_positions

@@ -374,22 +374,6 @@ class SparseDense(keras.layers.Layer):
             return None
         return functools.partial(self.allowed.contains_indices, shape=self.kernel_shape)
 
-    def _initial_values(self, shape, count, scale):
-        """Initial weights of `count` connections of a `shape` kernel, as the
-        kernel initializer would draw them there (VarianceScaling fans are those
-        of `shape`, scaled by `scale`), without drawing the dense kernel."""
-        initializer = self.kernel_initializer
-        if not isinstance(initializer, initializers.VarianceScaling):
-            return lambda _, dtype: initializer((count,), dtype)
-        fan_in, fan_out = shape
-        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
-        variance = initializer.scale / max(1.0, fan[initializer.mode]) * scale**2
-        # The same distribution drawn for `(count, 1)`, where fan_in is `count`.
-        draw = copy.copy(initializer)
-        draw.scale, draw.mode = variance * count, "fan_in"
-        draw.input_axes = draw.output_axes = None
-        return lambda _, dtype: ops.reshape(draw((count, 1), dtype), (count,))
-
     def build(self, input_shape):
         input_dim = input_shape[-1]
         if input_dim is None:
@@ -458,7 +442,7 @@ class SparseDense(keras.layers.Layer):
         self.values = self.add_weight(
             name="values",
             shape=(count,),
-            initializer=self._initial_values(shape, count, scale),
+            initializer=initial_values(self.kernel_initializer, shape, count, scale),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
@@ -776,6 +760,23 @@ class SparseDense(keras.layers.Layer):
             }
         )
         return config
+
+
+def initial_values(initializer, shape, count, scale=1.0):
+    """`(shape, dtype) -> (count,)` values drawn as `initializer` would draw them at
+    `count` positions of a `shape` kernel, without drawing the dense kernel:
+    `VarianceScaling` (Glorot, He, LeCun, ...) keeps the fans of `shape` (its
+    draws scaled by `scale`); elementwise initializers draw `count` values."""
+    if not isinstance(initializer, initializers.VarianceScaling):
+        return lambda _, dtype: initializer((count,), dtype)
+    fan_in, fan_out = shape
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
+    variance = initializer.scale / max(1.0, fan[initializer.mode]) * scale**2
+    # The same distribution drawn for `(count, 1)`, where fan_in is `count`.
+    draw = copy.copy(initializer)
+    draw.scale, draw.mode = variance * count, "fan_in"
+    draw.input_axes = draw.output_axes = None
+    return lambda _, dtype: ops.reshape(draw((count, 1), dtype), (count,))
 
 
 def _encode_connections(connections) -> dict:

@@ -36,6 +36,7 @@ __all__ = [
     "random_empty_positions",
     "random_indices",
     "membership_table_size",
+    "acceptance",
     "rewire_slots",
     "connection_list_is_current",
     "dropped_marker",
@@ -553,14 +554,27 @@ def random_indices(seed, count: int, shape):
     return rows, cols
 
 
+TABLE_CAP = 1 << 30  # buckets of the largest membership table (int32: 4 GB)
+
+
 def membership_table_size(shape, entries: int) -> int:
     """Buckets of `empty_candidates`' table for `entries` marks: the positions
     themselves (exact) when there are no more of them than a hash table would
-    need, else the power of two >= 4 * entries (at most 2**27: 512 MB). A
+    need, else the power of two >= 4 * entries (at most `TABLE_CAP`). A
     quarter full, a bucket is free of other entries with probability ~0.78."""
     size = int(shape[0]) * int(shape[1])
-    hashed = min(1 << 27, 1 << max(10, (4 * entries - 1).bit_length()))
+    hashed = min(TABLE_CAP, 1 << max(10, (4 * int(entries) - 1).bit_length()))
     return size if size <= hashed else hashed
+
+
+def acceptance(shape, entries: int) -> float:
+    """Expected share of random candidates that `empty_candidates` does not refuse
+    for sharing a bucket (before the test for kept positions): 1 for an exact
+    table, `exp(-entries / buckets)` for a hashed one."""
+    table = membership_table_size(shape, entries)
+    if table == int(shape[0]) * int(shape[1]):
+        return 1.0
+    return math.exp(-entries / table)
 
 
 def _buckets(rows, cols, shape, table: int, salt):
@@ -595,8 +609,8 @@ def empty_candidates(rows, cols, kept, candidates, shape, salt):
     the buckets are a salted hash: a candidate sharing a bucket with a kept
     position or another candidate is refused too (never is a kept or repeated
     position accepted, so the connection list stays valid). Those refusals
-    fall on a random fifth or so of the empty positions (more at the 2**27
-    bucket cap), redrawn with the salt at every call, so every empty position
+    fall on a random fifth or so of the empty positions (more at the bucket
+    cap, `TABLE_CAP`), redrawn with the salt at every call, so every empty position
     is equally likely to be accepted: uniform in distribution, not exactly
     per call.
     """

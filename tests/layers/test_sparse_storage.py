@@ -358,3 +358,28 @@ def test_mixture_experts_on_sparse_storage_compute_what_masked_ones_do(capacity_
     config = sparse.get_config()
     assert config["implementation"] == "sparse"
     assert SparseExpertMixture.from_config(config).get_config() == config
+
+
+def test_set_on_sparse_storage_when_the_membership_table_is_at_its_cap(monkeypatch):
+    # The table at its cap and half full (as for 3M x 3M layers at full size,
+    # where a fixed candidate margin failed): more candidates, none repeated.
+    from keras_sparse_moe.ops import rewiring
+
+    monkeypatch.setattr(rewiring, "TABLE_CAP", 1 << 14)
+    layer = SparseDense(300, density=0.05, seed=0, implementation="sparse")
+    model = keras.Sequential([keras.Input((400,)), layer])
+    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
+    model.optimizer.build(model.trainable_variables)
+    count = layer.num_connections
+    assert rewiring.membership_table_size(layer.kernel_shape, count) == 1 << 14 < 4 * count
+    evolution = callbacks.SETEvolution(zeta=0.3, regrow_initializer="glorot_uniform", seed=0)
+    evolution.set_model(model)
+    evolution.set_params({"epochs": 2, "steps": 1})
+    evolution.on_train_begin()
+    before = to_numpy(layer.values).copy()
+    assert abs(evolution.evolve() - 0.3 * count) <= 2  # zeta of each sign, floored
+    assert layer.num_connections == count == _unique_positions(layer)
+    grown = to_numpy(layer.values) != before
+    # Regrown weights come from the initializer with the kernel's fans.
+    limit = np.sqrt(6 / (400 + 300))
+    assert grown.sum() > 0.25 * count and np.all(np.abs(to_numpy(layer.values)[grown]) <= limit)
