@@ -383,3 +383,19 @@ def test_set_on_sparse_storage_when_the_membership_table_is_at_its_cap(monkeypat
     # Regrown weights come from the initializer with the kernel's fans.
     limit = np.sqrt(6 / (400 + 300))
     assert grown.sum() > 0.25 * count and np.all(np.abs(to_numpy(layer.values)[grown]) <= limit)
+
+
+def test_new_arguments_reject_bad_values():
+    from keras_sparse_moe.layers import SparseExpertMixture
+
+    with pytest.raises(ValueError, match="implementation='csr'"):
+        SparseExpertMixture(units=4, num_experts=2, implementation="csr")
+    with pytest.raises(ValueError, match="implementation"):
+        SparseExpertMixture(experts=[keras.layers.Dense(4)], implementation="sparse")
+    for bad in (0.5, "all", True):
+        with pytest.raises(ValueError, match="growth_candidates"):
+            callbacks.RigL(data=(X, Y), growth_candidates=bad)
+    rigl = callbacks.RigL(data=(X, Y), growth_candidates=None)
+    assert (
+        callbacks.RigL.from_config({**rigl.get_config(), "data": (X, Y)}).growth_candidates is None
+    )
