@@ -687,7 +687,7 @@ class SparseDense(keras.layers.Layer):
         values, rows, cols = self.values, self.rows, self.cols
         if self._probe is not None:
             values, rows, cols = (
-                ops.concatenate([ops.cast(a, b.dtype), ops.cast(b, b.dtype)])
+                ops.concatenate([ops.cast(a, b.dtype), b])
                 for a, b in zip((values, rows, cols), self._probe)
             )
         outputs = sparse_matmul(flat, values, rows, cols, self.units)
