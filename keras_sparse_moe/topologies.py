@@ -109,23 +109,29 @@ def check_epsilon(epsilon, owner: str) -> float:
     return float(epsilon)
 
 
-def density_from_epsilon(epsilon: float, n_in: int, n_out: int) -> float:
+def density_from_epsilon(epsilon: float, n_in: int, n_out: int, kernel_dims=()) -> float:
     """SET's density `p = epsilon * (n_in + n_out) / (n_in * n_out)`.
 
-    Raises a `ValueError` when `epsilon` is not positive or gives `p > 1`.
+    For a convolution kernel `(*kernel_dims, n_in, n_out)` the kernel
+    dimensions count as in ERK (Evci et al. 2020): `p = epsilon *
+    sum(shape) / prod(shape)`. Raises a `ValueError` when `epsilon` is not
+    positive or gives `p > 1`.
 
     Example:
     >>> round(density_from_epsilon(20, 784, 1000), 4)
     0.0455
+    >>> round(density_from_epsilon(2, 64, 64, kernel_dims=(3, 3)), 4)
+    0.0073
     """
     epsilon = check_epsilon(epsilon, "density_from_epsilon")
-    density = float(epsilon) * (n_in + n_out) / (n_in * n_out)
+    shape = (*kernel_dims, n_in, n_out)
+    density = float(epsilon) * sum(shape) / math.prod(shape)
     if density > 1.0:
-        max_epsilon = n_in * n_out / (n_in + n_out)
+        max_epsilon = math.prod(shape) / sum(shape)
         raise ValueError(
             f"`epsilon={epsilon}` gives a density of {density:.3g} > 1 for a "
-            f"{n_in}x{n_out} layer. Use epsilon <= {max_epsilon:.4g} or pass "
-            "`density` instead."
+            f"{'x'.join(str(d) for d in shape)} kernel. Use epsilon <= {max_epsilon:.4g} or "
+            "pass `density` instead."
         )
     return density
 

@@ -29,14 +29,14 @@ def assert_config_covers_init(instance):
 
 
 def masked_layers(model):
-    from keras_sparse_moe.layers import SparseDense
+    from keras_sparse_moe.layers import SparseKernelLayer
 
-    return [layer for layer in model._flatten_layers() if isinstance(layer, SparseDense)]
+    return [layer for layer in model._flatten_layers() if isinstance(layer, SparseKernelLayer)]
 
 
 def assert_masked_weights_zero(model):
     layers = masked_layers(model)
-    assert layers, "the model has no SparseDense layer"
+    assert layers, "the model has no sparse layer"
     for layer in layers:
         kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
         assert np.all(kernel[mask == 0] == 0), f"{layer.name}: masked weights moved"

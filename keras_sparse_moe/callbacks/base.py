@@ -10,8 +10,9 @@ __all__ = ["SparseTrainingCallback", "find_sparse_layers"]
 
 
 def find_sparse_layers(model, exclude=(), owner="callback"):
-    """The `SparseDense` layers of `model` (nested ones included), minus `exclude`."""
-    from keras_sparse_moe.layers import SparseDense
+    """The sparse layers of `model` (`SparseDense`, the sparse convolutions: any
+    `SparseKernelLayer`, nested ones included), minus `exclude`."""
+    from keras_sparse_moe.layers import SparseKernelLayer
 
     excluded = {x if isinstance(x, str) else x.name for x in exclude}
     names = {layer.name for layer in model._flatten_layers(include_self=False)}
@@ -23,13 +24,14 @@ def find_sparse_layers(model, exclude=(), owner="callback"):
     found = [
         layer
         for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, SparseDense) and layer.name not in excluded
+        if isinstance(layer, SparseKernelLayer) and layer.name not in excluded
     ]
     if not found:
         raise ValueError(
             f"`{owner}` found no `SparseDense` layer to act on in model "
             f"'{model.name}' (excluded: {sorted(excluded) or 'none'}). Build the model "
-            "with `keras_sparse_moe.layers.SparseDense` or convert it with "
+            "with `keras_sparse_moe.layers.SparseDense` (or `SparseConv1D`/`SparseConv2D`) "
+            "or convert it with "
             "`keras_sparse_moe.sparsify(model, ...)`."
         )
     return found

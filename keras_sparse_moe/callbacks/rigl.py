@@ -13,7 +13,7 @@ from keras import ops
 from keras_sparse_moe import _runtime
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.callbacks.set_evolution import check_fraction, check_update_every
-from keras_sparse_moe.layers.sparse_dense import DENSE_LIMIT
+from keras_sparse_moe.layers.sparse_kernel import DENSE_LIMIT
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["RigL"]
@@ -291,7 +291,7 @@ class RigL(SparseTrainingCallback):
         the gradient and the candidates of sparse layers. `gradients`, one per
         layer the callback acts on (`callback.sparse_layers`), replaces that
         gradient (e.g. one computed elsewhere, or to time the rewiring alone):
-        a dense `(input_dim, units)` array for a masked layer, `(scores, rows,
+        an array of the kernel's shape (`weight_shape`) for a masked layer, `(scores, rows,
         cols)` of candidate positions for a sparse one.
         """
         if fraction <= 0:
@@ -307,7 +307,7 @@ class RigL(SparseTrainingCallback):
         else:
             grads = list(gradients)
             shapes = [
-                layer.kernel_shape if layer.implementation == "masked" else "(scores, rows, cols)"
+                layer.weight_shape if layer.implementation == "masked" else "(scores, rows, cols)"
                 for layer in self.sparse_layers
             ]
             received = [tuple(g.shape) if hasattr(g, "shape") else "tuple" for g in grads]

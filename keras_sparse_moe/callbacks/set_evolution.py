@@ -11,7 +11,7 @@ from keras import initializers, ops
 
 from keras_sparse_moe import _runtime
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
-from keras_sparse_moe.layers.sparse_dense import initial_values
+from keras_sparse_moe.layers.sparse_kernel import initial_values
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["SETEvolution"]
@@ -178,7 +178,7 @@ class SETEvolution(SparseTrainingCallback):
         if not self._regrow_zeros:
             # With the kernel's fans, so fan-based initializers scale right; no
             # dense draw (`k_max` values only).
-            draw = initial_values(self.regrow_initializer, layer.kernel_shape, k_max)
+            draw = initial_values(self.regrow_initializer, layer.weight_shape, k_max)
             extra = [draw(None, layer.variable_dtype)]
         if layer.implementation == "masked":
             step = functools.partial(

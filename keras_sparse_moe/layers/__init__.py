@@ -4,6 +4,7 @@ from keras_sparse_moe.layers.expert_mixture import SparseExpertMixture
 from keras_sparse_moe.layers.gates import Gate, NoisyTopKGate, OracleGate, Routing, SoftmaxGate
 from keras_sparse_moe.layers.ptsne_gate import PTSNEGate
 from keras_sparse_moe.layers.sparse_dense import SparseDense
+from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer
 
 __all__ = [
     "Gate",
@@ -14,4 +15,5 @@ __all__ = [
     "SoftmaxGate",
     "SparseDense",
     "SparseExpertMixture",
+    "SparseKernelLayer",
 ]

@@ -9,7 +9,7 @@ from keras import activations, initializers, ops
 from keras_sparse_moe import losses, topologies
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
-from keras_sparse_moe.layers.sparse_dense import IMPLEMENTATIONS
+from keras_sparse_moe.layers.sparse_kernel import IMPLEMENTATIONS
 from keras_sparse_moe.ops import dispatch
 
 __all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "SparseExpertMixture"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keras_sparse_moe import _runtime, callbacks, schedules, topologies
-from keras_sparse_moe.layers import SparseDense, sparse_dense
+from keras_sparse_moe.layers import SparseDense, sparse_kernel
 from tests.test_case import assert_config_covers_init, masked_layers, to_numpy
 
 RNG = np.random.default_rng(0)
@@ -242,7 +242,7 @@ def test_invalid_arguments(kwargs, shape, error, match):
 
 
 def test_too_large_to_densify(monkeypatch):
-    monkeypatch.setattr(sparse_dense, "DENSE_LIMIT", 1000)
+    monkeypatch.setattr(sparse_kernel, "DENSE_LIMIT", 1000)
     with pytest.raises(ValueError, match="connections=.*implementation='sparse'"):
         SparseDense(50, mask=np.ones((40, 50)))
     with pytest.raises(ValueError, match="implementation='sparse'"):

@@ -1,0 +1,818 @@
+"""`SparseKernelLayer`: the connection storage every sparse layer shares.
+
+A layer's kernel (a `Dense` matrix, a convolution filter bank) is seen as a
+matrix `kernel_shape = (fan_in, outputs)`: the kernel's axes but the last
+are flattened into rows. Its connections follow a topology over that
+matrix, and two storages stand behind one connection interface: `"masked"`
+(the kernel and a binary mask, in the kernel's own shape) and `"sparse"`
+(the nnz values and their int32 positions: O(nnz) memory). Subclasses say
+how the kernel is shaped (`_weight_shape`) and how it is applied (`call`);
+callbacks, conversion, summaries and plots speak only to this interface.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import math
+
+import keras
+import numpy as np
+from keras import activations, constraints, initializers, ops, regularizers
+
+from keras_sparse_moe import topologies
+from keras_sparse_moe.ops.masking import decode_mask, encode_mask, mask_gradient
+
+__all__ = ["DENSE_LIMIT", "IMPLEMENTATIONS", "SparseKernelLayer", "compute_fans", "initial_values"]
+
+IMPLEMENTATIONS = ("masked", "sparse")
+_DEFAULT_EPSILON = 20.0
+# Largest number of entries (fan_in * outputs) for which a dense array of the
+# kernel's shape is made (a masked kernel, a dense mask, a dense view): 2**28
+# float32 entries take 1 GiB.
+DENSE_LIMIT = 1 << 28
+
+
+class SparseKernelLayer(keras.layers.Layer):
+    """Base class of layers whose kernel has sparse, topology-defined connections.
+
+    Holds the arguments every sparse layer shares (density, epsilon,
+    topology, mask, connections, implementation, allowed, initializers,
+    regularizers, constraints, activation, bias), draws the connections at
+    build time and stores them, and exposes them to callbacks
+    (`SETEvolution`, `RigL`, `MagnitudePruning`), conversion and summaries.
+    `SparseDense` and the sparse convolutions are its subclasses; see
+    `SparseDense` for the arguments.
+
+    A subclass passes its number of outputs (units, filters) and the
+    kernel's leading axes (`kernel_dims`: none for `SparseDense`, the kernel
+    size for a convolution): its kernel has shape
+    `(*kernel_dims, input_dim, output_dim)`. It calls
+    `_build_kernel(input_dim)` in `build` and reads the kernel in `call`
+    through `dense_kernel()`.
+    """
+
+    def __init__(
+        self,
+        output_dim,
+        kernel_dims=(),
+        density=None,
+        epsilon=None,
+        topology="erdos_renyi",
+        mask=None,
+        implementation="masked",
+        topology_kwargs=None,
+        allowed=None,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        density_aware_init=True,
+        seed=None,
+        connections=None,
+        **kwargs,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        owner = self._owner
+        self._output_dim = int(output_dim)
+        self._kernel_dims = tuple(int(d) for d in kernel_dims)
+        if density is not None and epsilon is not None:
+            raise ValueError(
+                f"`{owner}` takes either `density` or `epsilon`, not both. "
+                f"Received: density={density}, epsilon={epsilon}"
+            )
+        if density is not None:
+            density = topologies.check_density(density, owner)
+        if epsilon is not None:
+            epsilon = topologies.check_epsilon(epsilon, owner)
+        topologies.get(topology)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"`{owner}` got an invalid `implementation`. Expected one of "
+                f"{IMPLEMENTATIONS}. Received: implementation={implementation!r}"
+            )
+        if topology_kwargs is not None and not isinstance(topology_kwargs, dict):
+            raise TypeError(
+                f"`{owner}` got an invalid `topology_kwargs`. Expected a dict "
+                f"or None. Received: topology_kwargs={topology_kwargs!r}"
+            )
+        self.seed = topologies.check_seed(seed, owner)
+        if (
+            topology_kwargs
+            and "degree" in topology_kwargs
+            and (
+                density is not None
+                or epsilon is not None
+                or mask is not None
+                or connections is not None
+            )
+        ):
+            raise ValueError(
+                f"`{owner}` takes a `degree` in `topology_kwargs` or a "
+                "`density`/`epsilon`/`mask`/`connections`, not both. Received: "
+                f"topology_kwargs={topology_kwargs}, density={density}, "
+                f"epsilon={epsilon}"
+            )
+        if connections is not None:
+            if density is not None or epsilon is not None or mask is not None:
+                raise ValueError(
+                    f"`{owner}` takes `connections` or a `mask`/`density`/`epsilon`, not "
+                    f"both. Received: density={density}, epsilon={epsilon}, "
+                    f"mask={'given' if mask is not None else None} with connections"
+                )
+            connections = _check_connections(connections, output_dim, owner)
+        if mask is not None:
+            if density is not None or epsilon is not None:
+                raise ValueError(
+                    f"`{owner}` takes a `mask` or a `density`/`epsilon`, not "
+                    f"both. Received: density={density}, epsilon={epsilon} with "
+                    "a mask"
+                )
+            mask = decode_mask(mask)
+            if mask.size > DENSE_LIMIT:
+                raise ValueError(
+                    f"`{owner}` got a dense `mask` of shape {mask.shape}, too large to "
+                    f"densify (more than {DENSE_LIMIT} entries). Pass the positions "
+                    "instead: `connections=(rows, cols)` with implementation='sparse'."
+                )
+            self._check_mask_shape(mask.shape)
+            if not np.all((mask == 0) | (mask == 1)):
+                bad = np.unique(mask[(mask != 0) & (mask != 1)])[:5]
+                raise ValueError(
+                    f"`{owner}` got a non-binary `mask`. Expected only 0 and 1. "
+                    f"Received values such as {bad.tolist()}"
+                )
+            mask = mask.astype(np.float32)
+        if allowed is not None and not isinstance(allowed, topologies.BlockPattern):
+            try:
+                allowed = topologies.BlockPattern(decode_mask(allowed))
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"`{owner}` got an invalid `allowed`. Expected None, a "
+                    "`keras_sparse_moe.topologies.BlockPattern` or a binary 2-D array. "
+                    f"Received: allowed={allowed!r} ({error})"
+                ) from None
+        self.allowed = allowed
+        self.density = density
+        self.epsilon = epsilon
+        self.topology = topology
+        self.mask_value = mask
+        self.connections_value = connections
+        self.implementation = implementation
+        self.topology_kwargs = dict(topology_kwargs or {})
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        if not isinstance(density_aware_init, bool):
+            raise TypeError(
+                f"`{owner}` got an invalid `density_aware_init`. Expected a bool. "
+                f"Received: density_aware_init={density_aware_init!r}"
+            )
+        self.density_aware_init = density_aware_init
+        self._dense_gradient = False
+        # RigL's growth scores on the sparse storage: (values, rows, cols) of
+        # zero-valued probe connections, set only while its function is traced.
+        self._probe = None
+        # Storage-side caches behind the connection interface (not configuration):
+        # the connection list and the compiled rewiring functions.
+        self._positions = None
+        self._num_active = None
+        self._rewire_functions = {}
+        if implementation == "sparse" and kernel_constraint is not None:
+            if not isinstance(self.kernel_constraint, constraints.NonNeg):
+                raise ValueError(
+                    f"`{owner}` with implementation='sparse' takes only elementwise kernel "
+                    "constraints (`NonNeg`): the others act on rows or columns of a dense "
+                    f"kernel. Received: kernel_constraint={kernel_constraint!r}"
+                )
+
+    @property
+    def _owner(self):
+        return type(self).__name__
+
+    # ------------------------------------------------------------------ #
+    def _weight_shape(self, input_dim) -> tuple:
+        """The kernel's full shape for `input_dim` input features (last axis: outputs)."""
+        return (*self._kernel_dims, int(input_dim), self._output_dim)
+
+    def _check_mask_shape(self, shape):
+        expected = (*self._kernel_dims, None, self._output_dim)
+        if len(shape) != len(expected) or any(
+            e is not None and e != s for e, s in zip(expected, shape)
+        ):
+            hint = tuple("input_dim" if e is None else e for e in expected)
+            raise ValueError(
+                f"`{self._owner}` got a `mask` of the wrong shape. Expected the kernel's shape "
+                f"{hint}. Received: mask.shape={tuple(shape)}"
+            )
+
+    # ------------------------------------------------------------------ #
+    def _density_for(self, input_dim):
+        """The density asked for: given, from `epsilon` (SET; kernel dimensions count
+        as in ERK), or SET's default `epsilon=20` capped at a full kernel."""
+        if self.density is not None:
+            return self.density
+        if self.epsilon is not None:
+            return topologies.density_from_epsilon(
+                self.epsilon, input_dim, self._output_dim, self._kernel_dims
+            )
+        shape = self._weight_shape(input_dim)
+        return min(1.0, _DEFAULT_EPSILON * sum(shape) / math.prod(shape))
+
+    def _draw_connections(self, weight_shape):
+        """int32 `(rows, cols)` of the connections this layer's arguments define for
+        a kernel of `weight_shape`. Erdős–Rényi and given lists make no dense array;
+        the other topologies build their mask (refused above `DENSE_LIMIT` entries)."""
+        owner = f"`{self._owner}` '{self.name}'"
+        shape = _matrix_shape(weight_shape)
+        fan_in, n_out = shape
+        size = fan_in * n_out
+        if self.connections_value is not None:
+            rows, cols = self.connections_value
+            if rows.size and int(rows.max()) >= fan_in:
+                raise ValueError(
+                    f"{owner} got `connections` with rows up to {int(rows.max())}, out of "
+                    f"range for {fan_in} kernel rows. Expected rows in [0, {fan_in})."
+                )
+            return rows, cols
+        if self.mask_value is not None:
+            if self.mask_value.shape != tuple(weight_shape):
+                raise ValueError(
+                    f"{owner} got a `mask` that does not match its kernel. Expected shape "
+                    f"{tuple(weight_shape)}. Received: mask.shape={self.mask_value.shape}"
+                )
+            rows, cols = np.nonzero(self.mask_value.reshape(shape))
+            return rows.astype(np.int32), cols.astype(np.int32)
+        if self.topology == "erdos_renyi" and "degree" not in self.topology_kwargs:
+            density = self._density_for(weight_shape[-2])
+            count = max(1, int(round(density * size)))
+            if self.allowed is not None:
+                self.allowed.check(shape, self._owner)
+                room = self.allowed.count(shape)
+                if count > room:
+                    raise ValueError(
+                        f"{owner} asks for {count} connections but its `allowed` pattern has "
+                        f"room for {room} of the {size}. Lower `density`. Received: "
+                        f"density={density:.4g}"
+                    )
+            return topologies.erdos_renyi_positions(
+                fan_in, n_out, count, seed=self.seed, allowed=self.allowed
+            )
+        if size > DENSE_LIMIT:
+            raise ValueError(
+                f"{owner}: topology {self.topology!r} builds a dense mask, and a {shape} "
+                f"kernel is too large to densify (more than {DENSE_LIMIT} entries). Use "
+                "topology='erdos_renyi' or pass `connections=(rows, cols)`."
+            )
+        builder = topologies.get(self.topology)
+        if "degree" in self.topology_kwargs:
+            mask = builder(fan_in, n_out, seed=self.seed, **self.topology_kwargs)
+        else:
+            mask = builder(
+                fan_in,
+                n_out,
+                density=self._density_for(weight_shape[-2]),
+                seed=self.seed,
+                **self.topology_kwargs,
+            )
+        rows, cols = np.nonzero(mask)
+        return rows.astype(np.int32), cols.astype(np.int32)
+
+    def _check_inside_allowed(self, rows, cols, shape):
+        if self.allowed is None:
+            return
+        self.allowed.check(shape, self._owner)
+        outside = int(np.count_nonzero(~self.allowed.allows(rows, cols, shape)))
+        if outside:
+            if self.connections_value is not None:
+                source = "its `connections`"
+            elif self.mask_value is not None:
+                source = "its `mask`"
+            else:
+                source = f"topology {self.topology!r}"
+            raise ValueError(
+                f"`{self._owner}` '{self.name}': {outside} connections of {source} lie outside "
+                f"its `allowed` pattern ({self.allowed!r}). Give connections inside it, or use "
+                "topology='erdos_renyi', which draws inside it."
+            )
+
+    @property
+    def num_allowed(self) -> int:
+        """Positions where a connection may exist (all of the kernel without `allowed`)."""
+        shape = self.kernel_shape
+        return int(np.prod(shape)) if self.allowed is None else self.allowed.count(shape)
+
+    @property
+    def allowed_positions(self):
+        """None (anywhere), or `f(flat_positions) -> bool tensor`: where `allowed`
+        lets a connection exist. `keras.ops` only: growth steps call it compiled."""
+        if self.allowed is None:
+            return None
+        return functools.partial(self.allowed.contains, shape=self.kernel_shape)
+
+    @property
+    def allowed_indices(self):
+        """None (anywhere), or `f(rows, cols) -> bool tensor`, as `allowed_positions`."""
+        if self.allowed is None:
+            return None
+        return functools.partial(self.allowed.contains_indices, shape=self.kernel_shape)
+
+    # ------------------------------------------------------------------ #
+    def _build_kernel(self, input_dim):
+        """Draws the connections for `input_dim` input features and creates the
+        storage variables and the bias."""
+        weight_shape = self._weight_shape(input_dim)
+        shape = _matrix_shape(weight_shape)
+        size = shape[0] * shape[1]
+        if self.implementation == "masked" and size > DENSE_LIMIT:
+            raise ValueError(
+                f"`{self._owner}` '{self.name}' with implementation='masked' would store a "
+                f"dense {weight_shape} kernel (more than {DENSE_LIMIT} entries). Use "
+                "implementation='sparse'."
+            )
+        rows, cols = self._draw_connections(weight_shape)
+        self._check_inside_allowed(rows, cols, shape)
+        self._kernel_shape = shape
+        self._full_shape = weight_shape
+        count = len(rows)
+        scale = 1.0
+        if self.density_aware_init and isinstance(
+            self.kernel_initializer, initializers.VarianceScaling
+        ):
+            scale = float(np.sqrt(size / max(1, count)))
+        if self.implementation == "masked":
+            self._build_masked(rows, cols, scale)
+        else:
+            self._build_sparse(rows, cols, scale)
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self._output_dim,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        else:
+            self.bias = None
+
+    def _build_masked(self, rows, cols, scale):
+        mask = np.zeros(self._kernel_shape, np.float32)
+        mask[rows, cols] = 1.0
+        mask = mask.reshape(self._full_shape)
+        self.mask = self.add_weight(
+            name="mask",
+            shape=self._full_shape,
+            initializer=initializers.Constant(mask),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+        )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=self._full_shape,
+            # Masked at creation: `build` may run in a stateless scope where an
+            # `assign` would be dropped.
+            initializer=lambda shape, dtype: ops.multiply(
+                self.kernel_initializer(shape, dtype), ops.cast(mask * scale, dtype)
+            ),
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+
+    def _build_sparse(self, rows, cols, scale):
+        count = len(rows)
+        self.values = self.add_weight(
+            name="values",
+            shape=(count,),
+            initializer=initial_values(self.kernel_initializer, self._full_shape, count, scale),
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        for name, array in (("rows", rows), ("cols", cols)):
+            variable = self.add_weight(
+                name=name,
+                shape=(count,),
+                initializer=lambda _, dtype, array=array: ops.convert_to_tensor(array, "int32"),
+                dtype="int32",
+                trainable=False,
+            )
+            setattr(self, name, variable)
+
+    def apply_mask(self):
+        """Restores the storage invariant after an external assign: masked, the kernel
+        is zeroed wherever the mask is 0; sparse, parked slots hold zero."""
+        if self.implementation == "masked":
+            kernel = ops.convert_to_tensor(self.kernel)
+            self.kernel.assign(ops.where(ops.convert_to_tensor(self.mask) > 0, kernel, 0.0))
+        else:
+            active = ops.convert_to_tensor(self.rows) < self.kernel_shape[0]
+            self.values.assign(ops.where(active, ops.convert_to_tensor(self.values), 0.0))
+        self.refresh_connections()
+
+    # ------------------------------------------------------------------ #
+    # Connections: what callbacks, conversion, plots and the mixture use, whatever
+    # the storage. Positions are flat row-major indices into `kernel_shape`
+    # (equal to those of the full kernel, whose axes but the last are the rows).
+    @property
+    def kernel_shape(self) -> tuple:
+        """`(fan_in, outputs)`: the kernel as a matrix (its axes but the last
+        flattened into rows); `(input_dim, units)` for `SparseDense`."""
+        self._require_built("kernel_shape")
+        return self._kernel_shape
+
+    @property
+    def weight_shape(self) -> tuple:
+        """The kernel's full shape, e.g. `(height, width, channels, filters)` for a
+        2-D convolution; equal to `kernel_shape` for `SparseDense`."""
+        self._require_built("weight_shape")
+        return self._full_shape
+
+    @property
+    def storage_variables(self) -> list:
+        """The variables holding the connections: masked `[kernel, mask]`, sparse
+        `[values, rows, cols]`. The first is the trainable one."""
+        self._require_built("storage_variables")
+        if self.implementation == "masked":
+            return [self.kernel, self.mask]
+        return [self.values, self.rows, self.cols]
+
+    def _active_slots(self):
+        """numpy indices of the sparse storage's occupied (not parked) slots."""
+        return np.flatnonzero(np.asarray(ops.convert_to_numpy(self.rows)) < self.kernel_shape[0])
+
+    def connection_indices(self):
+        """int32 numpy `(rows, cols)` of the connections in `kernel_shape` (any layer
+        size), in the order of `connection_values()`."""
+        self._require_built("connection_indices")
+        if self.implementation == "masked":
+            n_out = self.kernel_shape[1]
+            flat = np.asarray(ops.convert_to_numpy(self.connection_positions()))
+            return (flat // n_out).astype(np.int32), (flat % n_out).astype(np.int32)
+        slots = self._active_slots()
+        rows = np.asarray(ops.convert_to_numpy(self.rows))[slots]
+        return rows, np.asarray(ops.convert_to_numpy(self.cols))[slots]
+
+    def connection_positions(self):
+        """int32 `(num_connections,)` flat positions of the connections.
+
+        Masked: increasing after a rebuild (a rewiring keeps each replaced
+        connection's slot); a cache of the mask, the source of truth, rebuilt
+        after weights are set or loaded, and whenever a rewiring step finds it
+        stale (`refresh_connections`). Sparse: in slot order; only for layers
+        of fewer than 2**31 entries (use `connection_indices` beyond).
+        """
+        self._require_built("connection_positions")
+        if self._positions is None:
+            if self.implementation == "masked":
+                mask = np.asarray(ops.convert_to_numpy(self.mask)).ravel()
+                flat = np.flatnonzero(mask)
+            else:
+                if int(np.prod(self.kernel_shape)) > 2**31 - 1:
+                    raise ValueError(
+                        f"`{self._owner}` '{self.name}' has a {self.kernel_shape} kernel: flat "
+                        "positions overflow int32. Use `connection_indices()`."
+                    )
+                rows, cols = self.connection_indices()
+                flat = rows.astype(np.int64) * self.kernel_shape[1] + cols
+            self._positions = ops.convert_to_tensor(flat.astype("int32"))
+        return self._positions
+
+    def connection_values(self):
+        """The `(num_connections,)` weights, in the order of the positions."""
+        if self.implementation == "masked":
+            return ops.take(ops.reshape(self.kernel, (-1,)), self.connection_positions())
+        return ops.take(self.values, self._active_slots())
+
+    def refresh_connections(self):
+        """Forgets the cached connection list (after the storage was changed elsewhere)."""
+        self._positions = None
+        self._num_active = None
+
+    def _check_densifiable(self, what):
+        if int(np.prod(self.kernel_shape)) > DENSE_LIMIT:
+            raise ValueError(
+                f"`{self._owner}.{what}` would make a dense {self.weight_shape} array (more "
+                f"than {DENSE_LIMIT} entries). Use `connection_indices()` and "
+                "`connection_values()` instead."
+            )
+
+    def dense_mask(self) -> np.ndarray:
+        """Boolean numpy array of the connections, in the kernel's shape
+        (`weight_shape`; small layers)."""
+        self._require_built("dense_mask")
+        if self.implementation == "masked":
+            return np.asarray(ops.convert_to_numpy(self.mask)) > 0
+        self._check_densifiable("dense_mask")
+        mask = np.zeros(self.kernel_shape, bool)
+        mask[self.connection_indices()] = True
+        return mask.reshape(self.weight_shape)
+
+    def assign_dense_kernel(self, values):
+        """Sets the weights from a dense array of the kernel's shape (`weight_shape`,
+        or `kernel_shape`); only connected positions are kept (the rest stays
+        exactly zero)."""
+        values = np.asarray(values)
+        if values.shape not in (self.weight_shape, self.kernel_shape):
+            raise ValueError(
+                f"`{self._owner}.assign_dense_kernel` needs an array of shape "
+                f"{self.weight_shape}. Received: shape {values.shape}"
+            )
+        if self.implementation == "masked":
+            values = values.reshape(self.weight_shape)
+            kept = np.where(self.dense_mask(), values, 0)
+            self.kernel.assign(kept.astype(self.kernel.dtype))
+            return
+        values = values.reshape(self.kernel_shape)
+        n_in = self.kernel_shape[0]
+        rows = np.asarray(ops.convert_to_numpy(self.rows))
+        cols = np.asarray(ops.convert_to_numpy(self.cols))
+        active = rows < n_in
+        kept = np.where(active, values[np.minimum(rows, n_in - 1), cols], 0)
+        self.values.assign(kept.astype(self.values.dtype))
+
+    def assign_connections(self, rows, cols, values):
+        """Replaces the connections with `(rows[k], cols[k])` (in `kernel_shape`)
+        holding `values[k]`.
+
+        Masked: any number of them. Sparse: at most the layer's slot count
+        (`storage_variables[0].shape[0]`); the slots left over are parked.
+        Optimizer state is not touched (for fresh layers, e.g. conversion).
+        """
+        self._require_built("assign_connections")
+        n_in, n_out = self.kernel_shape
+        rows, cols = _check_connections((rows, cols), n_out, "assign_connections")
+        values = np.asarray(values, np.float32).ravel()
+        if values.shape != rows.shape or (rows.size and int(rows.max()) >= n_in):
+            raise ValueError(
+                f"`{self._owner}.assign_connections` needs one value per connection and rows "
+                f"below {n_in}. Received: {rows.size} positions, {values.size} values, "
+                f"largest row {int(rows.max()) if rows.size else None}"
+            )
+        if self.implementation == "masked":
+            mask = np.zeros(self.kernel_shape, np.float32)
+            kernel = np.zeros(self.kernel_shape, np.float32)
+            mask[rows, cols], kernel[rows, cols] = 1.0, values
+            self.mask.assign(mask.reshape(self.weight_shape))
+            self.kernel.assign(kernel.reshape(self.weight_shape).astype(self.kernel.dtype))
+        else:
+            slots = int(self.values.shape[0])
+            if rows.size > slots:
+                raise ValueError(
+                    f"`{self._owner}` '{self.name}' has {slots} connection slots. Received "
+                    f"{rows.size} connections: build it with a higher density."
+                )
+            pad = slots - rows.size
+            self.rows.assign(np.pad(rows, (0, pad), constant_values=n_in))
+            self.cols.assign(np.pad(cols, (0, pad)))
+            self.values.assign(np.pad(values, (0, pad)).astype(self.values.dtype))
+        self.refresh_connections()
+
+    def rewire(self, step, optimizer, key=(), *args):
+        """Runs a compiled rewiring `step` on this layer's storage, in place; returns its output.
+
+        `step(state, positions, *args) -> (new_state, new_positions, aux)`:
+        `state` is the flat `storage_variables` followed by the optimizer
+        slots of the trainable one (momenta, Adam moments), so a step can
+        reset them where it changes connections. Masked: `positions` is the
+        current connection list and `new_positions` (or None: rebuild from
+        the mask) becomes it. Sparse: `positions` is None (the storage is the
+        list) and `new_positions` is ignored. The step is compiled once per
+        (`step`, `key`, variables): a `functools.partial`'s bound values must
+        be covered by `key`.
+        """
+        from keras_sparse_moe import _runtime
+        from keras_sparse_moe.ops import rewiring
+
+        storage = self.storage_variables
+        slots = [] if optimizer is None else _runtime.optimizer_slots(optimizer, storage[0])
+        variables = [*storage, *slots]
+        name = getattr(step, "func", step)
+        cache_key = (name, tuple(id(v) for v in variables), key)
+        function = self._rewire_functions.get(cache_key)
+        masked = self.implementation == "masked"
+        if function is None:
+
+            def update(state, *call_args):
+                if masked:
+                    positions, call_args = call_args[0], call_args[1:]
+                else:
+                    positions = None
+                new_state, new_positions, aux = step(state, positions, *call_args)
+                return new_state, (new_positions if masked else None, aux)
+
+            function = rewiring.compile_update(update, variables)
+            self._rewire_functions[cache_key] = function
+        if masked:
+            new_positions, aux = function(self.connection_positions(), *args)
+            self._positions = new_positions
+        else:
+            _, aux = function(*args)
+            self.refresh_connections()
+        return aux
+
+    def _connection_arrays(self):
+        """The sparse storage's `(values, rows, cols)`, with RigL's zero-valued probe
+        connections appended while its growth scores are traced."""
+        values, rows, cols = self.values, self.rows, self.cols
+        if self._probe is not None:
+            values, rows, cols = (
+                ops.concatenate([ops.cast(a, b.dtype), b])
+                for a, b in zip((values, rows, cols), self._probe)
+            )
+        return values, rows, cols
+
+    def dense_kernel(self):
+        """The kernel as a tensor of `weight_shape` (small layers).
+
+        Masked: the stored kernel, whose gradient is zero where the mask is
+        (the stored kernel is already zero there, so the forward pass needs no
+        multiply); RigL flips `_dense_gradient` (outside compiled steps) to
+        read the gradient at empty positions. Sparse: the values scattered
+        into a dense array (differentiable in the values). Layers that
+        contract the kernel their own way read it through this method.
+        """
+        if self.implementation == "sparse":
+            self._check_densifiable("dense_kernel")
+            n_in, n_out = self.kernel_shape
+            values, rows, cols = self._connection_arrays()
+            # Parked slots (row n_in) land in an extra row, cut off.
+            flat = ops.cast(rows, "int32") * n_out + ops.cast(cols, "int32")
+            dense = ops.scatter(ops.expand_dims(flat, -1), values, ((n_in + 1) * n_out,))
+            return ops.reshape(dense[: n_in * n_out], self.weight_shape)
+        return self.kernel if self._dense_gradient else mask_gradient(self.kernel, self.mask)
+
+    def _add_bias_and_activate(self, outputs, axis=-1):
+        if self.bias is not None:
+            bias = self.bias
+            if axis != -1:
+                shape = [1] * len(outputs.shape)
+                shape[axis] = self._output_dim
+                bias = ops.reshape(bias, shape)
+            outputs = ops.add(outputs, bias)
+        return self.activation(outputs)
+
+    # Keep the storage invariant when weights come from outside the optimizer.
+    def set_weights(self, weights):
+        super().set_weights(weights)
+        self.apply_mask()
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self.apply_mask()
+
+    # ------------------------------------------------------------------ #
+    @property
+    def num_connections(self) -> int:
+        """Number of connections kept."""
+        self._require_built("num_connections")
+        if self.implementation == "masked":
+            return int(self.connection_positions().shape[0])
+        if self._num_active is None:
+            self._num_active = int(self._active_slots().size)
+        return self._num_active
+
+    @property
+    def actual_density(self) -> float:
+        """Fraction of the kernel's possible connections kept."""
+        self._require_built("actual_density")
+        return self.num_connections / int(np.prod(self.kernel_shape))
+
+    def _require_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"`{self._owner}.{what}` is known once the layer is built: call it "
+                "on an input or call `build(input_shape)` first."
+            )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "density": self.density,
+                "epsilon": self.epsilon,
+                "topology": self.topology,
+                "mask": None if self.mask_value is None else encode_mask(self.mask_value),
+                "connections": None
+                if self.connections_value is None
+                else _encode_connections(self.connections_value),
+                "implementation": self.implementation,
+                "topology_kwargs": dict(self.topology_kwargs),
+                "allowed": None if self.allowed is None else self.allowed.get_config()["blocks"],
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                "kernel_initializer": initializers.serialize(self.kernel_initializer),
+                "bias_initializer": initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+                "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+                "kernel_constraint": constraints.serialize(self.kernel_constraint),
+                "bias_constraint": constraints.serialize(self.bias_constraint),
+                "density_aware_init": self.density_aware_init,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def _matrix_shape(weight_shape) -> tuple:
+    """`(fan_in, outputs)`: a kernel's axes but the last flattened into rows."""
+    return (math.prod(weight_shape[:-1]), weight_shape[-1])
+
+
+def compute_fans(shape) -> tuple:
+    """`(fan_in, fan_out)` of a kernel `shape`, as Keras' initializers count them:
+    a `(..., n_in, n_out)` kernel's leading (receptive field) axes multiply both."""
+    if len(shape) < 2:
+        size = int(shape[0]) if len(shape) else 1
+        return size, size
+    receptive = math.prod(shape[:-2])
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def initial_values(initializer, shape, count, scale=1.0):
+    """`(shape, dtype) -> (count,)` values drawn as `initializer` would draw them at
+    `count` positions of a `shape` kernel, without drawing the dense kernel:
+    `VarianceScaling` (Glorot, He, LeCun, ...) keeps the fans of `shape` (its
+    draws scaled by `scale`); elementwise initializers draw `count` values."""
+    if not isinstance(initializer, initializers.VarianceScaling):
+        return lambda _, dtype: initializer((count,), dtype)
+    fan_in, fan_out = compute_fans(shape)
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
+    variance = initializer.scale / max(1.0, fan[initializer.mode]) * scale**2
+    # The same distribution drawn for `(count, 1)`, where fan_in is `count`.
+    draw = copy.copy(initializer)
+    draw.scale, draw.mode = variance * count, "fan_in"
+    draw.input_axes = draw.output_axes = None
+    return lambda _, dtype: ops.reshape(draw((count, 1), dtype), (count,))
+
+
+def _encode_connections(connections) -> dict:
+    """`(rows, cols)` as a JSON-friendly dict of base64 int32 bytes (for `get_config`)."""
+    rows, cols = connections
+    return {
+        "rows": base64.b64encode(np.asarray(rows, "<i4").tobytes()).decode("ascii"),
+        "cols": base64.b64encode(np.asarray(cols, "<i4").tobytes()).decode("ascii"),
+    }
+
+
+def _check_connections(connections, units, owner):
+    """A connection list as int32 numpy `(rows, cols)`, checked: integer, 1-D, equal
+    lengths, non-negative, columns below `units`, no position twice."""
+    if isinstance(connections, dict) and set(connections) == {"rows", "cols"}:
+        connections = tuple(
+            np.frombuffer(base64.b64decode(connections[k]), "<i4") for k in ("rows", "cols")
+        )
+    if not isinstance(connections, (tuple, list)):
+        array = np.asarray(connections)
+        if array.ndim != 2 or array.shape[1] != 2:
+            raise ValueError(
+                f"`{owner}` got invalid `connections`. Expected (rows, cols) or an (nnz, 2) "
+                f"array. Received: array of shape {array.shape}"
+            )
+        connections = (array[:, 0], array[:, 1])
+    if len(connections) != 2:
+        raise ValueError(
+            f"`{owner}` got invalid `connections`. Expected (rows, cols). Received "
+            f"{len(connections)} arrays"
+        )
+    rows, cols = (np.asarray(a) for a in connections)
+    if rows.size == 0 and cols.size == 0:
+        raise ValueError(f"`{owner}` got empty `connections`: a layer needs at least one.")
+    for name, array in (("rows", rows), ("cols", cols)):
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(
+                f"`{owner}` got invalid `connections`: {name} must be a 1-D integer array. "
+                f"Received: dtype {array.dtype}, shape {array.shape}"
+            )
+    if rows.shape != cols.shape:
+        raise ValueError(
+            f"`{owner}` got `connections` with {rows.size} rows and {cols.size} cols. "
+            "Expected equal lengths."
+        )
+    if int(rows.min()) < 0 or int(cols.min()) < 0 or int(cols.max()) >= units:
+        raise ValueError(
+            f"`{owner}` got out-of-range `connections`. Expected rows >= 0 and cols in "
+            f"[0, {units}). Received: rows in [{int(rows.min())}, {int(rows.max())}], "
+            f"cols in [{int(cols.min())}, {int(cols.max())}]"
+        )
+    flat = rows.astype(np.int64) * units + cols
+    unique, counts = np.unique(flat, return_counts=True)
+    if unique.size != flat.size:
+        twice = unique[counts > 1][:3]
+        raise ValueError(
+            f"`{owner}` got duplicate `connections`: {flat.size - unique.size} positions "
+            f"appear more than once, e.g. (row, col) = "
+            f"{[(int(p // units), int(p % units)) for p in twice]}"
+        )
+    return rows.astype(np.int32), cols.astype(np.int32)
