@@ -10,6 +10,8 @@ from keras_sparse_moe.layers import (
     NoisyTopKGate,
     OracleGate,
     PTSNEGate,
+    SparseConv1D,
+    SparseConv2D,
     SparseDense,
     SparseExpertMixture,
 )
@@ -42,6 +44,22 @@ MODELS = {
     "sparse_dense": lambda: _sequential(SparseDense(7, density=0.3, activation="relu", seed=0)),
     "sparse_dense_sparse_storage": lambda: _sequential(
         SparseDense(7, density=0.3, activation="relu", seed=0, implementation="sparse")
+    ),
+    "sparse_conv1d": lambda: keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Reshape((10, 1)),
+            SparseConv1D(4, 3, padding="causal", density=0.5, activation="relu", seed=0),
+            keras.layers.Flatten(),
+        ]
+    ),
+    "sparse_conv2d_sparse_storage": lambda: keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Reshape((5, 2, 1)),
+            SparseConv2D(3, 2, padding="same", density=0.5, implementation="sparse", seed=0),
+            keras.layers.Flatten(),
+        ]
     ),
     "softmax_routes_capacity": lambda: _sequential(
         SparseExpertMixture(top_k=2, capacity_factor=1.0, route_density=0.2, **MIXTURE)
