@@ -2,6 +2,7 @@
 
 from keras_sparse_moe import (
     callbacks,
+    constraints,
     datasets,
     layers,
     losses,
@@ -15,6 +16,7 @@ from keras_sparse_moe import (
 from keras_sparse_moe.conversion import convert_implementation, sparsify
 from keras_sparse_moe.layers import SparseDense, SparseExpertMixture
 from keras_sparse_moe.manifold import ParametricTSNE
+from keras_sparse_moe.reporting import summary
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,7 @@ __all__ = [
     "SparseExpertMixture",
     "__version__",
     "callbacks",
+    "constraints",
     "convert_implementation",
     "datasets",
     "layers",
@@ -34,5 +37,6 @@ __all__ = [
     "plots",
     "schedules",
     "sparsify",
+    "summary",
     "topologies",
 ]
