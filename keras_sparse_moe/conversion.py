@@ -1,17 +1,34 @@
-"""`sparsify`: turn the `Dense` layers of a Keras 3 model into `SparseDense`."""
+"""`sparsify`: turn the `Dense` and convolution layers of a Keras 3 model into sparse ones."""
 
 from __future__ import annotations
+
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse_moe.layers import SparseDense
+from keras_sparse_moe import topologies
+from keras_sparse_moe.layers import SparseConv1D, SparseConv2D, SparseDense, SparseKernelLayer
 
 __all__ = ["convert_implementation", "sparsify"]
 
+# Keras layer type -> the sparse layer standing for it (exact types: subclasses
+# may compute something else with their kernel).
+CONVERTIBLE = {
+    keras.layers.Dense: SparseDense,
+    keras.layers.Conv1D: SparseConv1D,
+    keras.layers.Conv2D: SparseConv2D,
+}
 _SHARED = (
     "units",
+    "filters",
+    "kernel_size",
+    "strides",
+    "padding",
+    "data_format",
+    "dilation_rate",
+    "groups",
     "activation",
     "use_bias",
     "kernel_initializer",
@@ -25,6 +42,7 @@ _SHARED = (
     "dtype",
     "trainable",
 )
+DISTRIBUTIONS = ("uniform", "erk")
 
 
 def sparsify(
@@ -32,72 +50,182 @@ def sparsify(
     density=None,
     epsilon=None,
     topology="erdos_renyi",
+    include=None,
     exclude=None,
+    distribution="uniform",
     seed=None,
     implementation="masked",
 ):
-    """Returns a copy of `model` whose `Dense` layers are `SparseDense`.
+    """Returns a copy of `model` whose `Dense`, `Conv1D` and `Conv2D` layers are sparse.
 
-    Each converted layer keeps the `Dense` layer's weights wherever its mask
-    (drawn from `topology` at `density` or SET's `epsilon`) keeps a connection
-    and zero elsewhere; every other layer keeps its weights. The Keras 3
-    counterpart of tfmot's `prune_low_magnitude`: follow it with
-    `MagnitudePruning` (start from `density=1.0`), `SETEvolution` or `RigL`.
-    Works for Sequential and Functional models (Keras' `clone_model`).
+    Each converted layer (`SparseDense`, `SparseConv1D`, `SparseConv2D`)
+    keeps the original kernel wherever its connections (drawn from
+    `topology` at `density` or SET's `epsilon`) lie and zero elsewhere;
+    every other layer keeps its weights. The Keras 3 counterpart of tfmot's
+    `prune_low_magnitude`: follow it with `MagnitudePruning` (start from
+    `density=1.0`), `SETEvolution` or `RigL`. Works for Sequential and
+    Functional models, nested ones included (Keras' `clone_model`).
+
+    Layers with a kernel that cannot be converted (depthwise, separable,
+    transposed or 3-D convolutions, grouped convolutions, `EinsumDense`,
+    recurrent cells, layers inside custom layers) stay as they are and are
+    named in a warning; `keras_sparse_moe.constraints.MaskConstraint` puts a
+    fixed mask on any of them.
 
     Args:
         model: A built Sequential or Functional Keras model.
         density, epsilon, topology, implementation: As in `SparseDense`
             (`implementation="sparse"` stores only the kept connections).
-        exclude: Names of `Dense` layers to leave dense.
+        include: Layers to convert (names, or Keras layer classes such as
+            `keras.layers.Conv2D`); default all convertible ones.
+        exclude: Layers to keep dense (names or classes), e.g. the first
+            convolution and the classifier.
+        distribution: `"uniform"` (every layer at `density`) or `"erk"`:
+            `density` is the global fraction of the converted layers'
+            weights, spread by RigL's Erdős–Rényi-Kernel rule (kernel
+            dimensions count; see `topologies.erk_densities`).
         seed: Optional int; layer `i` uses `seed + i`.
 
     Example:
     >>> import keras, keras_sparse_moe
-    >>> dense = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(2)])
+    >>> dense = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 3),
+    ...     keras.layers.Flatten(), keras.layers.Dense(16), keras.layers.Dense(2)])
     >>> sparse = keras_sparse_moe.sparsify(dense, density=0.5, exclude=[dense.layers[-1].name])
     >>> [type(layer).__name__ for layer in sparse.layers]
-    ['SparseDense', 'Dense']
+    ['SparseConv2D', 'Flatten', 'SparseDense', 'Dense']
     """
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"`sparsify` expects a Keras 3 model. Received: model of type {type(model).__name__}"
         )
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    excluded = set(exclude or ())
-    dense = [layer.name for layer in model.layers if type(layer) is keras.layers.Dense]
-    unknown = sorted(excluded - set(dense))
-    if unknown:
+    if distribution not in DISTRIBUTIONS:
         raise ValueError(
-            f"`sparsify` got `exclude` names that are not Dense layers of model '{model.name}'. "
-            f"Its Dense layers: {dense}. Received: exclude={sorted(excluded)}"
+            f"`sparsify` got an invalid `distribution`. Expected one of {DISTRIBUTIONS}. "
+            f"Received: distribution={distribution!r}"
         )
-    if not set(dense) - excluded:
+    if distribution == "erk" and density is None:
         raise ValueError(
-            f"`sparsify` found no `keras.layers.Dense` layer to convert in model "
-            f"'{model.name}' (top-level layers: {[type(x).__name__ for x in model.layers]}, "
-            f"excluded: {sorted(excluded) or 'none'})."
+            "`sparsify(distribution='erk')` spreads a global `density` over the layers: pass "
+            f"`density`. Received: density=None, epsilon={epsilon}"
         )
-    counter = iter(range(10**9))
+    # What `clone_model` reaches: layers of (nested) Sequential and Functional models.
+    reachable = _reachable(model)
+    convertible = [x for x in reachable if _convertible(x)]
+    chosen = _choose(convertible, include, exclude, reachable, model.name)
+    skipped = [
+        x
+        for x in model._flatten_layers(include_self=False)
+        if x not in convertible
+        and not isinstance(x, SparseKernelLayer)
+        and not _is_container(x)
+        and any(len(w.shape) >= 2 for w in x._trainable_variables)
+    ]
+    if skipped:
+        warnings.warn(
+            f"`sparsify` keeps these layers of model '{model.name}' dense (it converts "
+            "Dense, Conv1D and Conv2D with groups=1 of Sequential and Functional models, not "
+            "layers inside other layers): "
+            + ", ".join(f"'{x.name}' ({type(x).__name__})" for x in skipped)
+            + ". Use `keras_sparse_moe.constraints.MaskConstraint` for a fixed mask on them.",
+            stacklevel=2,
+        )
+    if not chosen:
+        raise ValueError(
+            f"`sparsify` found no layer to convert in model '{model.name}' (convertible: "
+            f"{[x.name for x in convertible]}, include: {_names(include)}, exclude: "
+            f"{_names(exclude)}). It converts `keras.layers.Dense`, `Conv1D` and `Conv2D`."
+        )
+    densities = {x.name: density for x in chosen}
+    if distribution == "erk":
+        shapes = [tuple(x.kernel.shape) for x in chosen]
+        densities = dict(zip([x.name for x in chosen], topologies.erk_densities(shapes, density)))
+    index = {x.name: i for i, x in enumerate(chosen)}
 
     def make(layer):
-        if layer.name in excluded:
+        if layer.name not in index:
             return None
-        index = next(counter)
         return dict(
-            density=density,
+            density=densities[layer.name],
             epsilon=epsilon,
             topology=topology,
-            seed=None if seed is None else seed + index,
+            seed=None if seed is None else seed + index[layer.name],
             implementation=implementation,
         )
 
-    return replace_dense_layers(model, make)
+    return replace_layers(model, make)
+
+
+def _is_container(layer):
+    return isinstance(layer, (keras.Model, keras.layers.InputLayer))
+
+
+def _reachable(model):
+    """The layers `clone_model(recursive=True)` rebuilds: those of `model` and of the
+    Sequential and Functional models nested in it (not those inside other layers)."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.extend(_reachable(layer))
+        elif not isinstance(layer, keras.layers.InputLayer):
+            found.append(layer)
+    return found
+
+
+def _convertible(layer):
+    return type(layer) in CONVERTIBLE and getattr(layer, "groups", 1) == 1
+
+
+def _names(choice):
+    if choice is None:
+        return None
+    return [x if isinstance(x, str) else getattr(x, "__name__", repr(x)) for x in choice]
+
+
+def _choose(convertible, include, exclude, layers, model_name):
+    """The convertible layers `include` and `exclude` (names or classes) select."""
+    known = {x.name for x in layers}
+    selections = {}
+    for argument, value in (("include", include), ("exclude", exclude)):
+        if value is None:
+            selections[argument] = None
+            continue
+        if isinstance(value, (str, type)):
+            value = [value]
+        value = list(value)
+        for item in value:
+            if isinstance(item, type) and issubclass(item, keras.layers.Layer):
+                continue
+            if not isinstance(item, str):
+                raise TypeError(
+                    f"`sparsify` got an invalid `{argument}`. Expected layer names or Keras "
+                    f"layer classes. Received: {argument}={value!r}"
+                )
+            if item not in known:
+                raise ValueError(
+                    f"`sparsify` got `{argument}` names that match no layer of model "
+                    f"'{model_name}'. Received: {argument}={sorted(map(str, value))}; "
+                    f"layers: {sorted(known)}"
+                )
+        selections[argument] = value
+
+    def selected(layer, value):
+        return any(
+            (isinstance(item, str) and item == layer.name)
+            or (isinstance(item, type) and type(layer) is item)
+            for item in value
+        )
+
+    chosen = convertible
+    if selections["include"] is not None:
+        chosen = [x for x in chosen if selected(x, selections["include"])]
+    if selections["exclude"] is not None:
+        chosen = [x for x in chosen if not selected(x, selections["exclude"])]
+    return chosen
 
 
 def convert_implementation(model, implementation):
-    """Returns a copy of `model` whose `SparseDense` layers use `implementation`.
+    """Returns a copy of `model` whose sparse layers (`SparseDense`, `SparseConv1D`,
+    `SparseConv2D`) use `implementation`.
 
     Connections, weights and biases are kept exactly (masked to sparse and
     back); every other layer keeps its weights. A sparse layer has as many
@@ -128,7 +256,7 @@ def convert_implementation(model, implementation):
 
     def convert(layer):
         config = layer.get_config()
-        if isinstance(layer, SparseDense):
+        if isinstance(layer, SparseKernelLayer):
             config["implementation"] = implementation
         return layer.__class__.from_config(config)
 
@@ -136,7 +264,9 @@ def convert_implementation(model, implementation):
     for old, new in zip(
         model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
     ):
-        if isinstance(old, SparseDense) and isinstance(new, SparseDense):
+        if _is_container(old):
+            continue
+        if isinstance(old, SparseKernelLayer) and isinstance(new, SparseKernelLayer):
             new.assign_connections(
                 *old.connection_indices(), ops.convert_to_numpy(old.connection_values())
             )
@@ -149,36 +279,37 @@ def convert_implementation(model, implementation):
 
 def _clone(model, clone_function):
     try:
-        return keras.models.clone_model(model, clone_function=clone_function)
+        return keras.models.clone_model(model, clone_function=clone_function, recursive=True)
     except ValueError as error:
         raise ValueError(
             "Converting works on Sequential and Functional models; rebuild a subclassed "
-            f"model with `SparseDense` layers instead. Keras said: {error}"
+            f"model with sparse layers instead. Keras said: {error}"
         ) from error
 
 
-def replace_dense_layers(model, sparse_arguments):
-    """Clones `model`, turning each `Dense` layer into a `SparseDense`.
-
-    `sparse_arguments(layer)` returns the SparseDense-only arguments (density,
-    mask, ...) for a Dense layer, or None to keep it dense. Weights are copied;
-    converted kernels are multiplied by their mask.
-    """
+def replace_layers(model, sparse_arguments):
+    """Clones `model` (nested Sequential and Functional models too), turning each
+    convertible layer (`Dense`, `Conv1D`, `Conv2D`) for which
+    `sparse_arguments(layer)` returns a dict (density, mask, ...) into its sparse
+    counterpart; None keeps it. Weights are copied; converted kernels keep
+    only their connections."""
 
     def convert(layer):
-        if type(layer) is keras.layers.Dense:
+        if _convertible(layer):
             arguments = sparse_arguments(layer)
             if arguments is not None:
                 config = layer.get_config()
                 kwargs = {k: config[k] for k in _SHARED if k in config}
-                return SparseDense(density_aware_init=False, **arguments, **kwargs)
+                return CONVERTIBLE[type(layer)](density_aware_init=False, **arguments, **kwargs)
         return layer.__class__.from_config(layer.get_config())
 
     clone = _clone(model, convert)
     for old, new in zip(
         model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
     ):
-        if isinstance(new, SparseDense) and not isinstance(old, SparseDense):
+        if _is_container(old):
+            continue
+        if isinstance(new, SparseKernelLayer) and not isinstance(old, SparseKernelLayer):
             new.assign_dense_kernel(ops.convert_to_numpy(old.kernel))
             if old.use_bias:
                 new.bias.assign(ops.convert_to_numpy(old.bias))

@@ -11,7 +11,7 @@ import json
 import keras
 import numpy as np
 
-from keras_sparse_moe.conversion import replace_dense_layers
+from keras_sparse_moe.conversion import replace_layers
 
 __all__ = ["from_tfmot"]
 
@@ -69,6 +69,6 @@ def from_tfmot(model):
         rebuilt.get_layer(source.name).set_weights(weights)
         if isinstance(source, tf_keras.layers.Dense) and np.any(weights[0] == 0):
             masks[source.name] = (weights[0] != 0).astype("float32")
-    return replace_dense_layers(
+    return replace_layers(
         rebuilt, lambda layer: {"mask": masks[layer.name]} if layer.name in masks else None
     )

@@ -343,9 +343,9 @@ def test_sparsify_keeps_weights_where_the_mask_does():
         ksm.sparsify("model", density=0.5)
     with pytest.raises(ValueError, match=r"exclude=\['nope'\]"):
         ksm.sparsify(dense, density=0.5, exclude=["nope"])
-    convolution = keras.Sequential([keras.Input((10, 1)), keras.layers.Conv1D(2, 3)])
-    with pytest.raises(ValueError, match="no `keras.layers.Dense` layer"):
-        ksm.sparsify(convolution, density=0.5)
+    pooling = keras.Sequential([keras.Input((10, 1)), keras.layers.MaxPooling1D(2)])
+    with pytest.raises(ValueError, match="found no layer to convert"):
+        ksm.sparsify(pooling, density=0.5)
 
 
 def test_input_connectivity_plot(tmp_path):
