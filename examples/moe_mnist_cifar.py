@@ -10,12 +10,16 @@ are classes 0-9, CIFAR classes 10-19), all images 32x32 grey. A
   loss (`balance_losses="entropy"` / `"variance"`: 0.1 * batch term + 0.01 * sample term).
 Prints test accuracy and the activation-rate table (mean gate value per dataset
 and expert; ideal = identity) of every run, and writes the accuracy curves,
-the tables as pictures and a markdown summary.
+the tables as pictures and a markdown summary. With `--expert-density D` the
+experts' convolutions and hidden Dense layer become sparse (`ksm.sparsify`,
+ERK over the expert's layers, the 20-way output kept dense) holding the
+fraction D of those weights; `--expert-set` then evolves them with SET.
 
 The CIFAR file in ../shared/data is a 4,000/1,000 subset, so MNIST is
 subsampled to 4,000/1,000 to match.
 
     python examples/moe_mnist_cifar.py --data-dir ../shared/data [--epochs 4] [--filters 128]
+    python examples/moe_mnist_cifar.py --data-dir ../shared/data --expert-density 0.1
 """
 
 from __future__ import annotations
@@ -65,18 +69,26 @@ def load(data_dir, samples, test_samples, seed):
     return {split: [np.concatenate(a) for a in zip(*chunks)] for split, chunks in parts.items()}
 
 
-def conv_expert(filters, name):
-    return keras.Sequential(
+def conv_expert(filters, name, density=None, seed=0):
+    """Seed 003's CNN expert; with `density`, its convolutions and hidden Dense layer
+    are sparse (ERK over them at that global density; the output layer stays dense)."""
+    expert = keras.Sequential(
         [
+            keras.Input((32, 32, 1)),
             keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
             keras.layers.MaxPooling2D(),
             keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
             keras.layers.MaxPooling2D(),
             keras.layers.Flatten(),
             keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(20, activation="softmax"),
+            keras.layers.Dense(20, activation="softmax", name=f"{name}_output"),
         ],
         name=name,
+    )
+    if density is None:
+        return expert
+    return ksm.sparsify(
+        expert, density=density, distribution="erk", exclude=[f"{name}_output"], seed=seed
     )
 
 
@@ -99,10 +111,11 @@ def make_gate(kind):
     return ksm.layers.SoftmaxGate(2, network=network)
 
 
-def build(gate_kind, loss, filters):
+def build(gate_kind, loss, filters, expert_density=None, seed=0):
     image = keras.Input((32, 32, 1), name="image")
+    experts = [conv_expert(filters, f"expert_{i}", expert_density, seed + 10 * i) for i in (0, 1)]
     mixture = ksm.layers.SparseExpertMixture(
-        experts=[conv_expert(filters, "expert_0"), conv_expert(filters, "expert_1")],
+        experts=experts,
         gate=make_gate(gate_kind),
         balance_losses=None if loss == "none" else loss,
         name="mixture",
@@ -134,6 +147,15 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--gates", nargs="+", default=list(GATES), choices=GATES)
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument(
+        "--expert-density",
+        type=float,
+        default=None,
+        help="make the experts sparse, keeping this fraction of their conv and hidden weights",
+    )
+    parser.add_argument(
+        "--expert-set", action="store_true", help="evolve sparse experts with SET each epoch"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("demo_output", "moe"))
     args = parser.parse_args(argv)
@@ -153,12 +175,15 @@ def main(argv=None):
         name = f"{gate_kind} gate, {'no gate loss' if loss == 'none' else loss + ' loss'}"
         print(f"\n== {name}")
         keras.utils.set_random_seed(args.seed)
-        model = build(gate_kind, loss, args.filters)
+        model = build(gate_kind, loss, args.filters, args.expert_density, args.seed)
         split = {
             "mnist": inputs_of(model, x_test[index_test == MNIST], index_test[index_test == MNIST]),
             "cifar": inputs_of(model, x_test[index_test == CIFAR], index_test[index_test == CIFAR]),
         }
         logger = ksm.callbacks.ActivationRateLogger(split, verbose=0)
+        callbacks = [logger]
+        if args.expert_set and args.expert_density is not None:
+            callbacks.append(ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed))
         start = time.perf_counter()
         history = model.fit(
             inputs_of(model, x, index),
@@ -166,7 +191,7 @@ def main(argv=None):
             batch_size=args.batch_size,
             epochs=args.epochs,
             validation_data=(inputs_of(model, x_test, index_test), y_test),
-            callbacks=[logger],
+            callbacks=callbacks,
             verbose=2,
         )
         seconds = time.perf_counter() - start
@@ -188,7 +213,13 @@ def main(argv=None):
             )
         )
 
-    print(f"\nResults after {args.epochs} epochs ({args.filters} filters per expert conv):")
+    experts = "dense experts"
+    if args.expert_density is not None:
+        experts = f"sparse experts at {args.expert_density:g} of their weights (ERK)"
+        experts += ", SET" if args.expert_set else ""
+    print(
+        f"\nResults after {args.epochs} epochs ({args.filters} filters per expert conv, {experts}):"
+    )
     lines = [
         "| gate | test acc | MNIST acc | CIFAR acc | MNIST → e0, e1 | CIFAR → e0, e1 | time (s) |",
         "|---|---|---|---|---|---|---|",

@@ -68,6 +68,15 @@ def test_moe_example_runs_every_gate_and_loss(tmp_path, capsys):
     assert "activation rates" in capsys.readouterr().out
 
 
+def test_moe_example_with_sparse_experts_evolved_by_set(tmp_path, capsys):
+    _fake_data(tmp_path)
+    args = ["--data-dir", str(tmp_path), "--epochs", "2", "--filters", "2", "--batch-size", "16"]
+    args += ["--gates", "oracle", "--losses", "none", "--out", str(tmp_path / "out")]
+    results = _example("moe_mnist_cifar").main([*args, "--expert-density", "0.3", "--expert-set"])
+    np.testing.assert_array_equal(results[0][4].values, np.eye(2))
+    assert "sparse experts at 0.3 of their weights (ERK), SET" in capsys.readouterr().out
+
+
 def test_ptsne_gated_mose_example_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the example draws its pictures with matplotlib")
     _fake_data(tmp_path)
