@@ -36,6 +36,9 @@ from keras_sparse_moe.layers import SparseDense
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from common import EPSILON, HIDDEN, build_mlp, dense_layer, load_named, sparse_layer  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interleaved import epochs_in_turns  # noqa: E402
+
 
 def make_optimizer(name, module):
     """Adam 1e-3, or the SET paper's SGD (lr 0.01, momentum 0.9), from keras or tf_keras."""
@@ -169,31 +172,19 @@ def training(args):
             )
         if args.models:
             runs = {name: run for name, run in runs.items() if name.split()[0] in args.models}
-        wall = {name: 0.0 for name in runs}
-        epoch_times = {name: [] for name in runs}
-        for epoch in range(args.epochs):
-            for name, (model, callbacks) in runs.items():
-                start = time.perf_counter()
-                model.fit(
-                    x,
-                    y,
-                    batch_size=args.batch_size,
-                    initial_epoch=epoch,
-                    epochs=epoch + 1,
-                    verbose=0,
-                    callbacks=callbacks,
-                )
-                elapsed = time.perf_counter() - start
-                wall[name] += elapsed
-                epoch_times[name].append(elapsed)
-            progress = f"{dataset}: epoch {epoch + 1}/{args.epochs} done"
+
+        def progress(epoch, dataset=dataset, runs=runs, xt=xt, yt=yt):
+            line = f"{dataset}: epoch {epoch + 1}/{args.epochs} done"
             if args.eval_every and (epoch + 1) % args.eval_every == 0:
                 accuracies = (
                     f"{name.split()[0]} {model.evaluate(xt, yt, verbose=0)[1]:.4f}"
                     for name, (model, _) in runs.items()
                 )
-                progress += "; test accuracy so far: " + ", ".join(accuracies)
-            print(progress, flush=True)
+                line += "; test accuracy so far: " + ", ".join(accuracies)
+            print(line, flush=True)
+
+        epoch_times = epochs_in_turns(runs, x, y, args.batch_size, args.epochs, progress)
+        wall = {name: sum(seconds) for name, seconds in epoch_times.items()}
         for name, (model, callbacks) in runs.items():
             if name.startswith("tfmot"):
                 import tensorflow_model_optimization as tfmot
