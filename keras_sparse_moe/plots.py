@@ -32,6 +32,13 @@ def input_connectivity(layer, image_shape, ax=None, path=None, title=None):
     Returns:
         The `(height, width)` array of per-pixel connection counts.
     """
+    from keras_sparse_moe.layers import SparseDense
+
+    if not isinstance(layer, SparseDense):
+        raise TypeError(
+            "`input_connectivity` draws the inputs of a `SparseDense` layer fed flattened images "
+            f"(a convolution's kernel has no per-pixel inputs). Received: {type(layer).__name__}"
+        )
     mask = layer.dense_mask()
     if int(np.prod(image_shape)) != mask.shape[0]:
         raise ValueError(

@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 
 from keras_sparse_moe import topologies
-from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer
+from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer, with_connectivity_signature
 
 __all__ = ["SparseConv1D", "SparseConv2D"]
 
@@ -38,6 +38,7 @@ def _int_tuple(value, rank, name, owner, minimum=1):
     return tuple(int(v) for v in items)
 
 
+@with_connectivity_signature
 class _SparseConv(SparseKernelLayer):
     """Shared body of the sparse convolutions (`rank` spatial axes)."""
 

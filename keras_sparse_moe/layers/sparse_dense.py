@@ -12,13 +12,14 @@ import keras
 from keras import ops
 
 from keras_sparse_moe import topologies
-from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer
+from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer, with_connectivity_signature
 from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
 
 __all__ = ["SparseDense"]
 
 
 @keras.saving.register_keras_serializable(package="keras_sparse_moe")
+@with_connectivity_signature
 class SparseDense(SparseKernelLayer):
     """Densely shaped layer with sparse, topology-defined connectivity.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import inspect
 import math
 
 import keras
@@ -24,7 +25,14 @@ from keras import activations, constraints, initializers, ops, regularizers
 from keras_sparse_moe import topologies
 from keras_sparse_moe.ops.masking import decode_mask, encode_mask, mask_gradient
 
-__all__ = ["DENSE_LIMIT", "IMPLEMENTATIONS", "SparseKernelLayer", "compute_fans", "initial_values"]
+__all__ = [
+    "DENSE_LIMIT",
+    "IMPLEMENTATIONS",
+    "SparseKernelLayer",
+    "compute_fans",
+    "initial_values",
+    "with_connectivity_signature",
+]
 
 IMPLEMENTATIONS = ("masked", "sparse")
 _DEFAULT_EPSILON = 20.0
@@ -723,6 +731,23 @@ class SparseKernelLayer(keras.layers.Layer):
             }
         )
         return config
+
+
+def with_connectivity_signature(cls):
+    """Class decorator: shows a subclass's `__init__(self, own args, **kwargs)` with
+    the shared connectivity arguments (keyword-only) in its signature, so
+    `help()`, IDEs and config checks see every argument the layer takes."""
+    own = [
+        p for p in inspect.signature(cls.__init__).parameters.values() if p.kind != p.VAR_KEYWORD
+    ]
+    shared = [
+        p.replace(kind=p.KEYWORD_ONLY)
+        for name, p in inspect.signature(SparseKernelLayer.__init__).parameters.items()
+        if name not in ("self", "output_dim", "kernel_dims", "kwargs")
+    ]
+    var = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
+    cls.__init__.__signature__ = inspect.Signature([*own, *shared, var])
+    return cls
 
 
 def _matrix_shape(weight_shape) -> tuple:

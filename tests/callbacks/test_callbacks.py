@@ -358,6 +358,10 @@ def test_input_connectivity_plot(tmp_path):
     assert path.stat().st_size > 0
     with pytest.raises(ValueError, match="image_shape"):
         ksm.plots.input_connectivity(layer, (5, 5))
+    conv = ksm.layers.SparseConv2D(4, 3, density=0.5)
+    conv.build((None, 6, 6, 1))
+    with pytest.raises(TypeError, match="Received: SparseConv2D"):
+        ksm.plots.input_connectivity(conv, (6, 6))
 
 
 # --------------------------------------------------------------------------- #
