@@ -85,7 +85,7 @@ def compiled_growth_scores(model, layers, candidates=None):
             grads = tape.gradient(loss, targets)
             return [g if d is None else (g, *d) for g, d in zip(grads, drawn)]
 
-        return rewiring.quiet_tracing(scores)
+        return _runtime.quiet_tracing(scores)
     if backend == "jax":
         import jax
 

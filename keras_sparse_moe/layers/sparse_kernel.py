@@ -600,7 +600,6 @@ class SparseKernelLayer(keras.layers.Layer):
         be covered by `key`.
         """
         from keras_sparse_moe import _runtime
-        from keras_sparse_moe.ops import rewiring
 
         storage = self.storage_variables
         slots = [] if optimizer is None else _runtime.optimizer_slots(optimizer, storage[0])
@@ -619,7 +618,7 @@ class SparseKernelLayer(keras.layers.Layer):
                 new_state, new_positions, aux = step(state, positions, *call_args)
                 return new_state, (new_positions if masked else None, aux)
 
-            function = rewiring.compile_update(update, variables)
+            function = _runtime.compile_update(update, variables)
             self._rewire_functions[cache_key] = function
         if masked:
             new_positions, aux = function(self.connection_positions(), *args)

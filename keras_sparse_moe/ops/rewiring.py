@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import math
 
-import keras
 import numpy as np
 from keras import ops
 
+from keras_sparse_moe._runtime import stateless_randint
+
 __all__ = [
-    "compile_function",
     "compact_positions",
-    "compile_update",
     "largest_empty_positions",
     "magnitude_keys",
     "prefix_count",
-    "quiet_tracing",
     "compact_chosen",
     "empty_candidates",
     "random_empty_indices",
@@ -51,122 +49,6 @@ __all__ = [
 INT_MAX = _INT_MAX = 2**31 - 1
 
 _NEG = -3.0e38  # below any score: never selected while `count` allows
-
-
-def quiet_tracing(function):
-    """Turns off TensorFlow's "frequent retracing" warning for `function`.
-
-    The callbacks compile one function per layer and size, each traced once;
-    TensorFlow counts the traces of all functions sharing one code object
-    together and would warn of retracing after a few layers.
-    """
-    if hasattr(function, "_omit_frequent_tracing_warning"):
-        function._omit_frequent_tracing_warning = True
-    return function
-
-
-def compile_function(fn):
-    """Compiles a pure tensor function with the backend's XLA compiler."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return quiet_tracing(tf.function(fn, jit_compile=True, reduce_retracing=True))
-    if backend == "jax":
-        import jax
-
-        return jax.jit(fn)
-    return fn
-
-
-def compile_update(fn, variables):
-    """Compiles `fn(state, *args) -> (new_state, aux)` to update `variables` in place.
-
-    `state` is the list of the Keras `variables`' values, flattened;
-    `new_state` (same shapes, flat) is written back to them without a full
-    copy: inside the compiled function on TensorFlow (XLA aliases the
-    resource update; the variables are captured, not passed, which makes each
-    call cheaper), through buffer donation on JAX. Returns `run(*args) -> aux`.
-    """
-    variables = list(variables)
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        resources = [v.value for v in variables]
-
-        @tf.function(jit_compile=True, reduce_retracing=True)
-        def tf_run(*args):
-            flat = [tf.reshape(v, (-1,)) for v in resources]
-            new_state, aux = fn(flat, *args)
-            for variable, value in zip(resources, new_state):
-                variable.assign(tf.reshape(tf.cast(value, variable.dtype), variable.shape))
-            return aux
-
-        return _concrete_calls(quiet_tracing(tf_run))
-    if backend == "jax":
-        import jax
-
-        def jax_fn(values, *args):
-            new_state, aux = fn([v.reshape(-1) for v in values], *args)
-            shaped = [n.reshape(v.shape).astype(v.dtype) for n, v in zip(new_state, values)]
-            return shaped, aux
-
-        jitted = jax.jit(jax_fn, donate_argnums=(0,))
-
-        def run(*args):
-            new_state, aux = jitted([v.value for v in variables], *args)
-            for variable, value in zip(variables, new_state):
-                variable.assign(value)
-            return aux
-
-        return run
-    raise NotImplementedError(f"Rewiring supports TensorFlow and JAX, not {backend}.")
-
-
-def _concrete_calls(function):
-    """Calls a `tf.function` through its concrete function for each input
-    signature: `tf.function`'s own dispatch costs 0.25-0.5 ms a call.
-    Calls with other than arrays (Python numbers trace as constants) go
-    through the `tf.function`."""
-    import tensorflow as tf
-
-    concrete = {}
-
-    def run(*args):
-        if not all(isinstance(a, (tf.Tensor, np.ndarray, np.generic)) for a in args):
-            return function(*args)
-        args = [tf.convert_to_tensor(a) for a in args]
-        key = tuple((a.dtype, tuple(a.shape)) for a in args)
-        if key not in concrete:
-            concrete[key] = function.get_concrete_function(*args)
-        return concrete[key](*args)
-
-    return run
-
-
-def stateless_randint(seed, shape, maxval: int):
-    """Uniform int32 in `[0, maxval)` from a `(2,)` int32 `seed` tensor.
-
-    The backend's stateless generator, so it can run inside a compiled
-    rewiring step (Keras' `SeedGenerator` keeps state in a variable, which a
-    compiled pure function cannot advance).
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        # Philox explicitly: the "auto_select" default compiles to a path ~30x
-        # slower under XLA on CPU (14 ms vs 0.4 ms for 17k draws).
-        return tf.random.stateless_uniform(
-            shape, seed=seed, minval=0, maxval=maxval, dtype=tf.int32, alg="philox"
-        )
-    if backend == "jax":
-        import jax
-
-        key = jax.random.fold_in(jax.random.PRNGKey(seed[0]), seed[1])
-        return jax.random.randint(key, shape, 0, maxval, dtype="int32")
-    raise NotImplementedError(f"Rewiring supports TensorFlow and JAX, not {backend}.")
 
 
 def stateless_permutation(seed, n: int):
@@ -517,7 +399,7 @@ def rewire(state, indices, drop, grown, grown_values=None, dropped=None):
         positions are written, as scatters on the inputs, so a donating or
         aliasing compiler updates the arrays in place in O(changes). Unused
         write slots carry an out-of-range position, which XLA's scatter skips:
-        run it compiled (`compile_function` / `compile_update`).
+        run it compiled (`_runtime.compile_function` / `compile_update`).
     """
     kernel, mask, *slots = state
     size = ops.shape(kernel)[0]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.ops import rewiring
 from tests.test_case import to_numpy
 
@@ -10,7 +11,7 @@ RNG = np.random.default_rng(0)
 
 
 def _compiled(fn):
-    return rewiring.compile_function(fn)
+    return _runtime.compile_function(fn)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ def test_compile_update_writes_variables_in_place():
         keras.Variable(np.arange(6, dtype="float32").reshape(2, 3)),
         keras.Variable(np.ones(4)),
     ]
-    run = rewiring.compile_update(
+    run = _runtime.compile_update(
         lambda state, k: ([state[0] * k, state[1] + k], state[0][0]), variables
     )
     first = run(2.0)
