@@ -87,9 +87,9 @@ def summary(model, print_fn=None):
     >>> import keras, keras_sparse_moe as ksm
     >>> model = keras.Sequential([keras.Input((32,)),
     ...     ksm.layers.SparseDense(64, density=0.1, seed=0, name="hidden"),
-    ...     keras.layers.Dense(2, name="out")])
+    ...     keras.layers.Dense(2, name="out")], name="mlp")
     >>> ksm.summary(model)
-    Sparse layers of 'sequential'
+    Sparse layers of 'mlp'
     layer   type         kernel    storage  connections  density  dense params
     hidden  SparseDense  (32, 64)  masked           205   0.1001         2,048
     Weights used: 205 connections + 194 other = 399, 17.8 % of the dense equivalent (2,242)
