@@ -22,6 +22,11 @@ def summary_rows(model) -> list[dict]:
     `"sparse"` or `"constraint"`), `connections`, `dense` (the parameters of
     the dense kernel it replaces) and `density`.
     """
+    return _rows_and_kernels(model)[0]
+
+
+def _rows_and_kernels(model):
+    """`(summary rows, ids of the kernel variables they count)`."""
     from keras_sparse_moe.constraints import MaskConstraint
     from keras_sparse_moe.layers import SparseKernelLayer
 
@@ -34,7 +39,7 @@ def summary_rows(model) -> list[dict]:
             f"`summary` needs a built model: '{model.name}' is not built yet. Call it on "
             "an input or build it first."
         )
-    rows = []
+    rows, kernels = [], []
     for layer in model._flatten_layers(include_self=True):
         if isinstance(layer, SparseKernelLayer) and layer.built:
             dense = math.prod(layer.weight_shape)
@@ -47,9 +52,9 @@ def summary_rows(model) -> list[dict]:
                     connections=layer.num_connections,
                     dense=dense,
                     density=layer.num_connections / dense,
-                    _variable=id(layer.storage_variables[0]),
                 )
             )
+            kernels.append(id(layer.storage_variables[0]))
             continue
         for variable in layer._trainable_variables:
             constraint = getattr(variable, "constraint", None)
@@ -64,10 +69,10 @@ def summary_rows(model) -> list[dict]:
                         connections=constraint.num_connections,
                         dense=dense,
                         density=constraint.num_connections / dense,
-                        _variable=id(variable),
                     )
                 )
-    return rows
+                kernels.append(id(variable))
+    return rows, set(kernels)
 
 
 def summary(model, print_fn=None):
@@ -95,8 +100,7 @@ def summary(model, print_fn=None):
     Weights used: 205 connections + 194 other = 399, 17.8 % of the dense equivalent (2,242)
     """
     print_fn = print if print_fn is None else print_fn
-    rows = summary_rows(model)
-    kernels = {row["_variable"] for row in rows}
+    rows, kernels = _rows_and_kernels(model)
     other = sum(math.prod(v.shape) for v in model.trainable_weights if id(v) not in kernels)
     table = [("layer", "type", "kernel", "storage", "connections", "density", "dense params")]
     for row in rows:

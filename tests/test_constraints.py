@@ -116,5 +116,6 @@ def test_summary_counts_connections_not_masked_kernels():
     assert lines[-1].startswith(f"Weights used: 72 connections + {other} other = {used},")
     assert f"({144 + 32 + 320 + other})" in lines[-1]
     assert math.isclose(rows[0]["density"], 0.25)
+    assert set(rows[0]) == {"layer", "type", "shape", "storage", "connections", "dense", "density"}
     with pytest.raises(ValueError, match="needs a built model"):
         ksm.summary(keras.Sequential([keras.layers.Dense(2)]))

@@ -59,9 +59,9 @@ def test_matches_keras_convolution_with_the_masked_kernel(cls, kwargs, shape, im
     assert layer.num_connections == round(0.3 * math.prod(layer.weight_shape))
     assert tuple(y.shape) == layer.compute_output_shape(shape)
     if kwargs.get("padding") == "causal":  # Keras' Conv1D pads left by dilation * (k - 1)
-        pad = 2 * 2
-        x_ref, ref_kwargs = np.pad(x, [(0, 0), (pad, 0), (0, 0)]), "valid"
-        reference = keras.layers.Conv1D(6, 3, dilation_rate=2, padding=ref_kwargs)
+        pad = 2 * (3 - 1)  # dilation * (kernel_size - 1)
+        x_ref = np.pad(x, [(0, 0), (pad, 0), (0, 0)])
+        reference = keras.layers.Conv1D(6, 3, dilation_rate=2, padding="valid")
         reference.build(x_ref.shape)
         reference.set_weights([kernel, to_numpy(layer.bias)])
         expected = to_numpy(reference(x_ref))
