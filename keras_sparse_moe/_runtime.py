@@ -1,5 +1,6 @@
-"""Backend plumbing in one place: compiling rewiring steps, stateless random numbers, the
-optimizer's step, JAX state sync, optimizer slots, seeds. Everything else (layers,
+"""Backend plumbing in one place: compiling rewiring steps and loss gradients,
+stateless random numbers, the optimizer's step, JAX state sync, optimizer slots,
+seeds, and the replicas of distributed variables. Everything else (layers,
 rewiring ops, callbacks) is written in `keras.ops`.
 
 Callbacks decide from `optimizer.iterations` and draw their randomness from
@@ -118,7 +119,8 @@ def compile_update(fn, variables):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        resources = [v.value for v in variables]
+        replicas = local_replicas(variables)
+        resources = replicas[0]
 
         @tf.function(jit_compile=True, reduce_retracing=True)
         def tf_run(*args):
@@ -128,7 +130,21 @@ def compile_update(fn, variables):
                 variable.assign(tf.reshape(tf.cast(value, variable.dtype), variable.shape))
             return aux
 
-        return _concrete_calls(quiet_tracing(tf_run))
+        run = _concrete_calls(quiet_tracing(tf_run))
+        if len(replicas) == 1:
+            return run
+
+        def run_and_broadcast(*args):
+            # Decided once, on the first local replica (XLA cannot reach a
+            # variable on another device), then copied: bit-identical replicas.
+            with tf.device(resources[0].device):
+                aux = run(*args)
+            for copies in replicas[1:]:
+                for copy, source in zip(copies, resources):
+                    copy.assign(source.read_value())
+            return aux
+
+        return run_and_broadcast
     if backend == "jax":
         import jax
 
@@ -147,6 +163,32 @@ def compile_update(fn, variables):
 
         return run
     raise NotImplementedError(f"Rewiring supports TensorFlow and JAX, not {backend}.")
+
+
+def local_replicas(variables):
+    """The Keras `variables`' backing variables, one list per local replica.
+
+    One list of plain variables outside `tf.distribute`; under a strategy
+    (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), one list per device of
+    this worker, the first on the primary device.
+    """
+    import tensorflow as tf
+
+    values = [v.value for v in variables]
+    if not any(isinstance(v, tf.distribute.DistributedValues) for v in values):
+        return [values]
+    components = [
+        v.values if isinstance(v, tf.distribute.DistributedValues) else None for v in values
+    ]
+    count = {len(c) for c in components if c is not None}
+    if None in components or len(count) != 1:
+        raise ValueError(
+            "Rewiring needs a layer's variables and their optimizer slots created under the "
+            "same `tf.distribute` strategy. Create the model and compile it inside "
+            "`strategy.scope()`. Received variables: "
+            f"{[(v.path, type(r).__name__) for v, r in zip(variables, values)]}"
+        )
+    return [list(replica) for replica in zip(*components)]
 
 
 def _concrete_calls(function):
@@ -192,3 +234,80 @@ def stateless_randint(seed, shape, maxval: int):
         key = jax.random.fold_in(jax.random.PRNGKey(seed[0]), seed[1])
         return jax.random.randint(key, shape, 0, maxval, dtype="int32")
     raise NotImplementedError(f"Rewiring supports TensorFlow and JAX, not {backend}.")
+
+
+def compile_loss_gradients(model, variables, draw, probing):
+    """A compiled `(x, y, seeds) -> list`: gradients of `model`'s training loss on `(x, y)`.
+
+    One entry per item of `variables`: a model variable gives `dL/dv` (the
+    full array), None gives `(dL/dprobe, rows, cols)` for zero-valued probes
+    at the positions `draw` picks. `draw(seeds)` (a list of `(2,)` int32
+    seeds, one per entry) returns per entry None or the `(rows, cols)` of
+    its probes; the loss is traced inside `probing(probes)`, a context
+    manager given per entry None or `(zeros, rows, cols)`, which lets layers
+    add the probes to their connections. `seeds` is `(len(variables), 2)`.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True, reduce_retracing=True)
+        def scores(x, y, seeds):
+            drawn = draw(tf.unstack(seeds, num=len(variables)))
+            probes = [None if d is None else (tf.zeros(d[0].shape), *d) for d in drawn]
+            targets = [v if p is None else p[0] for v, p in zip(variables, probes)]
+            with probing(probes), tf.GradientTape() as tape:
+                tape.watch([p[0] for p in probes if p is not None])
+                y_pred = model(x, training=True)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
+            grads = tape.gradient(loss, targets)
+            return [g if d is None else (g, *d) for g, d in zip(grads, drawn)]
+
+        return quiet_tracing(scores)
+    if backend == "jax":
+        import jax
+
+        index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        positions = [None if v is None else index[id(v)] for v in variables]
+
+        def loss_fn(probe_values, trainable, non_trainable, metrics, optimizer, x, y, drawn):
+            probes = [None if d is None else (v, *d) for v, d in zip(probe_values, drawn)]
+            with probing(probes):
+                loss, _ = model.compute_loss_and_updates(
+                    trainable,
+                    non_trainable,
+                    metrics,
+                    x,
+                    y,
+                    None,
+                    training=True,
+                    optimizer_variables=optimizer,
+                )
+            return loss
+
+        grad_fn = jax.grad(loss_fn, argnums=(0, 1))
+
+        @jax.jit
+        def compute(trainable, non_trainable, metrics, optimizer, x, y, seeds):
+            drawn = draw(list(seeds))
+            zeros = [None if d is None else jax.numpy.zeros(d[0].shape) for d in drawn]
+            probe_grads, grads = grad_fn(
+                zeros, trainable, non_trainable, metrics, optimizer, x, y, drawn
+            )
+            return [
+                grads[i] if d is None else (g, *d) for i, g, d in zip(positions, probe_grads, drawn)
+            ]
+
+        def run(x, y, seeds):
+            return compute(
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                [v.value for v in model.metrics_variables],
+                [v.value for v in model.optimizer.variables],
+                x,
+                y,
+                seeds,
+            )
+
+        return run
+    raise NotImplementedError(f"Loss gradients support TensorFlow and JAX, not {backend}.")

@@ -69,72 +69,12 @@ def compiled_growth_scores(model, layers, candidates=None):
     only while the function is traced, so training steps are unaffected.
     """
     candidates = list(candidates or [None] * len(layers))
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        @tf.function(jit_compile=True, reduce_retracing=True)
-        def scores(x, y, seeds):
-            drawn = _draw_candidates(layers, candidates, tf.unstack(seeds))
-            probes = [None if d is None else (tf.zeros(d[0].shape), *d) for d in drawn]
-            targets = [layer.kernel if p is None else p[0] for layer, p in zip(layers, probes)]
-            with _growth_mode(layers, probes), tf.GradientTape() as tape:
-                tape.watch([p[0] for p in probes if p is not None])
-                y_pred = model(x, training=True)
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred)
-            grads = tape.gradient(loss, targets)
-            return [g if d is None else (g, *d) for g, d in zip(grads, drawn)]
-
-        return _runtime.quiet_tracing(scores)
-    if backend == "jax":
-        import jax
-
-        index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-        positions = [
-            index[id(layer.kernel)] if c is None else None for layer, c in zip(layers, candidates)
-        ]
-
-        def loss_fn(probe_values, trainable, non_trainable, metrics, optimizer, x, y, drawn):
-            probes = [None if d is None else (v, *d) for v, d in zip(probe_values, drawn)]
-            with _growth_mode(layers, probes):
-                loss, _ = model.compute_loss_and_updates(
-                    trainable,
-                    non_trainable,
-                    metrics,
-                    x,
-                    y,
-                    None,
-                    training=True,
-                    optimizer_variables=optimizer,
-                )
-            return loss
-
-        grad_fn = jax.grad(loss_fn, argnums=(0, 1))
-
-        @jax.jit
-        def compute(trainable, non_trainable, metrics, optimizer, x, y, seeds):
-            drawn = _draw_candidates(layers, candidates, list(seeds))
-            zeros = [None if d is None else jax.numpy.zeros(d[0].shape) for d in drawn]
-            probe_grads, grads = grad_fn(
-                zeros, trainable, non_trainable, metrics, optimizer, x, y, drawn
-            )
-            return [
-                grads[i] if d is None else (g, *d) for i, g, d in zip(positions, probe_grads, drawn)
-            ]
-
-        def scores(x, y, seeds):
-            return compute(
-                [v.value for v in model.trainable_variables],
-                [v.value for v in model.non_trainable_variables],
-                [v.value for v in model.metrics_variables],
-                [v.value for v in model.optimizer.variables],
-                x,
-                y,
-                seeds,
-            )
-
-        return scores
-    raise NotImplementedError(f"RigL supports the TensorFlow and JAX backends, not {backend}.")
+    return _runtime.compile_loss_gradients(
+        model,
+        [layer.kernel if c is None else None for layer, c in zip(layers, candidates)],
+        draw=lambda seeds: _draw_candidates(layers, candidates, seeds),
+        probing=lambda probes: _growth_mode(layers, probes),
+    )
 
 
 def compiled_dense_gradients(model, layers):
