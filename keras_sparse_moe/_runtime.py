@@ -60,6 +60,33 @@ def step_uniform(seed: int, step: int, stream: int = 0) -> float:
     return float(np.random.default_rng([seed, stream, step]).random())
 
 
+def add_statistic(layer, name, shape, initializer="zeros"):
+    """A float32 non-trainable variable of `layer` that its training steps update (running
+    statistics, loss sums), kept like a metric's state.
+
+    Under `tf.distribute` each replica updates its own copy inside the step,
+    with no cross-replica synchronisation there (a sync point in the forward
+    pass lets replica threads see each other's `add_loss` losses); reading it
+    outside the step (callbacks, `get_weights`, saving) gives the replicas'
+    mean, and assigning it sets every copy. Elsewhere a plain variable.
+    """
+    from keras import initializers
+
+    with keras.name_scope(layer.name, caller=layer):
+        variable = keras.Variable(
+            initializer=initializers.get(initializer),
+            shape=shape,
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+            synchronization="on_read",
+            name=name,
+        )
+    layer._track_variable(variable)
+    return variable
+
+
 def optimizer_slots(optimizer, variable):
     """The optimizer's variables shaped like `variable` that belong to it (momenta, moments).
 

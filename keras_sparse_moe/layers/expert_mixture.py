@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import activations, initializers, ops
 
-from keras_sparse_moe import losses, topologies
+from keras_sparse_moe import _runtime, losses, topologies
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
 from keras_sparse_moe.layers.sparse_kernel import IMPLEMENTATIONS
@@ -366,33 +366,15 @@ class SparseExpertMixture(keras.layers.Layer):
         token_shape = self.expert_bank.token_shape
         if not self.gate.built:
             self.gate.build(gate_inputs_shape if gate_inputs_shape is not None else token_shape)
+        # Running sums, updated in training steps: kept like metric state.
         if self.loss_names:
-            self.loss_sums = self.add_weight(
-                name="balance_loss_sums",
-                shape=(len(self.loss_names),),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
+            self.loss_sums = _runtime.add_statistic(
+                self, "balance_loss_sums", (len(self.loss_names),)
             )
-            self.loss_steps = self.add_weight(
-                name="balance_loss_steps",
-                shape=(),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-            )
+            self.loss_steps = _runtime.add_statistic(self, "balance_loss_steps", ())
         if self.capacity_factor is not None:
             # [dropped assignments, all assignments] seen in training.
-            self.overflow_counts = self.add_weight(
-                name="overflow_counts",
-                shape=(2,),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-            )
+            self.overflow_counts = _runtime.add_statistic(self, "overflow_counts", (2,))
         self.built = True
 
     # ------------------------------------------------------------------ #

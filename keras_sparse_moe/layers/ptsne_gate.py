@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.layers.gates import Gate, Routing
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
@@ -202,20 +203,22 @@ class PTSNEGate(Gate):
         start = self._fixed_positions
         if start is None:
             start = grid_positions(self.num_experts, self.n_components)
-        self.positions = self.add_weight(
-            name="expert_positions",
-            shape=start.shape,
-            initializer=keras.initializers.Constant(start),
-            trainable=mode == "trainable",
-            autocast=False,
-        )
-        stat = {"trainable": False, "autocast": False, "dtype": "float32"}
-        self.map_centre = self.add_weight(
-            name="map_centre", shape=(self.n_components,), initializer="zeros", **stat
-        )
-        self.map_scale = self.add_weight(name="map_scale", shape=(), initializer="ones", **stat)
-        # 0 until the first training batch sets the statistics (and k-means positions).
-        self.started = self.add_weight(name="started", shape=(), initializer="zeros", **stat)
+        if mode == "trainable":
+            self.positions = self.add_weight(
+                name="expert_positions",
+                shape=start.shape,
+                initializer=keras.initializers.Constant(start),
+                autocast=False,
+            )
+        else:  # fixed, or k-means running means: updated in training steps
+            self.positions = _runtime.add_statistic(
+                self, "expert_positions", start.shape, keras.initializers.Constant(start)
+            )
+        # Running map statistics; 0 in `started` until the first training batch
+        # sets them (and the k-means positions).
+        self.map_centre = _runtime.add_statistic(self, "map_centre", (self.n_components,))
+        self.map_scale = _runtime.add_statistic(self, "map_scale", (), "ones")
+        self.started = _runtime.add_statistic(self, "started", ())
         trainable_dof = self.dof == "trainable"
         self.log_dof = self.add_weight(
             name="log_dof",

@@ -1,0 +1,118 @@
+"""Models, callbacks and checks shared by the distribution tests and the multi-worker script.
+
+Every case trains with plain SGD on a fixed batch order, so a run over N
+replicas (same global batch) follows the single-device run up to float
+summation order: the replicas' mean gradient is the global batch's gradient.
+"""
+
+import keras
+import numpy as np
+
+import keras_sparse_moe as ksm
+from keras_sparse_moe.callbacks import MagnitudePruning, RigL, SETEvolution
+from keras_sparse_moe.schedules import PolynomialDecay
+
+RNG = np.random.default_rng(7)
+X = RNG.random((128, 20), dtype=np.float32)
+Y = (X[:, :4] @ RNG.standard_normal((4, 3))).argmax(-1).astype("int32")
+GATE_INDEX = (X[:, 0] > 0.5).astype("int32")
+BATCH = 32
+EPOCHS = 2
+# Weights after a few SGD steps agree to float32 summation order.
+ATOL = 2e-5
+
+
+def mlp():
+    """Two sparse layers, one per storage, so every case covers both."""
+    return keras.Sequential(
+        [
+            keras.Input((20,)),
+            ksm.layers.SparseDense(32, density=0.3, activation="relu", seed=0, name="masked"),
+            ksm.layers.SparseDense(
+                32, density=0.3, activation="relu", implementation="sparse", seed=1, name="sparse"
+            ),
+            keras.layers.Dense(3, name="head"),
+        ],
+        name="mlp",
+    )
+
+
+def mixture(gate=None, oracle=False, **kwargs):
+    """A mixture of 4 built-in experts before a dense head (`oracle`: gate reads an index)."""
+    x = keras.Input((20,), name="x")
+    inputs = [x]
+    moe = ksm.layers.SparseExpertMixture(
+        units=8, num_experts=4, expert_units=16, gate=gate, seed=0, name="moe", **kwargs
+    )
+    if oracle:
+        index = keras.Input((), dtype="int32", name="index")
+        inputs.append(index)
+        h = moe(x, gate_inputs=index)
+    else:
+        h = moe(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h), name="moe_model")
+
+
+def user_expert_mixture():
+    experts = [
+        keras.Sequential(
+            [ksm.layers.SparseDense(8, density=0.3, activation="relu", seed=i)], name=f"user_{i}"
+        )
+        for i in range(2)
+    ]
+    x = keras.Input((20,))
+    h = ksm.layers.SparseExpertMixture(experts=experts, name="moe")(x)
+    return keras.Model(x, keras.layers.Dense(3, name="head")(h), name="user_moe")
+
+
+CALLBACKS = {
+    "set": lambda: SETEvolution(update_every=3, zeta=0.2, seed=5),
+    "rigl": lambda: RigL((X, Y), update_every=3, drop_fraction=0.3, end_step=12, seed=5),
+    "pruning": lambda: MagnitudePruning(PolynomialDecay(0.5, 0.9, 0, 12, frequency=3)),
+}
+
+
+def compile_model(model):
+    model.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def fit(model, callback, inputs=X):
+    history = model.fit(
+        inputs, Y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, callbacks=[callback], verbose=0
+    )
+    return history.history
+
+
+def rewired(history):
+    """Connections replaced over the run (`History.history`)."""
+    return sum(sum(v) for k, v in history.items() if k.endswith("/rewired"))
+
+
+def connections(model):
+    """Per sparse layer: its connection set, as sorted flat positions."""
+    found = {}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, ksm.layers.SparseKernelLayer):
+            layer.refresh_connections()  # read the storage itself, not a cache
+            rows, cols = (np.asarray(a) for a in layer.connection_indices())
+            found[layer.name] = np.sort(rows.astype(np.int64) * layer.kernel_shape[1] + cols)
+    return found
+
+
+def assert_same_training(model, reference, atol=ATOL):
+    """Same connections, weights within `atol`."""
+    got, want = connections(model), connections(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for variable, expected in zip(model.weights, reference.get_weights()):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(variable),
+            expected,
+            atol=atol,
+            err_msg=variable.path,
+        )
