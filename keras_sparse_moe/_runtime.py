@@ -49,6 +49,36 @@ def new_seed(seed) -> int:
     return int(np.random.SeedSequence().entropy % INT32_MAX)
 
 
+def shared_seed(model, seed: int) -> int:
+    """`seed`, made the same in every process training `model`: the first replica's.
+
+    A seed drawn at random (`seed=None`) differs between the workers of a
+    multi-worker run, whose rewiring must decide alike; one small all-reduce
+    per `fit` fixes that. A no-op on one process.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        if strategy.num_replicas_in_sync > 1:
+
+            def first_replica_only():
+                first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+                return tf.where(first, tf.constant(seed, tf.int64), tf.constant(0, tf.int64))
+
+            with strategy.scope():  # the first replica's seed, summed with zeros
+                return int(strategy.reduce("SUM", strategy.run(first_replica_only), axis=None))
+    elif backend == "jax":
+        import jax
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
+    return seed
+
+
 def step_seed(seed: int, step: int, stream: int = 0) -> np.ndarray:
     """An int32 `(2,)` seed for stateless ops, a function of `(seed, step, stream)` only."""
     mixed = np.random.SeedSequence([seed, stream, step]).generate_state(2, np.uint32)

@@ -79,6 +79,8 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ #
     def on_train_begin(self, logs=None):
         self.sparse_layers = find_sparse_layers(self.model, self.exclude, type(self).__name__)
+        if self.seed is None:  # every worker of a multi-worker run must draw alike
+            self._seed = _runtime.shared_seed(self.model, self._seed)
         self._step = _runtime.optimizer_step(self.model)
         self._epochs = self.params.get("epochs") or 1
         self._steps_per_epoch = self.params.get("steps")

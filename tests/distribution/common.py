@@ -116,3 +116,55 @@ def assert_same_training(model, reference, atol=ATOL):
             atol=atol,
             err_msg=variable.path,
         )
+
+
+def custom_loop_fit(model, callback, strategy):
+    """`fit` written out: `strategy.run` steps, the callback driven through its hooks.
+
+    For `MultiWorkerMirroredStrategy`, which Keras 3's `fit` does not run
+    (keras-team/keras#20585, its symbolic build reduces the first batch with
+    an op that rejects per-replica values). Worker `i` of `n` reads the `i`-th
+    slice of each global batch, so the workers' steps add up to one device's.
+    """
+    import tensorflow as tf
+
+    workers = strategy.num_replicas_in_sync
+    per_replica = BATCH // workers
+
+    def dataset_fn(context):
+        index = context.input_pipeline_id
+        rows = np.arange(len(X)).reshape(-1, workers, per_replica)[:, index].reshape(-1)
+        return tf.data.Dataset.from_tensor_slices((X[rows], Y[rows])).batch(per_replica)
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    steps = len(X) // BATCH
+    with strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def train_step(x, y):
+        def replica_step(x, y):
+            with tf.GradientTape() as tape:
+                # Keras scales the loss by 1 / num_replicas_in_sync.
+                loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
+            variables = model.trainable_variables
+            model.optimizer.apply(tape.gradient(loss, variables), variables)
+            return loss
+
+        losses = strategy.run(replica_step, args=(x, y))
+        return strategy.reduce("SUM", losses, axis=None)
+
+    history = keras.callbacks.History()
+    callbacks = keras.callbacks.CallbackList(
+        [callback, history], model=model, epochs=EPOCHS, steps=steps
+    )
+    callbacks.on_train_begin()
+    for epoch in range(EPOCHS):
+        callbacks.on_epoch_begin(epoch)
+        for batch, (x, y) in enumerate(dataset):
+            logs = {"loss": float(train_step(x, y))}
+            callbacks.on_train_batch_end(batch, logs)
+        callbacks.on_epoch_end(epoch, logs)  # the last batch's loss
+    callbacks.on_train_end()
+    history = history.history
+    return history
