@@ -32,7 +32,10 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n auto
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -n auto -m "not tensorflow_only"
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -n auto -m "not tensorflow_only and not distributed"
+	# keras.distribution over 4 host devices: JAX reads XLA_FLAGS when it starts.
+	KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+	  $(BIN)/python -m pytest -n auto -m "distributed and not tensorflow_only" tests/distribution
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check keras_sparse_moe tests examples benchmarks

@@ -49,6 +49,37 @@ def new_seed(seed) -> int:
     return int(np.random.SeedSequence().entropy % INT32_MAX)
 
 
+def check_strategy(owner, model):
+    """Raises a ValueError naming `owner` and the strategy when `model` trains under a
+    `tf.distribute` strategy whose variables rewiring cannot update in place.
+
+    Supported: none, `OneDeviceStrategy`, `MirroredStrategy`,
+    `MultiWorkerMirroredStrategy`, `CentralStorageStrategy`. Not:
+    `ParameterServerStrategy` (variables sharded over parameter servers,
+    callbacks on a coordinator) and `TPUStrategy` (untested).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    unsupported = (
+        tf.distribute.ParameterServerStrategy,
+        tf.distribute.experimental.ParameterServerStrategy,
+        tf.distribute.TPUStrategy,
+        tf.distribute.experimental.TPUStrategy,
+    )
+    if not isinstance(strategy, unsupported):
+        return
+    raise ValueError(
+        f"`{owner}` cannot rewire a model trained under `{type(strategy).__name__}`: "
+        "rewiring updates each layer's variables in place on every replica, which it "
+        "supports under OneDeviceStrategy, MirroredStrategy, MultiWorkerMirroredStrategy "
+        f"and CentralStorageStrategy. Received: model '{model.name}' under "
+        f"{type(strategy).__name__}"
+    )
+
+
 def shared_seed(model, seed: int) -> int:
     """`seed`, made the same in every process training `model`: the first replica's.
 
@@ -188,13 +219,13 @@ def compile_update(fn, variables):
             return aux
 
         run = _concrete_calls(quiet_tracing(tf_run))
-        if len(replicas) == 1:
-            return run
+        device = resources[0].device
 
         def run_and_broadcast(*args):
-            # Decided once, on the first local replica (XLA cannot reach a
-            # variable on another device), then copied: bit-identical replicas.
-            with tf.device(resources[0].device):
+            # Runs where the variables live (XLA cannot reach a variable on
+            # another device): on the first local replica under a strategy,
+            # whose result is then copied to the others (bit-identical replicas).
+            with tf.device(device):
                 aux = run(*args)
             for copies in replicas[1:]:
                 for copy, source in zip(copies, resources):
@@ -320,7 +351,14 @@ def compile_loss_gradients(model, variables, draw, probing):
             grads = tape.gradient(loss, targets)
             return [g if d is None else (g, *d) for g, d in zip(grads, drawn)]
 
-        return quiet_tracing(scores)
+        scores = quiet_tracing(scores)
+        device = local_replicas(model.trainable_variables[:1])[0][0].device
+
+        def run(x, y, seeds):
+            with tf.device(device):  # where the model's variables (first replica) live
+                return scores(x, y, seeds)
+
+        return run
     if backend == "jax":
         import jax
 

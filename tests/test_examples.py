@@ -123,3 +123,38 @@ def test_ptsne_gated_mose_example_end_to_end(tmp_path, capsys):
     assert (out / "ptsne_mose_mnist.keras").exists()
     printed = capsys.readouterr().out
     assert "reloaded, max |difference|" in printed and (out / "results.md").exists()
+
+
+def test_scaling_out_example_spreads_over_two_devices(tmp_path):
+    # Its own process: the example sets up its devices before the backend starts.
+    import subprocess
+    import sys
+
+    _fake_data(tmp_path)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "scaling_out.py"),
+            "--devices",
+            "2",
+            "--data",
+            str(tmp_path / "mnist.npz"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][1:]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names[0] == "1 device" and len(names) == (2 if "tensorflow" in result.stdout else 3)
+    for row in rows[1:]:
+        # Three steps from the same weights: the same run up to float summation order.
+        assert float(row.split("|")[4]) < 1e-4, row

@@ -79,6 +79,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ #
     def on_train_begin(self, logs=None):
         self.sparse_layers = find_sparse_layers(self.model, self.exclude, type(self).__name__)
+        _runtime.check_strategy(type(self).__name__, self.model)
         if self.seed is None:  # every worker of a multi-worker run must draw alike
             self._seed = _runtime.shared_seed(self.model, self._seed)
         self._step = _runtime.optimizer_step(self.model)

@@ -1,9 +1,12 @@
 """tf.distribute.MirroredStrategy over two logical CPUs: every layer, gate, loss and callback
 trains, rewiring leaves bit-identical replicas, and N replicas follow one device."""
 
+import types
+
 import numpy as np
 import pytest
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.callbacks import ActivationRateLogger, SETEvolution
 from keras_sparse_moe.layers import NoisyTopKGate, OracleGate, PTSNEGate
 from tests.distribution import common
@@ -118,3 +121,27 @@ def test_mixtures_train_with_identical_replicas(build, strategy):
     assert np.all(np.isfinite(history.history["loss"]))
     assert common.rewired(history.history) > 0
     _replicas_identical(model)
+
+
+@pytest.mark.parametrize(
+    "unsupported",
+    [tf.distribute.ParameterServerStrategy, tf.distribute.TPUStrategy],
+    ids=["parameter_server", "tpu"],
+)
+def test_callbacks_refuse_strategies_they_cannot_rewire_under(unsupported):
+    # A real ParameterServerStrategy needs a cluster and TPUStrategy a TPU: an
+    # instance of the class, not started, is what the check looks at.
+    strategy = unsupported.__new__(unsupported)
+    model = types.SimpleNamespace(name="mlp", distribute_strategy=strategy)
+    with pytest.raises(ValueError, match=f"SETEvolution.*{unsupported.__name__}"):
+        _runtime.check_strategy("SETEvolution", model)
+
+
+def test_one_device_strategy_on_a_second_device_rewires_there(strategy):
+    # The compiled rewiring runs where the variables live, not on the default device.
+    second = tf.config.list_logical_devices("CPU")[1].name
+    with tf.distribute.OneDeviceStrategy(second).scope():
+        model = common.compile_model(common.mlp())
+    history = common.fit(model, common.CALLBACKS["rigl"]())
+    assert common.rewired(history) > 0
+    assert model.get_layer("masked").kernel.value.device.endswith("CPU:1")
