@@ -45,6 +45,7 @@ def test_model_without_mixture_and_bad_arguments():
 
 
 def test_adds_to_a_given_layout_map_and_leaves_other_variables_alone():
+    assert ksm.distribution.expert_layout_map is expert_layout_map  # the public path
     mesh = _mesh(2)
     layout_map = keras.distribution.LayoutMap(mesh)
     layout_map["head/kernel"] = (None, "model")
