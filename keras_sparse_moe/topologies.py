@@ -24,6 +24,7 @@ __all__ = [
     "erk_densities",
     "fibonacci",
     "get",
+    "pseudo_random_regular",
     "random_regular",
     "small_world",
     "spectral_gap",
@@ -354,15 +355,20 @@ def structured_regular(
     return _circulant(n_in, n_out, row)
 
 
-def _fibonacci_offsets(n_out: int, degree: int) -> np.ndarray:
+_FIBONACCI_RESCALE = ("as_needed", "always")
+
+
+def _fibonacci_offsets(n_out: int, degree: int, rescale: str) -> np.ndarray:
     """`degree` distinct offsets in [0, n_out) following the Fibonacci sequence."""
     fib = [0, 1]
     while len(fib) < degree + 1:
         fib.append(fib[-1] + fib[-2])
-    fib = np.array(sorted(set(fib)), dtype=np.float64)[:degree]
+    fib = np.array(sorted(set(fib)), dtype=np.int64)[:degree]
+    if rescale == "as_needed" and fib[-1] < n_out:
+        return fib  # seed 002: the Fibonacci numbers themselves
     # Rescale so the largest lands inside the row, then top up to exactly
     # `degree` ones with free positions spread evenly over the row.
-    scaled = np.unique(np.floor(fib * n_out / (fib[-1] + 1)).astype(np.int64))
+    scaled = np.unique((fib * n_out) // (fib[-1] + 1))
     missing = degree - scaled.size
     if missing > 0:
         free = np.setdiff1d(np.arange(n_out), scaled)
@@ -377,25 +383,70 @@ def fibonacci(
     density: float | None = None,
     degree: int | None = None,
     seed: int | None = None,
+    rescale: str = "as_needed",
 ) -> np.ndarray:
     """Deterministic circulant mask with ones at Fibonacci-number offsets.
 
-    The first `degree` distinct Fibonacci numbers (0, 1, 2, 3, 5, 8, ...) are
-    rescaled into a row of length `n_out`; offsets that coincide after
-    rescaling are replaced by evenly spread free positions so the row has
-    exactly `degree` ones. Row `i` is that row rotated right by `i`
-    ("Sparse Neural Networks Topologies", seed 002). `seed` is ignored.
+    Row 0 has ones at the first `degree` distinct Fibonacci numbers
+    (0, 1, 2, 3, 5, 8, ...); row `i` is row 0 rotated right by `i`
+    ("Sparse Neural Networks Topologies", seed 002). Every input has exactly
+    `degree` outputs. `seed` is ignored.
+
+    Args:
+        rescale: `"as_needed"` (default, seed 002's rule): the offsets are the
+            Fibonacci numbers themselves while they fit in the row (all below
+            `n_out`), and are rescaled as below only when they do not.
+            `"always"`: the numbers are always stretched over the row
+            (`floor(f * n_out / (f_max + 1))`), which spreads the connections
+            over the whole row; offsets that coincide after rescaling are
+            replaced by evenly spread free positions.
 
     Example:
     >>> fibonacci(1, 100, degree=6).nonzero()[1].tolist()
+    [0, 1, 2, 3, 5, 8]
+    >>> fibonacci(1, 100, degree=6, rescale="always").nonzero()[1].tolist()
     [0, 11, 22, 33, 55, 88]
     """
     owner = "fibonacci"
     n_in = check_size("n_in", n_in, owner)
     n_out = check_size("n_out", n_out, owner)
     check_seed(seed, owner)
+    if rescale not in _FIBONACCI_RESCALE:
+        raise ValueError(
+            f"`{owner}` got an invalid `rescale`. Expected one of {list(_FIBONACCI_RESCALE)}. "
+            f"Received: rescale={rescale!r}"
+        )
     degree = _degree(n_out, density, degree, owner)
-    return _circulant(n_in, n_out, _fibonacci_offsets(n_out, degree))
+    return _circulant(n_in, n_out, _fibonacci_offsets(n_out, degree, rescale))
+
+
+def pseudo_random_regular(
+    n_in: int,
+    n_out: int,
+    density: float | None = None,
+    degree: int | None = None,
+    seed: int | None = None,
+) -> np.ndarray:
+    """Circulant mask from one random row ("pseudo-random regular", seed 002).
+
+    Row 0 has `degree` ones at uniformly random distinct positions; row `i` is
+    row 0 rotated right by `i`. Every input has exactly `degree` outputs and,
+    for a square mask, every output exactly `degree` inputs. Cheaper to
+    describe than `random_regular` (one row), but its rows are shifts of each
+    other, so it is not an expander in general.
+
+    Example:
+    >>> m = pseudo_random_regular(4, 10, degree=3, seed=0)
+    >>> [np.flatnonzero(r).tolist() for r in m[:2]]
+    [[5, 6, 9], [0, 6, 7]]
+    """
+    owner = "pseudo_random_regular"
+    n_in = check_size("n_in", n_in, owner)
+    n_out = check_size("n_out", n_out, owner)
+    seed = check_seed(seed, owner)
+    degree = _degree(n_out, density, degree, owner)
+    row = np.sort(np.random.default_rng(seed).choice(n_out, size=degree, replace=False))
+    return _circulant(n_in, n_out, row)
 
 
 def cluster_ids(n: int, num_clusters: int) -> np.ndarray:
@@ -603,6 +654,7 @@ TOPOLOGIES: dict[str, Callable[..., np.ndarray]] = {
     "random_regular": random_regular,
     "structured_regular": structured_regular,
     "fibonacci": fibonacci,
+    "pseudo_random_regular": pseudo_random_regular,
     "small_world": small_world,
 }
 

@@ -1,5 +1,6 @@
 """Topology builders and spectral metrics against exact counts and hand-computed graphs."""
 
+import functools
 import math
 
 import numpy as np
@@ -63,7 +64,14 @@ def test_random_regular_is_random_not_circulant():
 @given(n_in=sizes, n_out=st.integers(2, 60), data=st.data())
 def test_circulant_topologies(n_in, n_out, data):
     degree = data.draw(st.integers(1, n_out))
-    for builder in (T.structured_regular, T.fibonacci):
+    seed = data.draw(seeds)
+    builders = (
+        T.structured_regular,
+        T.fibonacci,
+        functools.partial(T.fibonacci, rescale="always"),
+        functools.partial(T.pseudo_random_regular, seed=seed),
+    )
+    for builder in builders:
         mask = builder(n_in, n_out, degree=degree)
         _binary(mask, (n_in, n_out))
         assert np.all(mask.sum(axis=1) == degree)
@@ -76,10 +84,28 @@ def test_circulant_topologies(n_in, n_out, data):
 def test_structured_regular_spacing_and_fibonacci_offsets():
     row = T.structured_regular(1, 12, degree=4)[0]
     assert row.nonzero()[0].tolist() == [0, 3, 6, 9]
-    # First 8 distinct Fibonacci numbers 0,1,2,3,5,8,13,21 rescaled by 100/22.
+    # First 8 distinct Fibonacci numbers 0,1,2,3,5,8,13,21: below 100, seed 002
+    # uses them as they are; `rescale="always"` stretches them by 100/22.
     fib = [0, 1, 2, 3, 5, 8, 13, 21]
+    assert T.fibonacci(1, 100, degree=8)[0].nonzero()[0].tolist() == fib
     expected = [math.floor(f * 100 / 22) for f in fib]
-    assert T.fibonacci(1, 100, degree=8)[0].nonzero()[0].tolist() == expected
+    assert T.fibonacci(1, 100, degree=8, rescale="always")[0].nonzero()[0].tolist() == expected
+    # They do not fit in a row of 20 (21 >= 20): rescaled, as "always" does.
+    np.testing.assert_array_equal(
+        T.fibonacci(1, 20, degree=8), T.fibonacci(1, 20, degree=8, rescale="always")
+    )
+    assert T.fibonacci(1, 22, degree=8)[0].nonzero()[0].tolist() == fib
+
+
+def test_pseudo_random_regular_is_one_random_row_rotated():
+    a = T.pseudo_random_regular(30, 40, degree=6, seed=4)
+    np.testing.assert_array_equal(a, T.pseudo_random_regular(30, 40, degree=6, seed=4))
+    assert not np.array_equal(a, T.pseudo_random_regular(30, 40, degree=6, seed=5))
+    # Row 0 is a uniform draw: over many seeds every column is used about equally.
+    counts = sum(T.pseudo_random_regular(1, 40, degree=6, seed=s)[0] for s in range(400))
+    assert counts.min() > 30 and counts.max() < 90  # expected 60 each
+    square = T.pseudo_random_regular(25, 25, density=0.2, seed=1)
+    assert set(square.sum(axis=0).tolist()) == set(square.sum(axis=1).tolist()) == {5.0}
 
 
 def test_degree_from_density():
@@ -158,6 +184,8 @@ def test_spectral_gap_reference_graphs():
         (lambda: T.random_regular(10, 5, degree=6), ValueError, "degree=6"),
         (lambda: T.random_regular(10, 5), ValueError, "exactly one"),
         (lambda: T.structured_regular(10, 5, degree=1.5), TypeError, "degree=1.5"),
+        (lambda: T.fibonacci(10, 5, degree=2, rescale="never"), ValueError, "rescale='never'"),
+        (lambda: T.pseudo_random_regular(10, 5, degree=7, seed=0), ValueError, "degree=7"),
         (lambda: T.small_world(10, 10, 0.2, num_clusters=11), ValueError, "num_clusters=11"),
         (lambda: T.small_world(10, 10, 0.2, rewire=2.0), ValueError, "rewire=2.0"),
         (lambda: T.get("ring"), ValueError, "erdos_renyi"),

@@ -42,8 +42,8 @@ class SparseDense(SparseKernelLayer):
         density: Float in (0, 1], the fraction of connections kept.
         epsilon: Positive float, SET's sparsity parameter (instead of `density`).
         topology: Name of a builder in `keras_sparse_moe.topologies`:
-            `"erdos_renyi"`, `"random_regular"`, `"structured_regular"`,
-            `"fibonacci"` or `"small_world"`.
+            `"erdos_renyi"`, `"random_regular"`, `"pseudo_random_regular"`,
+            `"structured_regular"`, `"fibonacci"` or `"small_world"`.
         mask: Optional binary array of shape `(input_dim, units)`; overrides
             `density`, `epsilon` and `topology` (small layers only: for
             larger ones pass `connections`).

@@ -72,6 +72,8 @@ def test_epsilon_and_default_density():
         ("random_regular", {}),
         ("structured_regular", {}),
         ("fibonacci", {}),
+        ("fibonacci", {"rescale": "always"}),
+        ("pseudo_random_regular", {}),
         ("small_world", {"num_clusters": 3}),
         ("random_regular", {"degree": 4}),
     ],
@@ -81,6 +83,8 @@ def test_named_topologies(topology, kwargs):
     layer = SparseDense(12, density=density, topology=topology, topology_kwargs=kwargs, seed=1)
     layer.build((None, 9))
     mask = to_numpy(layer.mask)
+    expected = topologies.get(topology)(9, 12, density=density, seed=1, **kwargs)
+    np.testing.assert_array_equal(mask, expected)
     if topology != "small_world":
         assert np.all(mask.sum(axis=1) == (kwargs.get("degree") or 3))
     else:
