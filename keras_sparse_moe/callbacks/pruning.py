@@ -6,7 +6,6 @@ import functools
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_sparse_moe import schedules
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
@@ -127,27 +126,13 @@ class MagnitudePruning(SparseTrainingCallback):
 def _prune(state, positions, count):
     """Removes the `count` smallest-magnitude connections (full arrays: pruning is
     rare and changes the number of connections)."""
-    kernel, mask, *slots = state
+    kernel, mask = state[0], state[1]
     drop = rewiring.select_smallest(rewiring.magnitude_keys(kernel), mask > 0, count)
-    keep = ops.where(drop, 0.0, mask)
-    # Selects, not products: a pruned entry is zero whatever it held (NaN included).
-    new_state = [ops.where(keep > 0, x, ops.zeros_like(x)) for x in (kernel, *slots)]
-    new_state.insert(1, keep)
-    return new_state, None, count  # None: the layer rebuilds its connection list
+    return rewiring.remove(state, drop), None, count  # None: the layer rebuilds its list
 
 
 def _prune_sparse(n_in, state, positions, count):
-    """`_prune` on the sparse storage `[values, rows, cols, *slots]`: the pruned
-    connections' slots are parked (row `n_in`, value and optimizer state zero)."""
-    values, rows, cols, *slots = state
+    """`_prune` on the sparse storage `[values, rows, cols, *slots]`."""
+    values, rows = state[0], state[1]
     drop = rewiring.select_smallest(rewiring.magnitude_keys(values), rows < n_in, count)
-    return (
-        [
-            ops.where(drop, ops.zeros_like(values), values),
-            ops.where(drop, n_in, rows),
-            ops.where(drop, ops.zeros_like(cols), cols),
-            *(ops.where(drop, ops.zeros_like(s), s) for s in slots),
-        ],
-        None,
-        count,
-    )
+    return rewiring.remove_slots(n_in, state, drop), None, count

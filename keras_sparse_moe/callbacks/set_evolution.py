@@ -56,7 +56,9 @@ class SETEvolution(SparseTrainingCallback):
     many connections at uniformly random empty positions. The number of
     connections is unchanged. Regrown weights start at zero (or from
     `regrow_initializer`); optimizer state (momentum, Adam moments) is reset at
-    every position that changed. Nothing evolves after the last epoch. The
+    every position that changed. After the last epoch nothing evolves
+    (`last_epoch="skip"`), or, as seed 001 does, the fraction `zeta` is
+    removed without regrowth (`last_epoch="prune"`). The
     rewiring is one compiled, vectorised function per layer run between
     training steps; no weight leaves the device and the model is not rebuilt.
 
@@ -69,6 +71,11 @@ class SETEvolution(SparseTrainingCallback):
         probability: Instead of a schedule, evolve after each step with this
             probability in (0, 1) (the per-step variant of seed 004).
         regrow_initializer: Initializer for regrown weights (default zeros).
+        last_epoch: What happens after the last epoch (epoch schedule only).
+            `"skip"` (default): nothing, the network keeps its connections.
+            `"prune"` (seed 001): remove the fraction `zeta` as after every
+            other epoch but regrow nothing, so the network ends with about
+            `1 - zeta` of its connections and none that are new and untrained.
         exclude: Layers (or their names) left unchanged.
         seed: Optional int for reproducible regrowth.
 
@@ -98,6 +105,7 @@ class SETEvolution(SparseTrainingCallback):
         update_every="epoch",
         probability=None,
         regrow_initializer="zeros",
+        last_epoch="skip",
         exclude=None,
         seed=None,
     ):
@@ -113,6 +121,18 @@ class SETEvolution(SparseTrainingCallback):
                     f"Received: update_every={update_every}, probability={probability}"
                 )
         self.probability = probability
+        if last_epoch not in ("skip", "prune"):
+            raise ValueError(
+                f"`{owner}` got an invalid `last_epoch`. Expected 'skip' or 'prune'. "
+                f"Received: last_epoch={last_epoch!r}"
+            )
+        if last_epoch == "prune" and (update_every != "epoch" or probability is not None):
+            raise ValueError(
+                f"`{owner}` prunes after the last epoch only on the epoch schedule. "
+                f"Received: last_epoch='prune', update_every={update_every!r}, "
+                f"probability={probability}"
+            )
+        self.last_epoch = last_epoch
         self.regrow_initializer = initializers.get(regrow_initializer)
         self._regrow_zeros = isinstance(self.regrow_initializer, initializers.Zeros)
 
@@ -122,6 +142,7 @@ class SETEvolution(SparseTrainingCallback):
             "update_every": self.update_every,
             "probability": self.probability,
             "regrow_initializer": initializers.serialize(self.regrow_initializer),
+            "last_epoch": self.last_epoch,
             "exclude": [x if isinstance(x, str) else x.name for x in self.exclude],
             "seed": self.seed,
         }
@@ -131,6 +152,8 @@ class SETEvolution(SparseTrainingCallback):
         on_schedule = self.update_every == "epoch" and self.probability is None
         if on_schedule and epoch < self._epochs - 1:
             self._rewired_in_epoch = self.evolve()
+        elif on_schedule and self.last_epoch == "prune":
+            self._rewired_in_epoch = self.evolve(regrow=False)
         self._report(logs, self._rewired_in_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -147,14 +170,29 @@ class SETEvolution(SparseTrainingCallback):
             self._record_step(logs, self.evolve())
 
     # ------------------------------------------------------------------ #
-    def evolve(self):
-        """Runs one SET evolution on every layer now; returns connections replaced."""
+    def evolve(self, regrow=True):
+        """Runs one SET evolution on every layer now; returns connections replaced.
+
+        `regrow=False` only removes (seed 001's last epoch): returns the
+        connections removed.
+        """
         if not getattr(self, "sparse_layers", None):
             raise ValueError("`SETEvolution.evolve()` runs during `fit` (after `on_train_begin`).")
         self._sync_model_state()
+        if not regrow:
+            return sum(self._remove(layer) for layer in self.sparse_layers)
         return sum(
             self._evolve_layer(layer, stream) for stream, layer in enumerate(self.sparse_layers)
         )
+
+    def _remove(self, layer):
+        before = layer.num_connections
+        if layer.implementation == "masked":
+            step = functools.partial(_set_remove, self.zeta)
+        else:
+            step = functools.partial(_set_remove_sparse, self.zeta, layer.kernel_shape[0])
+        layer.rewire(step, self.model.optimizer, ("set_remove", self.zeta))
+        return before - layer.num_connections
 
     def _evolve_layer(self, layer, stream, attempt=0):
         size = int(np.prod(layer.kernel_shape))
@@ -271,3 +309,17 @@ def _set_step_sparse(
         ]
     )
     return new_state, None, flags
+
+
+def _set_remove(zeta, state, positions):
+    """SET's removal without regrowth on flat `[kernel, mask, *slots]`."""
+    kernel, mask = state[0], state[1]
+    drop = rewiring.set_drop(kernel, zeta, mask > 0)
+    return rewiring.remove(state, drop), None, ops.sum(ops.cast(drop, "int32"))
+
+
+def _set_remove_sparse(zeta, n_in, state, positions):
+    """`_set_remove` on the sparse storage `[values, rows, cols, *slots]`."""
+    values, rows = state[0], state[1]
+    drop = rewiring.set_drop(values, zeta, rows < n_in)
+    return rewiring.remove_slots(n_in, state, drop), None, ops.sum(ops.cast(drop, "int32"))

@@ -35,6 +35,8 @@ __all__ = [
     "random_indices",
     "membership_table_size",
     "acceptance",
+    "remove",
+    "remove_slots",
     "rewire_slots",
     "connection_list_is_current",
     "dropped_marker",
@@ -552,6 +554,30 @@ def rewire_slots(state, drop, grown_rows, grown_cols, grown_values=None):
         ops.where(drop, ops.cast(start, values.dtype), values),
         ops.where(drop, ops.take(grown_rows, rank), rows),
         ops.where(drop, ops.take(grown_cols, rank), cols),
+        *(ops.where(drop, ops.zeros_like(s), s) for s in slots),
+    ]
+
+
+def remove(state, drop):
+    """Removes the connections `drop` (boolean over the flat kernel) from flat
+    `[kernel, mask, *slots]`, without regrowth: their weight, mask and optimizer
+    state become zero. Selects, not products: a removed entry is zero whatever
+    it held (NaN included)."""
+    kernel, mask, *slots = state
+    keep = ops.where(drop, ops.zeros_like(mask), mask)
+    new_state = [ops.where(keep > 0, x, ops.zeros_like(x)) for x in (kernel, *slots)]
+    new_state.insert(1, keep)
+    return new_state
+
+
+def remove_slots(n_in: int, state, drop):
+    """`remove` on the sparse storage `[values, rows, cols, *slots]`: the removed
+    connections' slots are parked (row `n_in`, value and optimizer state zero)."""
+    values, rows, cols, *slots = state
+    return [
+        ops.where(drop, ops.zeros_like(values), values),
+        ops.where(drop, n_in, rows),
+        ops.where(drop, ops.zeros_like(cols), cols),
         *(ops.where(drop, ops.zeros_like(s), s) for s in slots),
     ]
 

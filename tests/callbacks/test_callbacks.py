@@ -57,6 +57,65 @@ def test_set_epoch_schedule_keeps_counts_and_zeros(jit_compile):
     assert history.history["density/h1"][-1] == pytest.approx(0.25, abs=1e-3)
 
 
+class _Snapshot(keras.callbacks.Callback):
+    """Each sparse layer's {position: weight} before the last epoch's callbacks run."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers, self.before = layers, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.before = {
+            layer.name: dict(
+                zip(
+                    to_numpy(layer.connection_positions()).tolist(),
+                    to_numpy(layer.connection_values()).tolist(),
+                )
+            )
+            for layer in self.layers
+        }
+
+
+@pytest.mark.parametrize("implementation", ["masked", "sparse"])
+def test_set_last_epoch_prune_removes_zeta_without_regrowth(implementation):
+    # Seed 001: the last epoch removes the fraction zeta as every other one, and
+    # regrows nothing.
+    model = keras.Sequential(
+        [
+            keras.Input((24,)),
+            ksm.layers.SparseDense(
+                32, density=0.25, activation="relu", implementation=implementation, name="h1"
+            ),
+            keras.layers.Dense(2, name="out"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+    layer = model.layers[0]
+    count = layer.num_connections
+    snapshot = _Snapshot([layer])
+    callback = SETEvolution(zeta=0.3, last_epoch="prune", seed=0)
+    history = model.fit(X, Y, batch_size=32, epochs=2, verbose=0, callbacks=[snapshot, callback])
+    assert history.history["set/rewired"][0] > 0
+    before = snapshot.before["h1"]
+    values = np.array(list(before.values()))
+    k_pos, k_neg = int(0.3 * (values >= 0).sum()), int(0.3 * (values < 0).sum())
+    assert history.history["set/rewired"][-1] == k_pos + k_neg
+    assert layer.num_connections == count - k_pos - k_neg
+    # The kept connections are the largest positive and the most negative ones.
+    positions = to_numpy(layer.connection_positions()).tolist()
+    assert set(positions) <= set(before)
+    ranked_pos = sorted((v, p) for p, v in before.items() if v >= 0)[k_pos:]
+    ranked_neg = sorted((-v, p) for p, v in before.items() if v < 0)[k_neg:]
+    assert set(positions) == {p for _, p in ranked_pos} | {p for _, p in ranked_neg}
+    np.testing.assert_array_equal(
+        to_numpy(layer.connection_values()), [before[p] for p in positions]
+    )
+    if implementation == "masked":
+        assert_masked_weights_zero(model)
+        (momentum,) = _slots(model, layer)
+        assert np.all(momentum[to_numpy(layer.mask) == 0] == 0)
+
+
 def test_set_on_small_half_dense_layers():
     # Few positions, half of them kept: random candidates would mostly repeat,
     # so SET samples a permutation instead and still regrows exactly.
@@ -403,6 +462,8 @@ def test_callbacks_need_a_sparse_layer():
         (lambda: SETEvolution(update_every="batch"), ValueError, "update_every='batch'"),
         (lambda: SETEvolution(probability=1.5), ValueError, "probability=1.5"),
         (lambda: SETEvolution(probability=0.1, update_every=5), ValueError, "not both"),
+        (lambda: SETEvolution(last_epoch="drop"), ValueError, "last_epoch='drop'"),
+        (lambda: SETEvolution(last_epoch="prune", update_every=5), ValueError, "epoch schedule"),
         (lambda: SETEvolution(exclude=[3]), TypeError, "exclude"),
         (lambda: SETEvolution(seed="x"), TypeError, "seed='x'"),
         (lambda: RigL(), TypeError, "data=\\(x, y\\)"),
