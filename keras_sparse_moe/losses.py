@@ -77,7 +77,13 @@ def batch_variance(gates):
     """`Var_e(mean_x G(x)_e)`: the variance form of `batch_entropy`.
 
     Zero when every expert has the same mean gate value; minimising it
-    balances usage.
+    balances usage, as minimising `batch_entropy` does. On the simplex the
+    variance falls where the entropy rises (both are set by `sum p^2` and
+    `sum p ln p` pulling the same way: uniform has the highest entropy and
+    zero variance), so seed 003's "similarly, using variance instead of
+    entropy" needs the opposite sign: a literal `-Var` would reward putting
+    all the traffic on one expert. The library keeps each term's purpose
+    (batch: balanced use; sample: confident gates) and flips the sign.
     """
     return ops.var(ops.mean(_gates(gates, "batch_variance"), axis=0))
 
@@ -85,7 +91,9 @@ def batch_variance(gates):
 def sample_variance(gates):
     """`-mean_x Var_e(G(x)_e)`: the variance form of `sample_entropy`.
 
-    Minimising it pushes each sample's gate vector towards one-hot.
+    Minimising it pushes each sample's gate vector towards one-hot, as
+    minimising `sample_entropy` does; hence the minus sign (a literal
+    `+mean Var` would reward uniform, undecided gates; see `batch_variance`).
     """
     return -ops.mean(ops.var(_gates(gates, "sample_variance"), axis=-1))
 
