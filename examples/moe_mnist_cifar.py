@@ -3,14 +3,26 @@
 Seed 003's experiment. MNIST and CIFAR-10 become one 20-class problem (digits
 are classes 0-9, CIFAR classes 10-19), all images 32x32 grey. A
 `keras_sparse_moe.layers.SparseExpertMixture` mixes two CNN experts
-(conv-pool-conv-pool-dense128-dense20, softmax outputs) with
+(conv-pool-conv-pool-dense128-dense20) with
 - an oracle gate (`OracleGate`: MNIST to expert 0, CIFAR to expert 1),
-- a conv gate and a dense gate (`SoftmaxGate` over a small CNN / one Dense layer),
-  each trained with no gate loss, with the entropy loss and with the variance
-  loss (`balance_losses="entropy"` / `"variance"`: 0.1 * batch term + 0.01 * sample term).
-Prints test accuracy and the activation-rate table (mean gate value per dataset
-and expert; ideal = identity) of every run, and writes the accuracy curves,
-the tables as pictures and a markdown summary. With `--expert-density D` the
+- the seed's conv gate (conv64 x2 without activation, each followed by pooling,
+  then dense 64 ReLU, dense 2 softmax) and dense gate (dense 64 ReLU, dense 2
+  softmax), as `SoftmaxGate`s; `--gate-size small` takes smaller ones (conv16
+  ReLU x2 then dense 2; dense 2),
+each learned gate trained with no gate loss, with the entropy loss and with the
+variance loss (`balance_losses="entropy"` / `"variance"`: 0.1 * batch term +
+0.01 * sample term).
+
+Mixing (`--mixing`): `logits` (default, the seed's `softmax(sum_e G_e NN_e(x))`:
+the experts end in a linear layer, one softmax follows the mixture) or
+`probabilities` (each expert ends in a softmax and the mixture averages the
+distributions). `--gate-lr-multiplier F` trains the gate at F times the
+experts' learning rate (`keras_sparse_moe.optimizers.scale_learning_rates`).
+
+Prints test accuracy and the activation-rate tables (mean gate value per dataset
+and expert; ideal = identity) on training and on test images for every run,
+and writes the train and test accuracy curves, the tables as pictures and a
+markdown summary. With `--expert-density D` the
 experts' convolutions and hidden Dense layer become sparse (`ksm.sparsify`,
 ERK over the expert's layers, the 20-way output kept dense) holding the
 fraction D of those weights; `--expert-set` then evolves them with SET.
@@ -69,9 +81,10 @@ def load(data_dir, samples, test_samples, seed):
     return {split: [np.concatenate(a) for a in zip(*chunks)] for split, chunks in parts.items()}
 
 
-def conv_expert(filters, name, density=None, seed=0):
+def conv_expert(filters, name, density=None, seed=0, output_activation="softmax"):
     """Seed 003's CNN expert; with `density`, its convolutions and hidden Dense layer
-    are sparse (ERK over them at that global density; the output layer stays dense)."""
+    are sparse (ERK over them at that global density; the output layer stays dense).
+    `output_activation=None` makes it return logits (for logit mixing)."""
     expert = keras.Sequential(
         [
             keras.Input((32, 32, 1)),
@@ -81,7 +94,7 @@ def conv_expert(filters, name, density=None, seed=0):
             keras.layers.MaxPooling2D(),
             keras.layers.Flatten(),
             keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(20, activation="softmax", name=f"{name}_output"),
+            keras.layers.Dense(20, activation=output_activation, name=f"{name}_output"),
         ],
         name=name,
     )
@@ -92,44 +105,79 @@ def conv_expert(filters, name, density=None, seed=0):
     )
 
 
-def make_gate(kind):
-    if kind == "oracle":
-        return ksm.layers.OracleGate(2)
-    if kind == "conv":
-        network = keras.Sequential(
-            [
-                keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+def gate_network(kind, size):
+    """The gate's network, ending in 2 logits (`SoftmaxGate` applies the softmax)."""
+    if size == "seed":  # seed 003's gates
+        if kind == "conv":
+            return [
+                keras.layers.Conv2D(64, 3, padding="same"),  # no activation, as the seed
                 keras.layers.MaxPooling2D(),
-                keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+                keras.layers.Conv2D(64, 3, padding="same"),
                 keras.layers.MaxPooling2D(),
                 keras.layers.Flatten(),
+                keras.layers.Dense(64, activation="relu"),
                 keras.layers.Dense(2),
             ]
-        )
-    else:
-        network = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(2)])
-    return ksm.layers.SoftmaxGate(2, network=network)
+        return [
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(2),
+        ]
+    if kind == "conv":  # smaller: half the time of the seed's conv gate
+        return [
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    return [keras.layers.Flatten(), keras.layers.Dense(2)]
 
 
-def build(gate_kind, loss, filters, expert_density=None, seed=0):
+def make_gate(kind, size="seed"):
+    if kind == "oracle":
+        return ksm.layers.OracleGate(2)
+    network = keras.Sequential(gate_network(kind, size), name=f"{kind}_gate_network")
+    return ksm.layers.SoftmaxGate(2, network=network, name="gate")
+
+
+def build(
+    gate_kind,
+    loss,
+    filters,
+    expert_density=None,
+    seed=0,
+    mixing="logits",
+    gate_size="seed",
+    gate_lr_multiplier=1.0,
+):
     image = keras.Input((32, 32, 1), name="image")
-    experts = [conv_expert(filters, f"expert_{i}", expert_density, seed + 10 * i) for i in (0, 1)]
+    activation = None if mixing == "logits" else "softmax"
+    experts = [
+        conv_expert(filters, f"expert_{i}", expert_density, seed + 10 * i, activation)
+        for i in (0, 1)
+    ]
     mixture = ksm.layers.SparseExpertMixture(
         experts=experts,
-        gate=make_gate(gate_kind),
+        gate=make_gate(gate_kind, gate_size),
         balance_losses=None if loss == "none" else loss,
         name="mixture",
     )
     if gate_kind == "oracle":
         index = keras.Input((1,), dtype="int32", name="dataset")
-        model = keras.Model([image, index], mixture(image, gate_inputs=index))
+        inputs, mixed = [image, index], mixture(image, gate_inputs=index)
     else:
-        model = keras.Model(image, mixture(image))
-    model.compile(
-        keras.optimizers.Adam(1e-3),
-        "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+        inputs, mixed = image, mixture(image)
+    if mixing == "logits":  # softmax(sum_e G_e * NN_e(x))
+        mixed = keras.layers.Softmax(name="probabilities")(mixed)
+    model = keras.Model(inputs, mixed)
+    optimizer = keras.optimizers.Adam(1e-3)
+    if gate_kind != "oracle" and gate_lr_multiplier != 1.0:
+        optimizer = ksm.optimizers.scale_learning_rates(
+            optimizer, {"mixture/gate/": gate_lr_multiplier}
+        )
+    model.compile(optimizer, "sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
@@ -156,6 +204,24 @@ def main(argv=None):
     parser.add_argument(
         "--expert-set", action="store_true", help="evolve sparse experts with SET each epoch"
     )
+    parser.add_argument(
+        "--mixing",
+        choices=("logits", "probabilities"),
+        default="logits",
+        help="mix the experts' logits then softmax (seed 003), or mix their probabilities",
+    )
+    parser.add_argument(
+        "--gate-size",
+        choices=("seed", "small"),
+        default="seed",
+        help="the seed's gates (conv64 x2 + dense64; dense64) or smaller ones",
+    )
+    parser.add_argument(
+        "--gate-lr-multiplier",
+        type=float,
+        default=1.0,
+        help="learning rate of the gate relative to the experts'",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("demo_output", "moe"))
     args = parser.parse_args(argv)
@@ -175,10 +241,23 @@ def main(argv=None):
         name = f"{gate_kind} gate, {'no gate loss' if loss == 'none' else loss + ' loss'}"
         print(f"\n== {name}")
         keras.utils.set_random_seed(args.seed)
-        model = build(gate_kind, loss, args.filters, args.expert_density, args.seed)
+        model = build(
+            gate_kind,
+            loss,
+            args.filters,
+            args.expert_density,
+            args.seed,
+            args.mixing,
+            args.gate_size,
+            args.gate_lr_multiplier,
+        )
+        # Activation rates on test images and on as many training images.
+        seen = {code: np.flatnonzero(index == code)[: args.test_samples] for code in (MNIST, CIFAR)}
         split = {
             "mnist": inputs_of(model, x_test[index_test == MNIST], index_test[index_test == MNIST]),
             "cifar": inputs_of(model, x_test[index_test == CIFAR], index_test[index_test == CIFAR]),
+            "mnist (train)": inputs_of(model, x[seen[MNIST]], index[seen[MNIST]]),
+            "cifar (train)": inputs_of(model, x[seen[CIFAR]], index[seen[CIFAR]]),
         }
         logger = ksm.callbacks.ActivationRateLogger(split, verbose=0)
         callbacks = [logger]
@@ -210,6 +289,7 @@ def main(argv=None):
                 accuracy["cifar"],
                 table,
                 seconds,
+                history.history["accuracy"][-1],
             )
         )
 
@@ -217,18 +297,26 @@ def main(argv=None):
     if args.expert_density is not None:
         experts = f"sparse experts at {args.expert_density:g} of their weights (ERK)"
         experts += ", SET" if args.expert_set else ""
+    setup = f"{args.mixing} mixing, {args.gate_size} gates"
+    if args.gate_lr_multiplier != 1.0:
+        setup += f", gate learning rate x{args.gate_lr_multiplier:g}"
     print(
-        f"\nResults after {args.epochs} epochs ({args.filters} filters per expert conv, {experts}):"
+        f"\nResults after {args.epochs} epochs ({args.filters} filters per expert conv, "
+        f"{experts}, {setup}); rates: mean gate value of expert 0, expert 1 on test images "
+        "(on training images):"
     )
     lines = [
-        "| gate | test acc | MNIST acc | CIFAR acc | MNIST → e0, e1 | CIFAR → e0, e1 | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| gate | train acc | test acc | MNIST acc | CIFAR acc | MNIST → e0, e1 | "
+        "CIFAR → e0, e1 | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, acc, mnist, cifar, table, seconds in results:
-        m, c = table.values
+    for name, acc, mnist, cifar, table, seconds, train_acc in results:
+        rates = table.as_dict()
+        m, c, m_train, c_train = (rates[k] for k in split)
         lines.append(
-            f"| {name} | {acc:.4f} | {mnist:.4f} | {cifar:.4f} | {m[0]:.3f}, {m[1]:.3f} | "
-            f"{c[0]:.3f}, {c[1]:.3f} | {seconds:.0f} |"
+            f"| {name} | {train_acc:.4f} | {acc:.4f} | {mnist:.4f} | {cifar:.4f} | "
+            f"{m[0]:.3f}, {m[1]:.3f} ({m_train[0]:.3f}, {m_train[1]:.3f}) | "
+            f"{c[0]:.3f}, {c[1]:.3f} ({c_train[0]:.3f}, {c_train[1]:.3f}) | {seconds:.0f} |"
         )
     summary = "\n".join(lines)
     print(summary)
@@ -236,9 +324,22 @@ def main(argv=None):
         f.write(summary + "\n")
     path = os.path.join(args.out, "accuracy.png")
     try:
-        ksm.plots.accuracy_curves(
-            histories, path=path, ylabel="test accuracy (MNIST + CIFAR, 20 classes)"
-        )
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+        for ax, key, label in (
+            (axes[0], "accuracy", "training"),
+            (axes[1], "val_accuracy", "test"),
+        ):
+            ksm.plots.accuracy_curves(
+                histories, ax=ax, key=key, ylabel=f"{label} accuracy (MNIST + CIFAR, 20 classes)"
+            )
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
     except ImportError:
         print("matplotlib is not installed (pip install keras-sparse-moe[plots]): no pictures")
         return results

@@ -147,9 +147,7 @@ def plot(rows, settings, path):
         for ax, key in zip(row_axes, ("spectral gap", "algebraic connectivity")):
             for t, topology in enumerate(TOPOLOGIES):
                 for d, degree in enumerate(degrees):
-                    pts = [
-                        r for r in sparse if r["topology"] == topology and r["degree"] == degree
-                    ]
+                    pts = [r for r in sparse if r["topology"] == topology and r["degree"] == degree]
                     ax.scatter(
                         [r[key] for r in pts],
                         [r["accuracy"] for r in pts],
@@ -288,13 +286,9 @@ def main(argv=None):
         "|---|---|---|---|---|---|",
     ]
     for depth, dropout in settings:
-        sparse = [
-            r for r in rows if (r["depth"], r["dropout"]) == (depth, dropout) and r["degree"]
-        ]
+        sparse = [r for r in rows if (r["depth"], r["dropout"]) == (depth, dropout) and r["degree"]]
         overall = correlations(sparse)
-        by_degree = [
-            correlations([r for r in sparse if r["degree"] == d]) for d in args.degrees
-        ]
+        by_degree = [correlations([r for r in sparse if r["degree"] == d]) for d in args.degrees]
         for key in ("algebraic connectivity", "spectral gap", "density"):
             same = np.array([c[key] for c in by_degree])
             same_r = np.nanmean(same[:, 0]) if np.isfinite(same).any() else float("nan")

@@ -51,6 +51,8 @@ def test_moe_example_runs_every_gate_and_loss(tmp_path, capsys):
             "--losses",
             "none",
             "entropy",
+            "--gate-lr-multiplier",
+            "3",
             "--out",
             str(out),
         ]
@@ -61,8 +63,9 @@ def test_moe_example_runs_every_gate_and_loss(tmp_path, capsys):
         "dense gate, no gate loss",
         "dense gate, entropy loss",
     ]
-    oracle_table = results[0][4]
-    np.testing.assert_array_equal(oracle_table.values, np.eye(2))  # the oracle routes exactly
+    oracle_table = results[0][4]  # test images, then training images
+    assert oracle_table.rows == ["mnist", "cifar", "mnist (train)", "cifar (train)"]
+    np.testing.assert_array_equal(oracle_table.values, np.tile(np.eye(2), (2, 1)))  # exact routing
     assert (out / "results.md").read_text().count("\n") == 5
     assert (out / "accuracy.png").exists() and len(list(out.glob("rates_*.png"))) == 3
     assert "activation rates" in capsys.readouterr().out
@@ -72,9 +75,12 @@ def test_moe_example_with_sparse_experts_evolved_by_set(tmp_path, capsys):
     _fake_data(tmp_path)
     args = ["--data-dir", str(tmp_path), "--epochs", "2", "--filters", "2", "--batch-size", "16"]
     args += ["--gates", "oracle", "--losses", "none", "--out", str(tmp_path / "out")]
+    args += ["--mixing", "probabilities"]
     results = _example("moe_mnist_cifar").main([*args, "--expert-density", "0.3", "--expert-set"])
-    np.testing.assert_array_equal(results[0][4].values, np.eye(2))
-    assert "sparse experts at 0.3 of their weights (ERK), SET" in capsys.readouterr().out
+    np.testing.assert_array_equal(results[0][4].values, np.tile(np.eye(2), (2, 1)))
+    assert "sparse experts at 0.3 of their weights (ERK), SET, probabilities" in (
+        capsys.readouterr().out
+    )
 
 
 def test_ptsne_gated_mose_example_end_to_end(tmp_path, capsys):
