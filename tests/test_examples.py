@@ -164,3 +164,31 @@ def test_scaling_out_example_spreads_over_two_devices(tmp_path):
     for row in rows[1:]:
         # Three steps from the same weights: the same run up to float summation order.
         assert float(row.split("|")[4]) < 1e-4, row
+
+
+def test_topology_study_sweeps_and_measures(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the example draws its pictures with matplotlib")
+    _fake_data(tmp_path)
+    out = tmp_path / "out"
+    rows = _example("topology_study").main(
+        ["--data", str(tmp_path / "mnist.npz"), "--degrees", "2", "4", "--depths", "1", "2"]
+        + ["--dropouts", "0.2", "--topologies", "random", "structured regular", "Fibonacci"]
+        + ["--units", "12", "--epochs", "1", "--batch-size", "8", "--out", str(out)]
+    )
+    # A fully connected reference per setting, then every topology at every degree.
+    assert len(rows) == 2 + 2 * 2 * 3
+    from keras_sparse_moe import topologies
+
+    for row in rows:
+        if row["topology"] == "structured regular":
+            # Degree d of 12 outputs, offsets 12/d apart: the graph splits into
+            # 12/d components, so it is disconnected.
+            assert row["algebraic connectivity"] == pytest.approx(0.0, abs=1e-9)
+        if row["topology"] == "Fibonacci" and row["depth"] == 1:
+            mask = topologies.fibonacci(784, 12, degree=row["degree"])
+            assert row["spectral gap"] == pytest.approx(topologies.spectral_gap(mask), rel=1e-6)
+            assert row["density"] == pytest.approx(row["degree"] / 12)
+    printed = capsys.readouterr().out
+    assert "Correlation of test accuracy" in printed and "| network | weights |" in printed
+    for name in ("results.md", "accuracy_vs_connectivity.png", "weight_distribution.png"):
+        assert (out / name).exists()
