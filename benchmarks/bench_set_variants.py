@@ -152,7 +152,7 @@ def main(argv=None):
         "| variant | "
         + " | ".join(f"acc. epoch {e}" for e in marks)
         + " | after last removal | train time (s) | centre share | border share |",
-        "|---|" + "---|" * (len(marks) + 5),
+        "|---|" + "---|" * (len(marks) + 4),
     ]
     for name, r in results.items():
         pruned = f"{r['final']:.4f}" if "per epoch" in name else "–"
