@@ -329,7 +329,7 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
         for ax, key, label in (
             (axes[0], "accuracy", "training"),
             (axes[1], "val_accuracy", "test"),

@@ -125,6 +125,13 @@ class SparseExpertMixture(keras.layers.Layer):
     **User experts** (`experts=[...]`): any Keras layers or models with equal
     output shapes, e.g. the CNN experts of seed 003.
 
+    **What is mixed.** The output is `sum_e G_e(x) * expert_e(x)`, whatever
+    the experts return. For a classifier, seed 003 mixes logits and applies
+    one softmax, `softmax(sum_e G_e * NN_e(x))`: give the experts linear
+    outputs and put `keras.layers.Softmax()` after the mixture (the built-in
+    experts' output is linear). Experts ending in a softmax instead mix
+    probabilities: a mixture of the experts' distributions.
+
     **Dispatch.** Without `capacity_factor` every expert sees every token and
     unselected experts are weighted by zero (the simple path, best for small
     E). With `top_k` and `capacity_factor`, tokens are dispatched to fixed-size
