@@ -251,6 +251,11 @@ def moe(args):
                 "entropy",
                 "--seed",
                 str(args.seed),
+                # The setup its figures were measured with (docs/benchmarks.md).
+                "--mixing",
+                "probabilities",
+                "--gate-size",
+                "small",
                 "--out",
                 os.path.join(args.out, label.replace(" ", "_").replace(",", "").replace("%", "")),
                 *extra,
@@ -261,8 +266,8 @@ def moe(args):
     print("| experts | gate | test acc | MNIST → e0, e1 | CIFAR → e0, e1 |")
     print("|---|---|---|---|---|")
     for label, results in tables:
-        for name, acc, _, _, table, _ in results:
-            m, c = table.values
+        for name, acc, _, _, table, *_ in results:
+            m, c = table.values[:2]  # test images
             print(
                 f"| {label} | {name} | {acc:.4f} | {m[0]:.3f}, {m[1]:.3f} | "
                 f"{c[0]:.3f}, {c[1]:.3f} |"
