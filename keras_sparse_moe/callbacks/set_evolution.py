@@ -70,7 +70,11 @@ class SETEvolution(SparseTrainingCallback):
         update_every: `"epoch"` (SET's schedule) or a number of steps.
         probability: Instead of a schedule, evolve after each step with this
             probability in (0, 1) (the per-step variant of seed 004).
-        regrow_initializer: Initializer for regrown weights (default zeros).
+        regrow_initializer: Initializer for regrown weights. Default zeros:
+            on MNIST (SET paper's MLP, 8 epochs, two seeds) zeros beat
+            random regrowth (`"glorot_uniform"`, seed 004) per epoch, and
+            only zero-started connections on blank pixels are removed again;
+            per step (`probability`) random regrowth ended 0.3 points higher.
         last_epoch: What happens after the last epoch (epoch schedule only).
             `"skip"` (default): nothing, the network keeps its connections.
             `"prune"` (seed 001): remove the fraction `zeta` as after every
