@@ -157,6 +157,14 @@ def _degree(n_out: int, density, degree, owner: str) -> int:
     return degree
 
 
+def _degree_arguments(owner, n_in, n_out, density, degree, seed):
+    """The checked `(n_in, n_out, degree, seed)` of a builder with a per-input degree."""
+    n_in = check_size("n_in", n_in, owner)
+    n_out = check_size("n_out", n_out, owner)
+    seed = check_seed(seed, owner)
+    return n_in, n_out, _degree(n_out, density, degree, owner), seed
+
+
 def _circulant(n_in: int, n_out: int, row: np.ndarray) -> np.ndarray:
     """Rows are `row` rotated by one position per input."""
     cols = (row[None, :] + np.arange(n_in)[:, None]) % n_out
@@ -289,11 +297,9 @@ def random_regular(
     >>> set(m.sum(axis=1).tolist()), set(m.sum(axis=0).tolist())
     ({5.0}, {10.0})
     """
-    owner = "random_regular"
-    n_in = check_size("n_in", n_in, owner)
-    n_out = check_size("n_out", n_out, owner)
-    seed = check_seed(seed, owner)
-    degree = _degree(n_out, density, degree, owner)
+    n_in, n_out, degree, seed = _degree_arguments(
+        "random_regular", n_in, n_out, density, degree, seed
+    )
     rng = np.random.default_rng(seed)
     if 2 * degree > n_out:
         # Dense side: the complement is a sparse biregular graph, cheaper to draw.
@@ -346,11 +352,9 @@ def structured_regular(
     >>> structured_regular(3, 6, degree=2).astype(int).tolist()
     [[1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 1]]
     """
-    owner = "structured_regular"
-    n_in = check_size("n_in", n_in, owner)
-    n_out = check_size("n_out", n_out, owner)
-    check_seed(seed, owner)
-    degree = _degree(n_out, density, degree, owner)
+    n_in, n_out, degree, seed = _degree_arguments(
+        "structured_regular", n_in, n_out, density, degree, seed
+    )
     row = (np.arange(degree) * n_out) // degree
     return _circulant(n_in, n_out, row)
 
@@ -407,16 +411,12 @@ def fibonacci(
     >>> fibonacci(1, 100, degree=6, rescale="always").nonzero()[1].tolist()
     [0, 11, 22, 33, 55, 88]
     """
-    owner = "fibonacci"
-    n_in = check_size("n_in", n_in, owner)
-    n_out = check_size("n_out", n_out, owner)
-    check_seed(seed, owner)
     if rescale not in _FIBONACCI_RESCALE:
         raise ValueError(
-            f"`{owner}` got an invalid `rescale`. Expected one of {list(_FIBONACCI_RESCALE)}. "
+            f"`fibonacci` got an invalid `rescale`. Expected one of {list(_FIBONACCI_RESCALE)}. "
             f"Received: rescale={rescale!r}"
         )
-    degree = _degree(n_out, density, degree, owner)
+    n_in, n_out, degree, _ = _degree_arguments("fibonacci", n_in, n_out, density, degree, seed)
     return _circulant(n_in, n_out, _fibonacci_offsets(n_out, degree, rescale))
 
 
@@ -440,11 +440,9 @@ def pseudo_random_regular(
     >>> [np.flatnonzero(r).tolist() for r in m[:2]]
     [[5, 6, 9], [0, 6, 7]]
     """
-    owner = "pseudo_random_regular"
-    n_in = check_size("n_in", n_in, owner)
-    n_out = check_size("n_out", n_out, owner)
-    seed = check_seed(seed, owner)
-    degree = _degree(n_out, density, degree, owner)
+    n_in, n_out, degree, seed = _degree_arguments(
+        "pseudo_random_regular", n_in, n_out, density, degree, seed
+    )
     row = np.sort(np.random.default_rng(seed).choice(n_out, size=degree, replace=False))
     return _circulant(n_in, n_out, row)
 
