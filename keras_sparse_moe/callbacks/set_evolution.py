@@ -190,13 +190,12 @@ class SETEvolution(SparseTrainingCallback):
         )
 
     def _remove(self, layer):
-        before = layer.num_connections
         if layer.implementation == "masked":
             step = functools.partial(_set_remove, self.zeta)
         else:
             step = functools.partial(_set_remove_sparse, self.zeta, layer.kernel_shape[0])
-        layer.rewire(step, self.model.optimizer, ("set_remove", self.zeta))
-        return before - layer.num_connections
+        removed = layer.rewire(step, self.model.optimizer, ("set_remove", self.zeta))
+        return int(ops.convert_to_numpy(removed))
 
     def _evolve_layer(self, layer, stream, attempt=0):
         size = int(np.prod(layer.kernel_shape))
