@@ -51,7 +51,7 @@ def test_fit_transform_embeds_unseen_points_well(affinities):
     model = ksm.ParametricTSNE(
         perplexity=20.0,
         hidden=(128, 128),
-        epochs=20,
+        epochs=40,
         batch_size=400,
         seed=0,
         verbose=0,
@@ -64,7 +64,17 @@ def test_fit_transform_embeds_unseen_points_well(affinities):
     # References on the same split: PCA to 2-D gives 0.54 / 0.81, raw 64-D pixels 1-NN 0.96.
     assert knn > 0.65, knn
     assert trustworthiness(X[1200:], test, n_neighbors=5) > 0.85
-    assert len(model.history_["loss"]) == 20 and np.all(np.isfinite(model.history_["loss"]))
+    assert len(model.history_["loss"]) == 40 and np.all(np.isfinite(model.history_["loss"]))
+
+
+def test_global_loss_estimates_the_kl_of_the_whole_map():
+    """In global mode each batch's loss estimates KL(P || Q) of all the fitted points."""
+    model = ksm.ParametricTSNE(**{**SMALL, "epochs": 6}).fit(X[:600])
+    p, _ = knn_affinities(X[:600], perplexity=10.0, seed=0)
+    exact = to_numpy(ksm.ops.tsne.tsne_kl(p.toarray(), model.transform(X[:600])))
+    # The learning rate has decayed to ~0 in the last epoch: the map it averages over is still.
+    assert model.history_["loss"][-1] == pytest.approx(float(exact), rel=0.05)
+    assert model.history_["loss"][0] > model.history_["loss"][-1]
 
 
 def test_sklearn_conventions():
@@ -120,6 +130,7 @@ def test_network_saved_model_export(tmp_path):
         ({"dropout": 1.0}, ValueError, "dropout=1.0"),
         ({"learning_rate": 0}, ValueError, "learning_rate=0"),
         ({"learning_rate": "fast"}, TypeError, "learning_rate='fast'"),
+        ({"learning_rate_decay": "linear"}, ValueError, "learning_rate_decay='linear'"),
         ({"pca_components": 0}, ValueError, "pca_components=0"),
         ({"hidden": (64, 0)}, ValueError, "hidden=0"),
         ({"perplexity": 300.0, "batch_size": 256}, ValueError, "batch_size=256"),

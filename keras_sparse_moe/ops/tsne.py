@@ -42,6 +42,7 @@ __all__ = [
     "check_perplexity",
     "conditional_affinities",
     "joint_affinities",
+    "sampled_tsne_kl",
     "squared_distances",
     "student_t_kernel",
     "tsne_kl",
@@ -188,12 +189,16 @@ def joint_affinities(x, perplexity, steps: int = BISECTION_STEPS):
     return ops.stop_gradient(ops.maximum(p, P_FLOOR) * off)
 
 
+def _log_student_t(y, dof):
+    """`log w_ij = −(α + 1) / 2 · log(1 + ‖y_i − y_j‖² / α)` for all pairs (0 on the diagonal)."""
+    dof = ops.cast(dof, "float32")
+    return -0.5 * (dof + 1.0) * ops.log1p(squared_distances(y) / dof)
+
+
 def student_t_kernel(y, dof=1.0):
     """`w_ij = (1 + ‖y_i − y_j‖² / α)^(−(α + 1) / 2)`, zero diagonal, float32."""
-    dof = ops.cast(dof, "float32")
-    d = squared_distances(y)
-    off = 1.0 - ops.eye(ops.shape(d)[0], dtype="float32")
-    return ops.exp(-0.5 * (dof + 1.0) * ops.log1p(d / dof)) * off
+    log_w = _log_student_t(y, dof)
+    return ops.exp(log_w) * (1.0 - ops.eye(ops.shape(log_w)[0], dtype="float32"))
 
 
 def tsne_kl(p, y, dof=1.0, exaggeration=1.0):
@@ -221,3 +226,66 @@ def tsne_kl(p, y, dof=1.0, exaggeration=1.0):
     attraction = -ops.sum(p * ops.log(ops.maximum(w, 1e-30)) * off)
     repulsion = ops.log(ops.sum(w))
     return entropy_term + exaggeration * attraction + repulsion
+
+
+def sampled_tsne_kl(y, dof=1.0, exaggeration=1.0, n_points=None, entropy=0.0, ids=None):
+    """A one-batch estimate of the whole set's `KL(P ‖ Q)`, from anchors and sampled neighbours.
+
+    For a set of `N` points with joint affinities `P` (e.g. from
+    `keras_sparse_moe.manifold.knn_affinities`),
+    `KL = Σ P log P − Σ_ij P_ij log w_ij + log Z` with `Z = Σ_{i≠j} w_ij`.
+    The batch `y` (`(2a, d)`) holds `a` different anchors drawn uniformly,
+    then, in the same order, one neighbour `j` of each anchor `i` drawn with
+    probability `p_{j|i}` (`P = (P_cond + P_condᵀ) / 2N`). Then:
+    - the attraction `−Σ P_ij log w_ij` is estimated by the mean of
+      `−log w` over the `a` sampled pairs (unbiased);
+    - `Z` by `N (N − 1)` times the mean `w` over pairs that were not sampled
+      as neighbours. The sampled pairs are near by construction: counting
+      them in `Z` would inflate it and keep the map expanding.
+
+    Without `ids`, `Z` averages the pairs of anchors: uniform pairs of
+    different points, so with all `N` points as anchors `Z` is exact and the
+    expected gradient is the full t-SNE gradient. With `ids` (each row's point
+    index), it averages every pair of different points outside the sampled
+    pairs: twice the points feel the repulsion in each batch, at the price of
+    a slight lean towards points that are many others' neighbours (they are
+    drawn more often as neighbours). `ParametricTSNE` passes `ids`: in three
+    comparisons on MNIST it trained a better map per step.
+
+    Args:
+        y: `(2a, d)` embedding, `a >= 2`: anchors first, then their neighbours.
+        dof: Degrees of freedom `α` of the Student-t.
+        exaggeration: Factor on the attractive term.
+        n_points: `N`; None leaves out the constant `log(N (N − 1))`.
+        entropy: The constant `Σ P log P` (≤ 0); 0 leaves it out.
+        ids: Optional `(2a,)` indices of the batch's points in the set.
+
+    Returns:
+        A float32 scalar: the estimate of `KL(P ‖ Q)` (up to the constants left out).
+
+    Example:
+
+    >>> import numpy as np
+    >>> y = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    >>> float(sampled_tsne_kl(y, n_points=100)) > 0
+    True
+    """
+    log_w = _log_student_t(y, dof)
+    n = ops.shape(log_w)[0]
+    a = n // 2
+    attraction = -ops.mean(ops.diagonal(log_w[:a, a:]))
+    if ids is None:
+        pairs = 1.0 - ops.eye(a, dtype="float32")
+        w = ops.exp(log_w[:a, :a])
+    else:
+        ids = ops.reshape(ops.cast(ids, "int32"), (-1,))
+        group = ops.arange(n) % a  # an anchor and its neighbour
+        pairs = ops.logical_and(
+            ops.expand_dims(group, 1) != ops.expand_dims(group, 0),
+            ops.expand_dims(ids, 1) != ops.expand_dims(ids, 0),
+        )
+        pairs, w = ops.cast(pairs, "float32"), ops.exp(log_w)
+    log_z = ops.log(ops.sum(w * pairs)) - ops.log(ops.sum(pairs))
+    if n_points is not None:
+        log_z = log_z + math.log(float(n_points) * (float(n_points) - 1.0))
+    return float(entropy) + exaggeration * attraction + log_z

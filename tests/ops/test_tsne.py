@@ -136,3 +136,78 @@ def test_invalid_perplexity(perplexity, batch, error, match):
     if not isinstance(perplexity, str) and perplexity > 0:
         with pytest.raises(error, match=match):
             losses.tsne_kl(np.ones((batch, 3), "float32"), np.ones((batch, 2)), perplexity)
+
+
+def _numpy_sampled_kl(y, dof, exaggeration, n_points, entropy, ids=None):
+    """The estimator written out in float64: sampled pairs (i, a + i), Z over the other pairs."""
+    a = len(y) // 2
+    d = ((y[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    log_w = -0.5 * (dof + 1.0) * np.log1p(d / dof)
+    attraction = -np.mean([log_w[i, a + i] for i in range(a)])
+    if ids is None:  # pairs of different anchors
+        others = [np.exp(log_w[i, j]) for i in range(a) for j in range(a) if i != j]
+    else:  # pairs of different points, not an anchor with its own neighbour
+        others = [
+            np.exp(log_w[i, j])
+            for i in range(2 * a)
+            for j in range(2 * a)
+            if i % a != j % a and ids[i] != ids[j]
+        ]
+    log_z = np.log(np.mean(others)) + np.log(n_points * (n_points - 1.0))
+    return entropy + exaggeration * attraction + log_z
+
+
+@pytest.mark.parametrize(
+    "dof, exaggeration, with_ids", [(1.0, 1.0, False), (0.5, 4.0, False), (1.0, 1.0, True)]
+)
+def test_sampled_kl_matches_numpy_value_and_finite_differences(dof, exaggeration, with_ids):
+    y = RNG.normal(size=(24, 2))
+    # Point 3 is both an anchor and another anchor's neighbour: that pair is not in Z.
+    ids = np.r_[np.arange(12), 3, 40 + np.arange(11)] if with_ids else None
+    args = (dof, exaggeration, 500, -7.5, ids)
+    if with_ids:
+        y[12] = y[3]
+    value, grad = _value_and_grad(
+        lambda v: tsne.sampled_tsne_kl(v, dof, exaggeration, n_points=500, entropy=-7.5, ids=ids),
+        y.astype("float32"),
+    )
+    assert value == pytest.approx(_numpy_sampled_kl(y, *args), rel=1e-5)
+    step, numeric = 1e-6, np.zeros_like(y)
+    for index in np.ndindex(*y.shape):
+        shift = np.zeros_like(y)
+        shift[index] = step
+        numeric[index] = (
+            _numpy_sampled_kl(y + shift, *args) - _numpy_sampled_kl(y - shift, *args)
+        ) / (2 * step)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-5)
+
+
+def test_sampled_kl_averages_to_the_full_kl_and_gradient():
+    """All N points as anchors, one neighbour each drawn by p_{j|i}: the batch estimate is
+    unbiased, so its mean over draws approaches the exact loss and gradient of the full P."""
+    x = X[::2]
+    n = len(x)
+    cond = to_numpy(tsne.conditional_affinities(tsne.squared_distances(x), 5.0)).astype("float64")
+    p = np.maximum((cond + cond.T) / (2.0 * n), 1e-300)  # the numpy reference takes logs
+    np.fill_diagonal(p, 0.0)
+    y = RNG.normal(scale=3.0, size=(n, 2)).astype("float32")
+    full_value, full_grad = _numpy_kl_and_grad(p, y.astype("float64"), 1.0, 1.0)
+    entropy = float(np.sum(p[p > 0] * np.log(p[p > 0])))
+    rng = np.random.default_rng(1)
+    values, grads = [], []
+    for _ in range(400):
+        anchors = rng.permutation(n)
+        neighbours = np.array([rng.choice(n, p=cond[i] / cond[i].sum()) for i in anchors])
+        batch = np.concatenate([anchors, neighbours])
+        value, grad = _value_and_grad(
+            lambda v: tsne.sampled_tsne_kl(v, n_points=n, entropy=entropy), y[batch]
+        )
+        full = np.zeros_like(y, dtype="float64")
+        np.add.at(full, batch, grad)  # the batch rows' gradients, back onto the points
+        values.append(value)
+        grads.append(full)
+    assert np.mean(values) == pytest.approx(full_value, rel=0.02)
+    mean_grad = np.mean(grads, axis=0)
+    cosine = np.sum(mean_grad * full_grad) / np.linalg.norm(mean_grad) / np.linalg.norm(full_grad)
+    assert cosine > 0.99, cosine
+    assert np.linalg.norm(mean_grad) == pytest.approx(np.linalg.norm(full_grad), rel=0.05)
