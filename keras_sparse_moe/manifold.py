@@ -318,6 +318,11 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         self.network = self._build_network(x, hidden)
         population = None
         if self.affinities == "global":
+            if batch_size < 4:
+                raise ValueError(
+                    f"`{OWNER}` needs batches of at least 4 points with global affinities "
+                    f"(2 anchors and a neighbour of each). Received: batch_size={batch_size}"
+                )
             if verbose:
                 print(f"{OWNER}: nearest-neighbour affinities of {len(x)} points ...")
             p, conditional = knn_affinities(

@@ -134,6 +134,7 @@ def test_network_saved_model_export(tmp_path):
         ({"pca_components": 0}, ValueError, "pca_components=0"),
         ({"hidden": (64, 0)}, ValueError, "hidden=0"),
         ({"perplexity": 300.0, "batch_size": 256}, ValueError, "batch_size=256"),
+        ({"perplexity": 1.0, "batch_size": 3}, ValueError, "batch_size=3"),
     ],
 )
 def test_invalid_arguments(kwargs, error, match):
