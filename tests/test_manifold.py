@@ -77,6 +77,17 @@ def test_global_loss_estimates_the_kl_of_the_whole_map():
     assert model.history_["loss"][0] > model.history_["loss"][-1]
 
 
+def test_default_learning_rate_shrinks_for_small_batches_and_heavy_tails():
+    schedule = ksm.ParametricTSNE()._learning_rate(256, 0.5, total_steps=100)
+    assert float(to_numpy(schedule(0))) == pytest.approx(3e-3 * (256 / 1024) * 0.5)
+    assert float(to_numpy(schedule(100))) == pytest.approx(0.0, abs=1e-9)  # cosine, down to 0
+    assert float(to_numpy(ksm.ParametricTSNE()._learning_rate(4096, "trainable", 10)(0))) == (
+        pytest.approx(3e-3)
+    )
+    fixed = ksm.ParametricTSNE(learning_rate=1e-2, learning_rate_decay=None)
+    assert fixed._learning_rate(256, 0.5, total_steps=100) == 1e-2
+
+
 def test_sklearn_conventions():
     model = ksm.ParametricTSNE(**SMALL)
     assert model.get_params()["perplexity"] == 10.0
