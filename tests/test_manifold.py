@@ -142,6 +142,7 @@ def test_network_saved_model_export(tmp_path):
         ({"learning_rate": 0}, ValueError, "learning_rate=0"),
         ({"learning_rate": "fast"}, TypeError, "learning_rate='fast'"),
         ({"learning_rate_decay": "linear"}, ValueError, "learning_rate_decay='linear'"),
+        ({"normalization": "batch"}, ValueError, "normalization='batch'"),
         ({"pca_components": 0}, ValueError, "pca_components=0"),
         ({"hidden": (64, 0)}, ValueError, "hidden=0"),
         ({"perplexity": 300.0, "batch_size": 256}, ValueError, "batch_size=256"),
