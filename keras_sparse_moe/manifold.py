@@ -158,8 +158,9 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         perplexity: Effective number of neighbours (float > 0).
         hidden: Widths of the hidden ReLU layers (the paper: 500, 500, 2000).
         normalization: `"layer"`: a `LayerNormalization` after each hidden
-            layer (on MNIST it trained a better map per second: 0.903 / 0.943
-            against 0.859 / 0.931 1-NN / trustworthiness in 30 epochs), or None.
+            layer (on all of MNIST, 60 epochs: test 1-NN / trustworthiness
+            0.941 / 0.959 against 0.927 / 0.948 without, for 1.2x the time),
+            or None.
         dof: Degrees of freedom `α` of the Student-t: a float > 0, `"auto"`
             (`max(1, n_components - 1)`) or `"trainable"` (learned, from 1).
         affinities: `"global"` or `"batch"`.
