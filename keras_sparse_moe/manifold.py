@@ -136,10 +136,11 @@ class _TSNETrainer(keras.Model):
 class ParametricTSNE(TransformerMixin, BaseEstimator):
     """Parametric t-SNE (van der Maaten 2009): a Keras network that embeds unseen points.
 
-    A feed-forward network `x -> y` (ReLU layers of widths `hidden`, each
-    layer-normalised, a linear `n_components` output) is trained to minimise the t-SNE loss
-    `KL(P ‖ Q)` (`keras_sparse_moe.ops.tsne`), so that, unlike t-SNE,
-    `transform` places new points without re-optimising. Follows
+    A feed-forward network `x -> y` (ReLU layers of widths `hidden`,
+    layer-normalised by default, a linear `n_components` output) is trained
+    to minimise the t-SNE loss `KL(P ‖ Q)` (`keras_sparse_moe.ops.tsne`), so
+    that, unlike t-SNE, `transform` places new points without re-optimising.
+    Follows
     scikit-learn's conventions (`fit` returns self, `transform`,
     `fit_transform`, `get_params` / `set_params`); `network` is an ordinary
     Keras model (`.keras` save, SavedModel export).
@@ -309,9 +310,8 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         """Adam's learning rate: constant, or cosine-decayed to 0 over the whole `fit`."""
         rate = self.learning_rate
         if rate is None:
-            heavy_tails = (
-                1.0 if dof == "trainable" else min(1.0, dof)
-            )  # a trainable dof starts at 1
+            # Heavy tails (dof < 1) need a smaller step; a trainable dof starts at 1.
+            heavy_tails = 1.0 if dof == "trainable" else min(1.0, dof)
             rate = 3e-3 * min(1.0, batch_size / 1024) * heavy_tails
         if self.learning_rate_decay is None:
             return rate
