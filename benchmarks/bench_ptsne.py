@@ -138,7 +138,8 @@ def main():
     rows = []
     for name in args.datasets:
         x_train, y_train, x_test, y_test = load(args.data, name, args.train, args.test)
-        p = knn_affinities(x_train, 30.0, seed=args.seed)[0] if args.kl else None
+        perplexity = ParametricTSNE().perplexity  # the default the KL is measured under
+        p = knn_affinities(x_train, perplexity, seed=args.seed)[0] if args.kl else None
         runs = []
         for method in args.methods:
             if method == "ptsne":
