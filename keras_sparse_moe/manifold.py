@@ -140,8 +140,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
     layer-normalised by default, a linear `n_components` output) is trained
     to minimise the t-SNE loss `KL(P ‖ Q)` (`keras_sparse_moe.ops.tsne`), so
     that, unlike t-SNE, `transform` places new points without re-optimising.
-    Follows
-    scikit-learn's conventions (`fit` returns self, `transform`,
+    Follows scikit-learn's conventions (`fit` returns self, `transform`,
     `fit_transform`, `get_params` / `set_params`); `network` is an ordinary
     Keras model (`.keras` save, SavedModel export).
 

@@ -88,6 +88,18 @@ def test_default_learning_rate_shrinks_for_small_batches_and_heavy_tails():
     assert fixed._learning_rate(256, 0.5, total_steps=100) == 1e-2
 
 
+@pytest.mark.parametrize("normalization", ["layer", None])
+def test_normalization_follows_each_hidden_layer(normalization):
+    x = X[:64]
+    model = ksm.ParametricTSNE(hidden=(16, 8), normalization=normalization, seed=0)
+    kinds = [type(layer).__name__ for layer in model._build_network(x, (16, 8)).layers]
+    dense = [i for i, kind in enumerate(kinds) if kind == "Dense"]
+    assert len(dense) == 3  # two hidden layers and the linear embedding
+    follows = [kinds[i + 1] == "LayerNormalization" for i in dense[:-1]]
+    assert follows == [normalization == "layer"] * 2
+    assert kinds.count("LayerNormalization") == (2 if normalization else 0)
+
+
 def test_sklearn_conventions():
     model = ksm.ParametricTSNE(**SMALL)
     assert model.get_params()["perplexity"] == 10.0
