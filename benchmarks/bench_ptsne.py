@@ -193,7 +193,7 @@ def main():
                 rows.append((name, label, knn, None, trust, None, None))
     print(
         f"\ntrain {args.train}, test {args.test}, epochs {args.epochs}, seed {args.seed}, "
-        f"training map's trustworthiness on {args.train_sample} sampled points\n"
+        f"training map's trustworthiness on {max(args.train_sample, 0)} sampled points at most\n"
     )
     kl_head, kl_rule = (" KL (training map) |", "---|") if args.kl else ("", "")
     trust_head = "trust. (k=5, test points) | trust. (training map)"
