@@ -54,6 +54,9 @@ BISECTION_STEPS = 64
 P_FLOOR = 1e-12
 """Smallest joint affinity between two different points."""
 
+DIRECT_MAX_DIM = 8
+"""Widest rows whose pairwise distances are taken from differences, not the Gram form."""
+
 # Bracket of log β for distances scaled to a mean of 1 per row.
 _LOG_BETA_LOW, _LOG_BETA_HIGH = -20.0, 30.0
 
@@ -98,14 +101,25 @@ def check_dof(dof, n_components, owner):
 
 
 def squared_distances(x):
-    """`(n, n)` float32 squared Euclidean distances between the rows of `x`; zero diagonal."""
+    """`(n, n)` float32 squared Euclidean distances between the rows of `x`; zero diagonal.
+
+    Rows of at most `DIRECT_MAX_DIM` features (embeddings) are differenced
+    pair by pair, which is exact at any scale; wider rows go through the Gram
+    form `‖a‖² + ‖b‖² − 2 a·b`, whose float32 rounding grows with the
+    squared norms: on a 2-D map of spread 233 it zeroed 5% of the distances
+    between points 0.35 apart (and their attraction with them).
+    """
     x = ops.cast(x, "float32")
+    features = x.shape[1:]  # static, before a reshape with a dynamic batch can hide it
     x = ops.reshape(x, (ops.shape(x)[0], -1))
+    off_diagonal = 1.0 - ops.eye(ops.shape(x)[0], dtype="float32")
+    if None not in features and math.prod(features) <= DIRECT_MAX_DIM:
+        difference = ops.expand_dims(x, 1) - ops.expand_dims(x, 0)
+        return ops.sum(ops.square(difference), axis=-1) * off_diagonal
     # Centred first: the Gram form loses what the norms' float32 rounding hides.
     x = x - ops.mean(x, axis=0, keepdims=True)
     sq = ops.sum(ops.square(x), axis=1)
     d = ops.expand_dims(sq, 1) + ops.expand_dims(sq, 0) - 2.0 * ops.matmul(x, ops.transpose(x))
-    off_diagonal = 1.0 - ops.eye(ops.shape(x)[0], dtype="float32")
     return ops.maximum(d, 0.0) * off_diagonal
 
 

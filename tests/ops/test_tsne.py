@@ -28,11 +28,25 @@ def test_calibrated_rows_hit_the_target_perplexity(perplexity):
     np.testing.assert_allclose(_row_entropy(p.astype("float64")), np.log(perplexity), atol=1e-5)
 
 
-def test_squared_distances_match_numpy():
-    d = to_numpy(tsne.squared_distances(X[:20]))
-    ref = ((X[:20, None, :] - X[None, :20, :]) ** 2).sum(-1)
+@pytest.mark.parametrize("width", [2, tsne.DIRECT_MAX_DIM + 4])  # differences, Gram form
+def test_squared_distances_match_numpy(width):
+    x = np.concatenate([X[:20], X[20:40]], axis=1)[:, :width]
+    d = to_numpy(tsne.squared_distances(x))
+    ref = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     np.testing.assert_allclose(d, ref, rtol=1e-4, atol=1e-2)
     assert np.all(np.diag(d) == 0)
+
+
+def test_squared_distances_of_a_wide_map_keep_close_pairs_exact():
+    # A 2-D map of spread 500: the Gram form's rounding (~0.04 here) would swamp,
+    # or zero, the distances between neighbours 0.35 apart.
+    rng = np.random.default_rng(1)
+    a = 500.0 * rng.normal(size=(64, 2))
+    y = np.concatenate([a, a + 0.25 * rng.normal(size=(64, 2))]).astype("float32")
+    d = np.diagonal(to_numpy(tsne.squared_distances(y))[:64, 64:])
+    y64 = y.astype("float64")
+    ref = ((y64[:64] - y64[64:]) ** 2).sum(-1)
+    np.testing.assert_allclose(d, ref, rtol=1e-3, atol=1e-6)
 
 
 def test_joint_affinities_are_symmetric_and_sum_to_one():
