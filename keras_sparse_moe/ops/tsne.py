@@ -113,11 +113,12 @@ def squared_distances(x):
     """
     x = ops.cast(x, "float32")
     features = x.shape[1:]  # static, before a reshape with a dynamic batch can hide it
+    width = None if None in features else math.prod(features)
     x = ops.reshape(x, (ops.shape(x)[0], -1))
     off_diagonal = 1.0 - ops.eye(ops.shape(x)[0], dtype="float32")
-    if None not in features and math.prod(features) <= DIRECT_MAX_DIM:
+    if width is not None and width <= DIRECT_MAX_DIM:
         d = 0.0
-        for k in range(math.prod(features)):  # column by column: no (n, n, d) tensor
+        for k in range(width):  # column by column: no (n, n, d) tensor
             column = x[:, k]
             d = d + ops.square(ops.expand_dims(column, 1) - ops.expand_dims(column, 0))
         return d * off_diagonal
