@@ -167,7 +167,12 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         early_exaggeration: Factor on the attraction during the first
             `exaggeration_epochs` epochs (1 or None: off).
         exaggeration_epochs: Epochs of early exaggeration.
-        epochs: Default number of training epochs for `fit`.
+        epochs: Default number of training epochs for `fit`. 240: on all of
+            MNIST and Fashion-MNIST the training map's trustworthiness then
+            passes the published parametric t-SNE's (0.973 and 0.984 against
+            0.966 and 0.983), where 60 epochs stay 0.002-0.003 below it. An
+            epoch is `len(x)` points through the network: about 5 s for
+            60,000 MNIST images on a 2-core CPU (JAX), 20 minutes in all.
         batch_size: Points per batch (anchors and neighbours in global mode).
         learning_rate: Adam's (initial) learning rate; None:
             `3e-3 · min(1, batch_size / 1024) · min(1, dof)`. At 3e-3 on MNIST,
@@ -208,7 +213,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         affinities="global",
         early_exaggeration=None,
         exaggeration_epochs=0,
-        epochs=30,
+        epochs=240,
         batch_size=1024,
         learning_rate=None,
         learning_rate_decay="cosine",
