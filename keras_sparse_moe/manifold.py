@@ -171,8 +171,8 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
             MNIST and Fashion-MNIST the training map's trustworthiness then
             passes the published parametric t-SNE's (0.973 and 0.984 against
             0.966 and 0.983), where 60 epochs stay 0.002-0.003 below it. An
-            epoch is `len(x)` points through the network: about 5 s for
-            60,000 MNIST images on a 2-core CPU (JAX), 20 minutes in all.
+            epoch is `len(x)` points through the network: 5-15 s for 60,000
+            MNIST images on the 2-core CPUs measured (JAX), 20-60 minutes in all.
         batch_size: Points per batch (anchors and neighbours in global mode).
         learning_rate: Adam's (initial) learning rate; None:
             `3e-3 · min(1, batch_size / 1024) · min(1, dof)`. At 3e-3 on MNIST,
