@@ -11,6 +11,10 @@ fit and transform. With `--kl`, also the exact t-SNE loss `KL(P‖Q)` of each
 method's map of the training points, under the same `P`
 (`keras_sparse_moe.manifold.knn_affinities`, perplexity 30): how well each
 optimised the objective itself (O(n²) time; about 30 s at 60,000 points).
+With `--scales`, the training map's trustworthiness also at k=15 and k=50
+and its 5-NN recall (the share of each point's 5 nearest neighbours in the
+input that are among its 5 nearest on the map): at which scale a map keeps
+or loses its neighbourhoods.
 Peers, measured the same way in the same run:
 - openTSNE (fits the training set, `transform` places the test points);
 - scikit-learn's `TSNE` fitted on the test points themselves (not parametric:
@@ -20,7 +24,7 @@ Peers come from the `bench` extra: `pip install -e ".[bench]"`.
 
     python benchmarks/bench_ptsne.py --data ../shared/data [--datasets mnist fashion_mnist]
         [--train 60000] [--test 10000] [--epochs 240] [--methods ptsne opentsne sklearn]
-        [--variants default batch ...] [--train-sample 10000] [--kl]
+        [--variants default batch ...] [--train-sample 10000] [--kl] [--scales]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import time
 import numpy as np
 from sklearn.manifold import trustworthiness
 from sklearn.model_selection import cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from keras_sparse_moe import ParametricTSNE
 from keras_sparse_moe.manifold import knn_affinities
@@ -75,12 +79,24 @@ def score(train_emb, y_train, test_emb, y_test, x_test):
     return knn, trustworthiness(x_test.reshape(len(x_test), -1), test_emb, n_neighbors=5)
 
 
-def train_trust(x_train, train_emb, sample):
-    """Trustworthiness (k=5) of the training map on the rows `sample` (None: not measured)."""
+# Neighbourhood sizes of `--scales` beyond k=5, and the k of the recall.
+SCALES = (15, 50)
+RECALL_K = 5
+
+
+def train_trust(x_train, train_emb, sample, scales=()):
+    """The training map on the rows `sample`: trustworthiness at k=5, then at each of `scales`,
+    then (with `scales`) the `RECALL_K`-NN recall. None when not measured."""
     if train_emb is None or sample is None:
         return None
     x = x_train[sample].reshape(len(sample), -1)
-    return trustworthiness(x, np.asarray(train_emb)[sample], n_neighbors=5)
+    emb = np.asarray(train_emb)[sample]
+    figures = [trustworthiness(x, emb, n_neighbors=k) for k in (5, *scales)]
+    if scales:
+        near = [NearestNeighbors(n_neighbors=RECALL_K).fit(v).kneighbors() for v in (x, emb)]
+        (_, high), (_, low) = near
+        figures.append(float(np.mean(high[:, :, None] == low[:, None, :]) * RECALL_K))
+    return figures
 
 
 def exact_kl(p, embedding, block=1000):
@@ -155,6 +171,11 @@ def main():
         help="training points whose map's trustworthiness is measured (0: none)",
     )
     parser.add_argument("--kl", action="store_true", help="also the exact KL of each training map")
+    parser.add_argument(
+        "--scales",
+        action="store_true",
+        help=f"also the training map's trustworthiness at k={SCALES} and its {RECALL_K}-NN recall",
+    )
     args = parser.parse_args()
     print(f"# {platform.node()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
     rows = []
@@ -185,16 +206,18 @@ def main():
                 continue
             seconds = time.perf_counter() - start
             knn, trust = score(train_emb, y_train, test_emb, y_test, x_test)
-            fitted = train_trust(x_train, train_emb, sample)
+            fitted = train_trust(x_train, train_emb, sample, SCALES if args.scales else ())
             kl = None if p is None or train_emb is None else exact_kl(p, train_emb)
             rows.append((name, label, knn, trust, fitted, seconds, kl))
-            fitted_text = "" if fitted is None else f"  trust(train) {fitted:.3f}"
+            fitted_text = (
+                "" if fitted is None else "  trust(train) " + " ".join(f"{v:.3f}" for v in fitted)
+            )
             kl_text = "" if kl is None else f"  KL {kl:.3f}"
             quality = f"1-NN {knn:.3f}  trust {trust:.3f}{fitted_text}{kl_text}"
             print(f"{name:14s} {label:36s} {quality}  {seconds:7.1f} s")
         for (dataset, label), (knn, trust) in ANCHORS.items():
             if dataset == name:
-                rows.append((name, label, knn, None, trust, None, None))
+                rows.append((name, label, knn, None, [trust], None, None))
     print(
         f"\ntrain {args.train}, test {args.test}, epochs {args.epochs or ParametricTSNE().epochs}, "
         f"seed {args.seed}, "
@@ -202,13 +225,18 @@ def main():
     )
     kl_head, kl_rule = (" KL (training map) |", "---|") if args.kl else ("", "")
     trust_head = "trust. (k=5, test points) | trust. (training map)"
-    print(f"| data | method | 1-NN | {trust_head} |{kl_head} wall time |")
-    print(f"|---|---|---|---|---|{kl_rule}---|")
+    scale_heads = [f"trust. k={k} (training map)" for k in SCALES] + [f"{RECALL_K}-NN recall"]
+    columns = 1 + len(scale_heads) if args.scales else 1  # training-map figures
+    scale_head = "".join(f" {head} |" for head in scale_heads) if args.scales else ""
+    print(f"| data | method | 1-NN | {trust_head} |{scale_head}{kl_head} wall time |")
+    print(f"|---|---|---|---|---|{'---|' * (columns - 1)}{kl_rule}---|")
     for name, label, knn, trust, fitted, seconds, kl in rows:
         wall = "-" if seconds is None else f"{seconds:.0f} s"
-        trust_cell, fitted_cell = ("-" if v is None else f"{v:.3f}" for v in (trust, fitted))
+        fitted = (fitted or []) + [None] * (columns - len(fitted or []))
+        trust_cell = "-" if trust is None else f"{trust:.3f}"
+        fitted_cells = "".join(" - |" if v is None else f" {v:.3f} |" for v in fitted)
         kl_cell = "" if not args.kl else (" - |" if kl is None else f" {kl:.3f} |")
-        print(f"| {name} | {label} | {knn:.3f} | {trust_cell} | {fitted_cell} |{kl_cell} {wall} |")
+        print(f"| {name} | {label} | {knn:.3f} | {trust_cell} |{fitted_cells}{kl_cell} {wall} |")
 
 
 if __name__ == "__main__":
