@@ -21,10 +21,13 @@ Peers, measured the same way in the same run:
   an upper reference for trustworthiness; 1-NN by leave-one-out on the test set);
 - umap-learn's `ParametricUMAP`, when it imports.
 Peers come from the `bench` extra: `pip install -e ".[bench]"`.
+With `--backup DIR`, a long ParametricTSNE fit backs itself up after every
+epoch (`keras.callbacks.BackupAndRestore`); the same command run again after an
+interruption resumes it, and its wall time is the sum of the runs.
 
     python benchmarks/bench_ptsne.py --data ../shared/data [--datasets mnist fashion_mnist]
         [--train 60000] [--test 10000] [--epochs 240] [--methods ptsne opentsne sklearn]
-        [--variants default batch ...] [--train-sample 10000] [--kl] [--scales]
+        [--variants default batch ...] [--train-sample 10000] [--kl] [--scales] [--backup DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import platform
 import sys
 import time
 
+import keras
 import numpy as np
 from sklearn.manifold import trustworthiness
 from sklearn.model_selection import cross_val_score
@@ -117,12 +121,45 @@ def exact_kl(p, embedding, block=1000):
     return float(np.sum(p.data * (np.log(p.data) + np.log1p(d2))) + np.log(z))
 
 
-def run_ptsne(args, variant, x_train, x_test):
+class FitSeconds(keras.callbacks.Callback):
+    """Training seconds summed over the runs of a resumed fit (`--backup`), kept in the file `path`.
+
+    Written at each epoch's end, as `BackupAndRestore` saves: an epoch cut short is redone and
+    counted once. `earlier` is what the runs before this one took.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.earlier = float(open(path).read()) if os.path.exists(path) else 0.0
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        with open(self.path, "w") as file:
+            file.write(str(self.earlier + time.perf_counter() - self.start))
+
+    def on_train_end(self, logs=None):  # finished: the next run starts afresh, as the backup's
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def run_ptsne(args, variant, name, x_train, x_test):
+    """Fits and embeds; returns the two maps and the seconds of earlier runs of a resumed fit."""
     options = {"seed": args.seed, "verbose": 2, **VARIANTS[variant]}
     if args.epochs is not None:
         options["epochs"] = args.epochs
-    model = ParametricTSNE(**options).fit(x_train)
-    return model.transform(x_train), model.transform(x_test)
+    model, callbacks, earlier = ParametricTSNE(**options), [], 0.0
+    if args.backup:
+        run = f"{name}-{variant}-{len(x_train)}-{model.epochs}-seed{args.seed}"
+        seconds = FitSeconds(os.path.join(args.backup, f"{run}.seconds"))
+        callbacks = [keras.callbacks.BackupAndRestore(os.path.join(args.backup, run)), seconds]
+        earlier = seconds.earlier
+        if earlier:
+            print(f"{run}: resuming from {args.backup} ({earlier:.0f} s of training before)")
+    model.fit(x_train, callbacks=callbacks)
+    return model.transform(x_train), model.transform(x_test), earlier
 
 
 def run_opentsne(args, x_train, x_test):
@@ -176,6 +213,12 @@ def main():
         action="store_true",
         help=f"also the training map's trustworthiness at k={SCALES} and its {RECALL_K}-NN recall",
     )
+    parser.add_argument(
+        "--backup",
+        default=None,
+        help="folder where ParametricTSNE's fit backs itself up each epoch: run the same "
+        "command again after an interruption to resume (wall time sums the runs)",
+    )
     args = parser.parse_args()
     print(f"# {platform.node()} {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
     rows = []
@@ -197,14 +240,15 @@ def main():
         for label, fn, variant in runs:
             start = time.perf_counter()
             try:
+                earlier = 0.0
                 if variant is None:
                     train_emb, test_emb = fn(args, x_train, x_test)
                 else:
-                    train_emb, test_emb = fn(args, variant, x_train, x_test)
+                    train_emb, test_emb, earlier = fn(args, variant, name, x_train, x_test)
             except ImportError as error:
                 print(f"{label}: skipped ({error})")
                 continue
-            seconds = time.perf_counter() - start
+            seconds = earlier + time.perf_counter() - start
             knn, trust = score(train_emb, y_train, test_emb, y_test, x_test)
             fitted = train_trust(x_train, train_emb, sample, SCALES if args.scales else ())
             kl = None if p is None or train_emb is None else exact_kl(p, train_emb)

@@ -329,6 +329,11 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         `epochs`, `batch_size` and `verbose` override the constructor's for this
         call; `callbacks` are Keras callbacks (e.g. `TensorBoard`) given to the
         training's `fit`, whose `model` is a trainer wrapping `self.network`.
+        A long fit survives interruptions with
+        `callbacks=[keras.callbacks.BackupAndRestore(folder)]`: calling `fit`
+        again with the same data, arguments and folder resumes at the last
+        finished epoch, with the network, the optimiser's state and the
+        learning-rate schedule where they were (the batches are drawn afresh).
         """
         dof, hidden, exaggeration = self._check_params()
         x = np.asarray(x, dtype="float32")
@@ -361,6 +366,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         trainer = _TSNETrainer(
             self.network, float(self.perplexity), dof, population, name="tsne_trainer"
         )
+        trainer(x[:1])  # built, so that `keras.callbacks.BackupAndRestore` can restore it
         rate = self._learning_rate(batch_size, dof, epochs * steps)
         trainer.compile(optimizer=keras.optimizers.Adam(rate))
         phases = [(0, epochs)]

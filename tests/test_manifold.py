@@ -120,6 +120,48 @@ def test_exaggeration_phase_and_trainable_dof():
     assert model.dof_ != 1.0 and np.isfinite(model.dof_)  # it was learned from 1
 
 
+class _Interrupted(Exception):
+    pass
+
+
+class _Record(keras.callbacks.Callback):
+    """Keeps the trainer's weights and step count at each epoch's end (and at the start);
+    raises `_Interrupted` after epoch `stop_after` (0-based), if given."""
+
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.stop_after, self.states = stop_after, []
+
+    def _keep(self):
+        step = int(to_numpy(self.model.optimizer.iterations))
+        self.states.append((step, [to_numpy(w).copy() for w in self.model.network.weights]))
+
+    def on_train_begin(self, logs=None):
+        self._keep()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._keep()
+        if epoch == self.stop_after:
+            raise _Interrupted
+
+
+def test_an_interrupted_fit_resumes_with_backup_and_restore(tmp_path):
+    folder = os.path.join(tmp_path, "backup")
+    model = ksm.ParametricTSNE(**{**SMALL, "epochs": 5})
+    first = _Record(stop_after=1)
+    with pytest.raises(_Interrupted):
+        model.fit(X[:512], callbacks=[keras.callbacks.BackupAndRestore(folder), first])
+    again = _Record()
+    model.fit(X[:512], callbacks=[keras.callbacks.BackupAndRestore(folder), again])
+    (step, weights), (resumed_step, resumed) = first.states[-1], again.states[0]
+    assert step == 2 * (512 // 128) and resumed_step == step  # the schedule goes on from there
+    for saved, restored in zip(weights, resumed):
+        np.testing.assert_array_equal(restored, saved)
+    assert len(model.history_["loss"]) == 3  # epochs 3 to 5
+    assert again.states[-1][0] == 5 * (512 // 128)
+    assert not os.path.exists(folder)  # a finished fit leaves no backup
+
+
 def test_network_saves_and_exports(tmp_path):
     model = ksm.ParametricTSNE(**SMALL).fit(X[:300])
     path = os.path.join(tmp_path, "ptsne.keras")
