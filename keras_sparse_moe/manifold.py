@@ -98,6 +98,20 @@ class _NeighbourBatches(keras.utils.PyDataset):
         return self.x[batch], batch.astype("int32")  # the points' ids: "y" of the loss
 
 
+class _ExaggerationSchedule(keras.callbacks.Callback):
+    """Sets the trainer's `exaggeration` as each epoch starts: `factor` for `epochs` epochs, then 1.
+
+    One `fit` for both phases, so that `keras.callbacks.BackupAndRestore` resumes either.
+    """
+
+    def __init__(self, factor, epochs):
+        super().__init__()
+        self.factor, self.epochs = factor, epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.exaggeration.assign(self.factor if epoch < self.epochs else 1.0)
+
+
 class _TSNETrainer(keras.Model):
     """The network plus the t-SNE loss (and a trainable `dof` when asked).
 
@@ -369,19 +383,12 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         trainer(x[:1])  # built, so that `keras.callbacks.BackupAndRestore` can restore it
         rate = self._learning_rate(batch_size, dof, epochs * steps)
         trainer.compile(optimizer=keras.optimizers.Adam(rate))
-        phases = [(0, epochs)]
-        boost = min(self.exaggeration_epochs, epochs) if exaggeration > 1 else 0
-        if boost:
-            phases = [(0, boost), (boost, epochs)] if boost < epochs else [(0, epochs)]
-        history = {}
-        for i, (start, stop) in enumerate(phases):
-            trainer.exaggeration.assign(exaggeration if boost and i == 0 else 1.0)
-            run = trainer.fit(
-                **data, initial_epoch=start, epochs=stop, verbose=verbose, callbacks=callbacks
-            )
-            for key, values in run.history.items():
-                history.setdefault(key, []).extend(values)
-        self.history_ = history
+        boost = self.exaggeration_epochs if exaggeration > 1 else 0
+        schedule = _ExaggerationSchedule(exaggeration, boost)
+        run = trainer.fit(
+            **data, epochs=epochs, verbose=verbose, callbacks=[schedule, *(callbacks or [])]
+        )
+        self.history_ = dict(run.history)
         self.dof_ = float(np.exp(ops.convert_to_numpy(trainer.log_dof)))
         self.n_features_in_ = int(np.prod(x.shape[1:]))
         return self

@@ -111,26 +111,17 @@ def test_sklearn_conventions():
     assert model.n_features_in_ == 64
 
 
-def test_exaggeration_phase_and_trainable_dof():
-    model = ksm.ParametricTSNE(
-        **{**SMALL, "epochs": 4}, early_exaggeration=4.0, exaggeration_epochs=2, dof="trainable"
-    )
-    model.fit(X[:300])
-    assert len(model.history_["loss"]) == 4
-    assert model.dof_ != 1.0 and np.isfinite(model.dof_)  # it was learned from 1
-
-
 class _Interrupted(Exception):
     pass
 
 
 class _Record(keras.callbacks.Callback):
-    """Keeps the trainer's weights and step count at each epoch's end (and at the start);
-    raises `_Interrupted` after epoch `stop_after` (0-based), if given."""
+    """Keeps the trainer's step count and weights at the start and each epoch's end, and the
+    exaggeration each epoch ran with; raises `_Interrupted` after epoch `stop_after` (0-based)."""
 
     def __init__(self, stop_after=None):
         super().__init__()
-        self.stop_after, self.states = stop_after, []
+        self.stop_after, self.states, self.exaggerations = stop_after, [], []
 
     def _keep(self):
         step = int(to_numpy(self.model.optimizer.iterations))
@@ -141,13 +132,27 @@ class _Record(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._keep()
+        self.exaggerations.append(float(to_numpy(self.model.exaggeration)))
         if epoch == self.stop_after:
             raise _Interrupted
 
 
+def test_exaggeration_phase_and_trainable_dof():
+    model = ksm.ParametricTSNE(
+        **{**SMALL, "epochs": 4}, early_exaggeration=4.0, exaggeration_epochs=2, dof="trainable"
+    )
+    record = _Record()
+    model.fit(X[:300], callbacks=[record])
+    assert record.exaggerations == [4.0, 4.0, 1.0, 1.0]  # as each epoch ran
+    assert len(model.history_["loss"]) == 4
+    assert model.dof_ != 1.0 and np.isfinite(model.dof_)  # it was learned from 1
+
+
 def test_an_interrupted_fit_resumes_with_backup_and_restore(tmp_path):
     folder = os.path.join(tmp_path, "backup")
-    model = ksm.ParametricTSNE(**{**SMALL, "epochs": 5})
+    model = ksm.ParametricTSNE(
+        **{**SMALL, "epochs": 5}, early_exaggeration=4.0, exaggeration_epochs=3
+    )
     first = _Record(stop_after=1)
     with pytest.raises(_Interrupted):
         model.fit(X[:512], callbacks=[keras.callbacks.BackupAndRestore(folder), first])
@@ -158,6 +163,7 @@ def test_an_interrupted_fit_resumes_with_backup_and_restore(tmp_path):
     for saved, restored in zip(weights, resumed):
         np.testing.assert_array_equal(restored, saved)
     assert len(model.history_["loss"]) == 3  # epochs 3 to 5
+    assert first.exaggerations == [4.0, 4.0] and again.exaggerations == [4.0, 1.0, 1.0]
     assert again.states[-1][0] == 5 * (512 // 128)
     assert not os.path.exists(folder)  # a finished fit leaves no backup
 
