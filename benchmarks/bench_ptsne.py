@@ -131,7 +131,10 @@ class FitSeconds(keras.callbacks.Callback):
     def __init__(self, path):
         super().__init__()
         self.path = path
-        self.earlier = float(open(path).read()) if os.path.exists(path) else 0.0
+        self.earlier = 0.0
+        if os.path.exists(path):
+            with open(path) as file:
+                self.earlier = float(file.read())
 
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
