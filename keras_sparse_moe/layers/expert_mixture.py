@@ -10,11 +10,12 @@ from keras_sparse_moe import _runtime, losses, topologies
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
 from keras_sparse_moe.layers.sparse_kernel import IMPLEMENTATIONS
-from keras_sparse_moe.ops import dispatch
+from keras_sparse_moe.ops import dispatch as dispatch_ops
 
-__all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "SparseExpertMixture"]
+__all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "DISPATCH_MODES", "SparseExpertMixture"]
 
 OWNER = "SparseExpertMixture"
+DISPATCH_MODES = ("auto", "all")
 
 
 def _selected(routing, index, num_experts):
@@ -132,17 +133,23 @@ class SparseExpertMixture(keras.layers.Layer):
     experts' output is linear). Experts ending in a softmax instead mix
     probabilities: a mixture of the experts' distributions.
 
-    **Dispatch.** Without `capacity_factor` every expert sees every token and
-    unselected experts are weighted by zero (the simple path, best for small
-    E). With `top_k` and `capacity_factor`, tokens are dispatched to fixed-size
-    expert buffers of `ceil(capacity_factor * top_k * tokens / E)` slots
-    (`keras_sparse_moe.ops.dispatch`): static shapes, compiled by XLA, and the
-    expert work grows with `top_k / E`. Assignments beyond capacity are
-    dropped and counted in `overflow_counts`; when capacity suffices both
-    paths give the same output. Capacity applies in training only: inference
-    (`predict`, `evaluate`, an exported SavedModel) drops nothing, so a
-    token's output does not depend on the other tokens of its batch (nor on
-    the batch size, which may be unknown when exporting).
+    **Dispatch.** With `top_k`, each token goes to its `top_k` experts and
+    each expert computes exactly the tokens sent to it: the (token, choice)
+    pairs are sorted by expert into blocks of rows, each block is one matmul
+    with its expert's weights, and the outputs are combined with the gate
+    weights (`keras_sparse_moe.ops.dispatch.group_plan`). Nothing is dropped,
+    shapes stay static (at most `tokens * top_k + E * (block - 1)` rows), so
+    it compiles under XLA, the expert work grows with `top_k / E`, and a
+    token's output never depends on the other tokens of its batch. This is
+    the path at inference (`predict`, `evaluate`, exported models) and in
+    training. With `capacity_factor`, training instead sends tokens to
+    fixed-size expert buffers of `ceil(capacity_factor * top_k * tokens / E)`
+    slots (`dispatch_plan`): assignments beyond capacity are dropped and
+    counted in `overflow_counts`; when capacity suffices both paths give the
+    same output. Without `top_k`, with user `experts` or with
+    `implementation="sparse"`, every expert computes every token and the
+    unselected ones are weighted by zero (`dispatch_path()` says which path a
+    call takes).
 
     **Balancing losses.** `balance_losses` names losses of
     `keras_sparse_moe.losses` with weights; in training each weighted loss, and
@@ -170,8 +177,12 @@ class SparseExpertMixture(keras.layers.Layer):
             `Dense` layer.
         top_k: Experts per token, in `[1, num_experts]`; default: the gate's own
             `k` (`NoisyTopKGate`) or None (every expert).
-        capacity_factor: Positive float; with `top_k`, use the capacity
-            dispatch with this slack (1.0 = exactly the average load).
+        capacity_factor: Positive float; with `top_k`, training uses the
+            capacity dispatch with this slack (1.0 = exactly the average load).
+        dispatch: `"auto"` (default: with `top_k`, each expert computes only
+            its tokens) or `"all"` (every expert computes every token and the
+            unselected ones are weighted by zero: the same output, the
+            baseline of `benchmarks/bench_moe_vs_dense.py`).
         balance_losses: Dict `{loss name: weight}` with names from
             `BALANCE_LOSSES` (`"batch_entropy"`, `"sample_entropy"`,
             `"batch_variance"`, `"sample_variance"`, `"importance_cv2"`,
@@ -225,6 +236,7 @@ class SparseExpertMixture(keras.layers.Layer):
         kernel_initializer="he_uniform",
         seed=None,
         implementation="masked",
+        dispatch="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -334,6 +346,12 @@ class SparseExpertMixture(keras.layers.Layer):
                 )
             capacity_factor = float(capacity_factor)
         self.capacity_factor = capacity_factor
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(
+                f"`{OWNER}` got an invalid `dispatch`. Expected one of {DISPATCH_MODES}. "
+                f"Received: dispatch={dispatch!r}"
+            )
+        self.dispatch = dispatch
         self.balance_losses = balance_losses
         self.balance_weights = _check_balance_losses(balance_losses, self.gate)
 
@@ -391,7 +409,7 @@ class SparseExpertMixture(keras.layers.Layer):
         routing = self.gate.route(source, training=training)
         if self.top_k is None:
             return routing, routing.gates, None
-        weights, index = dispatch.top_k_weights(routing.gates, self.top_k)
+        weights, index = dispatch_ops.top_k_weights(routing.gates, self.top_k)
         return routing, weights, index
 
     def _dense_weights(self, weights, index):
@@ -430,21 +448,41 @@ class SparseExpertMixture(keras.layers.Layer):
         bank = self.expert_bank
         tokens = bank.tokens(inputs)
         routing, weights, index = self._route(tokens, gate_inputs, training)
-        if self.capacity_factor is None or not training:
+        path = self.dispatch_path(training)
+        if path == "grouped":
+            plan = dispatch_ops.group_plan(
+                index,
+                self.num_experts,
+                dispatch_ops.group_block(tokens.shape[0], self.top_k, self.num_experts),
+            )
+            rows = bank.on_groups(tokens, plan, index, training)
+            outputs = dispatch_ops.combine_rows(rows, plan, weights)
+        elif path == "capacity":
+            outputs, kept = self._dispatched(tokens, weights, index, training)
+            dropped = ops.sum(1.0 - ops.cast(kept, "float32"))
+            total = ops.cast(ops.size(kept), "float32")
+            self.overflow_counts.assign_add(ops.stack([dropped, total]))
+        else:
             # Which experts a token selected matters only to the routes.
             active = None
             if bank.has_routes and index is not None:
                 active = self._dense_weights(ops.ones_like(weights), index)
             outputs = bank.mix(tokens, self._dense_weights(weights, index), active, training)
-        else:
-            outputs, kept = self._dispatched(tokens, weights, index, training)
-            if training:
-                dropped = ops.sum(1.0 - ops.cast(kept, "float32"))
-                total = ops.cast(ops.size(kept), "float32")
-                self.overflow_counts.assign_add(ops.stack([dropped, total]))
         if training and self.loss_names:
             self._add_losses(routing, index)
         return bank.outputs(outputs, inputs)
+
+    def dispatch_path(self, training=False) -> str:
+        """How a call computes the experts: `"grouped"` (with `top_k`, each
+        expert computes exactly its tokens' rows: dropless), `"capacity"` (in
+        training with `capacity_factor`: fixed-size expert buffers) or `"all"`
+        (every expert on every token: no `top_k`, `dispatch="all"`, user
+        experts, or sparse storage)."""
+        if self.top_k is None or self.dispatch == "all":
+            return "all"
+        if training and self.capacity_factor is not None:
+            return "capacity"
+        return "grouped" if self.expert_bank.groups else "all"
 
     def _add_losses(self, routing, index):
         """Every weighted loss, the balancing ones and the gate's own, in one place."""
@@ -463,15 +501,15 @@ class SparseExpertMixture(keras.layers.Layer):
     def _dispatched(self, tokens, weights, index, training):
         """Capacity dispatch: each expert computes only its slots."""
         e = self.num_experts
-        capacity = dispatch.expert_capacity(
+        capacity = dispatch_ops.expert_capacity(
             ops.shape(tokens)[0], e, self.top_k, self.capacity_factor
         )
-        plan = dispatch.dispatch_plan(index, e, capacity)
-        slots = dispatch.gather_slots(tokens, plan)
+        plan = dispatch_ops.dispatch_plan(index, e, capacity)
+        slots = dispatch_ops.gather_slots(tokens, plan)
         slots = ops.reshape(slots, (e, -1) + tuple(slots.shape[1:]))
         outs = self.expert_bank.on_slots(slots, plan, index, training)
         outs = ops.reshape(outs, (-1,) + tuple(outs.shape[2:]))
-        return dispatch.combine(outs, plan, weights), plan.kept
+        return dispatch_ops.combine(outs, plan, weights), plan.kept
 
     # ------------------------------------------------------------------ #
     def compute_output_shape(self, inputs_shape, gate_inputs_shape=None):
@@ -522,6 +560,7 @@ class SparseExpertMixture(keras.layers.Layer):
             "kernel_initializer": initializers.serialize(self.kernel_initializer),
             "seed": self.seed,
             "implementation": self.implementation,
+            "dispatch": self.dispatch,
         }
 
     @classmethod

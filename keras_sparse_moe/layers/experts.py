@@ -9,6 +9,10 @@ holds:
 - `on_slots(slots, plan, index, training)`: each expert on its own
   `(E, capacity, ...)` slots only (the capacity dispatch);
 - `outputs(flat, inputs)`: the mixture's output shaped like its input.
+
+A bank whose `groups` is True also answers `on_groups(tokens, plan, index)`:
+each expert on exactly its own rows of the expert-sorted layout (the dropless
+dispatch of `keras_sparse_moe.ops.dispatch.group_plan`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from keras import ops
 
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers.sparse_dense import SparseDense
+from keras_sparse_moe.ops import dispatch
 from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
 
 __all__ = ["LayerExperts", "SparseExperts"]
@@ -252,16 +257,55 @@ class SparseExperts(keras.layers.Layer):
         """The routes' contribution to each slot: via the tokens' active hidden states."""
         e, h = self.num_experts, self.hidden_units
         flat = ops.reshape(hidden, (-1, h))
-        discard = ops.shape(flat)[0]
-        padded = ops.concatenate([flat, ops.zeros_like(flat[:1])], axis=0)
-        # (tokens, E): the slot holding each kept (token, expert) pair, else the zero row.
+        num_slots = ops.shape(flat)[0]
+        expert_of_slot = ops.arange(num_slots, dtype="int32") // plan.capacity
+        token_of_slot = ops.maximum(plan.token_of_slot, 0)
+        routed = self._row_routes(flat, plan.slot, token_of_slot, expert_of_slot, index)
+        return ops.reshape(routed, (e, -1, h))
+
+    def _row_routes(self, hidden, row_of_choice, token_of_row, expert_of_row, index):
+        """What the routes add to each row of `hidden` (`(rows, h)`, one (token,
+        expert) pair a row), from the hidden states of the experts each token
+        visited. `row_of_choice` (`(tokens, k)`) is the row of each choice, or
+        `rows` for a dropped one."""
+        e, h = self.num_experts, self.hidden_units
+        num_rows = ops.shape(hidden)[0]
+        padded = ops.concatenate([hidden, ops.zeros_like(hidden[:1])], axis=0)
+        # (tokens, E): the row holding each visited (token, expert) pair, else the zero row.
         chosen = ops.one_hot(index, e, dtype="int32")
-        slot_map = ops.sum(chosen * ops.expand_dims(plan.slot - discard, -1), axis=1) + discard
-        routed = self._routes(ops.take(padded, slot_map, axis=0))
-        expert_of_slot = ops.arange(discard, dtype="int32") // plan.capacity
-        rows = ops.maximum(plan.token_of_slot, 0) * e + expert_of_slot
-        picked = ops.take(ops.reshape(routed, (-1, h)), rows, axis=0)
-        return ops.reshape(picked, (e, -1, h))
+        row_map = ops.sum(chosen * ops.expand_dims(row_of_choice - num_rows, -1), axis=1)
+        routed = self._routes(ops.take(padded, row_map + num_rows, axis=0))
+        picked = ops.take(ops.reshape(routed, (-1, h)), token_of_row * e + expert_of_row, axis=0)
+        return picked
+
+    @property
+    def groups(self):
+        """True: `on_groups` (the dropless dispatch) is available. Masked storage
+        only: with sparse storage every contraction reads all experts' connections,
+        so the all-experts path is as cheap."""
+        return self.implementation == "masked"
+
+    def on_groups(self, tokens, plan, index, training=None):
+        """`(rows, units)` output of each row's expert on its token (`dispatch.GroupPlan`)."""
+        experts = dispatch.expert_of_row(plan)
+        rows = ops.take(tokens, plan.token_of_row, axis=0)
+        hidden = self._grouped_layer(self.expert_hidden, rows, self.hidden_units, plan, experts)
+        hidden = self.expert_hidden.activation(hidden)
+        if self.expert_routes is not None:
+            hidden = hidden + self._row_routes(
+                hidden, plan.row_of_choice, plan.token_of_row, experts, index
+            )
+        return self._grouped_layer(self.expert_output, hidden, self.units, plan, experts)
+
+    def _grouped_layer(self, layer, rows, width, plan, experts):
+        """`rows @ W_e + b_e` for each row's expert `e` (masked storage)."""
+        kernel = layer.dense_kernel()
+        kernel = ops.reshape(kernel, (kernel.shape[0], self.num_experts, width))
+        out = dispatch.grouped_matmul(rows, kernel, plan, expert_axis=1)
+        if layer.bias is not None:
+            bias = ops.reshape(layer.bias, (self.num_experts, width))
+            out = out + ops.take(bias, experts, axis=0)
+        return out
 
 
 class LayerExperts(keras.layers.Layer):
@@ -297,6 +341,7 @@ class LayerExperts(keras.layers.Layer):
         self.built = True
 
     has_routes = False
+    groups = False  # a user layer computes whole batches: no per-row dispatch
 
     @property
     def token_shape(self):

@@ -119,6 +119,39 @@ def test_capacity_dispatch_equals_dense_path_when_capacity_suffices(kind):
     assert dispatched.layers[0].overflow_fraction == 0.0
 
 
+@pytest.mark.parametrize("route_density", [None, 0.3])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_grouped_dispatch_equals_every_expert_weighted(top_k, route_density):
+    def model(dispatch):
+        layer = SparseExpertMixture(
+            top_k=top_k, route_density=route_density, dispatch=dispatch, **BUILTIN
+        )
+        m = keras.Sequential([keras.Input((10,)), layer])
+        m.compile(keras.optimizers.SGD(0.1), "mse")
+        return m
+
+    grouped, every = model("auto"), model("all")
+    _copy_weights(every.layers[0], grouped.layers[0])
+    assert grouped.layers[0].dispatch_path(True) == "grouped"
+    assert every.layers[0].dispatch_path(False) == "all"
+    for training in (False, True):
+        np.testing.assert_allclose(
+            to_numpy(grouped(X, training=training)),
+            to_numpy(every(X, training=training)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    # A token's output does not depend on its batch: one token at a time gives the same.
+    alone = np.concatenate([to_numpy(grouped(X[i : i + 1])) for i in range(0, 48, 7)])
+    np.testing.assert_allclose(alone, to_numpy(grouped(X[::7])), rtol=1e-5, atol=1e-6)
+    # The same gradients: one SGD step leaves the same weights.
+    target = RNG.standard_normal((48, 3)).astype("float32")
+    grouped.train_on_batch(X, target)
+    every.train_on_batch(X, target)
+    for a, b in zip(grouped.trainable_weights, every.trainable_weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
+
+
 def test_overflow_drops_assignments_and_is_counted():
     layer = SparseExpertMixture(top_k=2, capacity_factor=0.5, **BUILTIN)
     dense = SparseExpertMixture(top_k=2, **BUILTIN)
@@ -380,6 +413,11 @@ def test_invalid_arguments(kwargs, error, match):
         SparseExpertMixture(**kwargs)
 
 
+def test_invalid_dispatch():
+    with pytest.raises(ValueError, match="dispatch='sorted'"):
+        SparseExpertMixture(dispatch="sorted", **BUILTIN)
+
+
 def test_invalid_at_build():
     with pytest.raises(ValueError, match="equal output shapes"):
         SparseExpertMixture(experts=[keras.layers.Dense(3), keras.layers.Dense(4)])(X)
@@ -417,3 +455,58 @@ def test_evolved_routes_stay_between_experts(make):
     owner = np.arange(mask.shape[0]) // 16
     assert mask[owner[:, None] == owner[None, :]].sum() == 0
     assert routes.num_connections == count
+
+
+def _compiled_step_sizes(layer, tokens):
+    """Instructions in one gradient step of `layer` as XLA programs: `(as traced,
+    as optimized for the CPU)`."""
+    x = RNG.standard_normal((tokens, 16)).astype("float32")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss(trainable, non_trainable):
+            y, _ = layer.stateless_call(trainable, non_trainable, x, training=True)
+            return keras.ops.sum(y**2)
+
+        args = (
+            [v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables],
+        )
+        lowered = jax.jit(jax.grad(loss)).lower(*args)
+        texts = lowered.as_text(), lowered.compile().as_text()
+    else:
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def step(x):
+            with tf.GradientTape() as tape:
+                y = layer(x, training=True)
+                value = tf.reduce_sum(y**2)
+            return tape.gradient(value, layer.trainable_variables)
+
+        ir = step.experimental_get_compiler_ir(tf.constant(x))
+        texts = ir(stage="hlo"), ir(stage="optimized_hlo")
+    return tuple(sum(" = " in line for line in text.splitlines()) for text in texts)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_compiled_dispatch_does_not_grow_with_the_tokens(capacity_factor):
+    # A program that grows with the batch is unrolled or constant-folded per
+    # token: TensorFlow once took minutes to compile the capacity dispatch.
+    layer = SparseExpertMixture(
+        units=16,
+        num_experts=8,
+        expert_units=16,
+        top_k=2,
+        capacity_factor=capacity_factor,
+        route_density=0.2,
+        seed=0,
+    )
+    layer.build((None, 16))
+    path = layer.dispatch_path(training=True)
+    assert path == ("grouped" if capacity_factor is None else "capacity")
+    small, large = _compiled_step_sizes(layer, 64), _compiled_step_sizes(layer, 1024)
+    # Lowerings and fusion choices differ a little with the sizes (a few %);
+    # a per-token unrolling or folding would multiply the count by up to 16.
+    for before, after in zip(small, large):
+        assert after <= 1.25 * before, (path, small, large)

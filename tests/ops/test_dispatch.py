@@ -100,3 +100,74 @@ def test_top_k_matches_a_stable_sort_with_ties():
     expected = np.argsort(-values, axis=1, kind="stable")[:, :3]
     np.testing.assert_array_equal(got_index, expected)
     np.testing.assert_array_equal(got_values, np.take_along_axis(values, expected, axis=1))
+
+
+# ------------------------------------------------------------------------- #
+# Dropless grouped dispatch.
+
+
+def _reference_groups(index, num_experts, block):
+    """Rows by expert, then token order within an expert (assignment a = t * k + j),
+    each expert's group padded to whole blocks."""
+    n, k = index.shape
+    row_of_choice = np.zeros((n, k), dtype=int)
+    token_of_row, expert_of_block = [], []
+    for e in range(num_experts):
+        members = [(t, j) for t in range(n) for j in range(k) if index[t, j] == e]
+        for t, j in members:
+            row_of_choice[t, j] = len(token_of_row)
+            token_of_row.append(t)
+        pad = -len(members) % block
+        token_of_row += [0] * pad
+        expert_of_block += [e] * ((len(members) + pad) // block)
+    return row_of_choice, np.array(token_of_row), np.array(expert_of_block)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 40), num_experts=st.integers(1, 6), data=st.data())
+def test_group_plan_matches_reference(n, num_experts, data):
+    k = data.draw(st.integers(1, num_experts))
+    block = data.draw(st.sampled_from([1, 2, 4, 8]))
+    index = _random_index(
+        np.random.default_rng(data.draw(st.integers(0, 2**16))), n, k, num_experts
+    )
+    plan = dispatch.group_plan(index, num_experts, block)
+    row_of_choice, token_of_row, expert_of_block = _reference_groups(index, num_experts, block)
+    used = len(token_of_row)
+    rows = to_numpy(plan.token_of_row).shape[0]
+    # The layout has the static length promised, a whole number of blocks.
+    assert rows == (n * k + num_experts * (block - 1)) // block * block >= used
+    np.testing.assert_array_equal(to_numpy(plan.row_of_choice), row_of_choice)
+    np.testing.assert_array_equal(to_numpy(plan.token_of_row)[:used], token_of_row)
+    np.testing.assert_array_equal(to_numpy(plan.expert_of_block)[: used // block], expert_of_block)
+
+
+@pytest.mark.parametrize("expert_axis", [0, 1])
+@pytest.mark.parametrize("n, k, num_experts, block", [(1, 2, 16, 1), (37, 2, 5, 4), (64, 3, 4, 8)])
+def test_grouped_matmul_and_combine_match_every_expert_weighted(
+    n, k, num_experts, block, expert_axis
+):
+    rng = np.random.default_rng(n)
+    index = _random_index(rng, n, k, num_experts)
+    index[: n // 2, 0] = np.where(index[: n // 2, 1:].min(axis=1) > 0, 0, index[: n // 2, 0])
+    x = rng.standard_normal((n, 6)).astype("float32")
+    kernels = rng.standard_normal((num_experts, 6, 3)).astype("float32")
+    weights = rng.random((n, k)).astype("float32")
+    plan = dispatch.group_plan(index, num_experts, block)
+    rows = x[to_numpy(plan.token_of_row)]
+    stacked = kernels if expert_axis == 0 else kernels.transpose(1, 0, 2)
+    out = dispatch.grouped_matmul(rows, stacked, plan, expert_axis=expert_axis)
+    got = to_numpy(dispatch.combine_rows(out, plan, weights))
+    every = np.einsum("nd,edu->neu", x, kernels)  # every expert on every token
+    expected = np.einsum("nk,nku->nu", weights, np.take_along_axis(every, index[..., None], 1))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tokens, k, experts, block",
+    [(1, 2, 16, 1), (4096, 2, 16, 64), (1024, 2, 10, 32), (512, 2, 64, 4), (None, 2, 8, 8)],
+)
+def test_group_block_keeps_padding_small(tokens, k, experts, block):
+    assert dispatch.group_block(tokens, k, experts) == block
+    if tokens is not None:
+        assert experts * (block - 1) <= tokens * k // 4
