@@ -18,6 +18,7 @@ dispatch of `keras_sparse_moe.ops.dispatch.group_plan`).
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_sparse_moe import topologies
@@ -291,11 +292,36 @@ class SparseExperts(keras.layers.Layer):
         rows = ops.take(tokens, plan.token_of_row, axis=0)
         hidden = self._grouped_layer(self.expert_hidden, rows, self.hidden_units, plan, experts)
         hidden = self.expert_hidden.activation(hidden)
-        if self.expert_routes is not None:
-            hidden = hidden + self._row_routes(
-                hidden, plan.row_of_choice, plan.token_of_row, experts, index
-            )
+        if self.expert_routes is not None and index.shape[-1] > 1:
+            hidden = hidden + self._visited_routes(hidden, plan, index)
         return self._grouped_layer(self.expert_output, hidden, self.units, plan, experts)
+
+    def _visited_routes(self, hidden, plan, index):
+        """What the routes add to each row of the grouped layout, computed only
+        between the experts its token visited: for each ordered pair (source
+        choice, target choice) of a token, the source's hidden state times the
+        `(h, h)` tile `R[source expert -> target expert]` of the route matrix.
+        The pairs are sorted by tile like the rows by expert (`tiled_matmul`), so
+        the work is `tokens * k * (k - 1) * h^2`, not `tokens * (E * h)^2`."""
+        e, h, k = self.num_experts, self.hidden_units, index.shape[-1]
+        # Ordered pairs grouped by target choice: (j, t) for every t, every j != t.
+        source = np.array([j for t in range(k) for j in range(k) if j != t], dtype="int32")
+        target = np.array([t for t in range(k) for j in range(k) if j != t], dtype="int32")
+        tiles = ops.take(index, source, axis=1) * e + ops.take(index, target, axis=1)
+        block = dispatch.group_block(index.shape[0], len(source), e * e)
+        pairs = dispatch.group_plan(tiles, e * e, block)
+        # Each pair row reads its source choice's hidden row (padding rows: row 0).
+        source_rows = ops.reshape(ops.take(plan.row_of_choice, source, axis=1), (-1,))
+        source_rows = ops.concatenate([source_rows, ops.zeros((1,), "int32")])
+        inputs = ops.take(hidden, ops.take(source_rows, pairs.choice_of_row), axis=0)
+        routed = dispatch.tiled_matmul(inputs, self.expert_routes.dense_kernel(), pairs, h)
+        # Sum each target choice's k - 1 sources, then read it at the target's row.
+        per_pair = ops.take(routed, pairs.row_of_choice, axis=0)
+        per_choice = ops.sum(ops.reshape(per_pair, (-1, k, k - 1, h)), axis=2)
+        flat = ops.concatenate(
+            [ops.reshape(per_choice, (-1, h)), ops.zeros((1, h), hidden.dtype)], axis=0
+        )
+        return ops.take(flat, plan.choice_of_row, axis=0)
 
     def _grouped_layer(self, layer, rows, width, plan, experts):
         """`rows @ W_e + b_e` for each row's expert `e` (masked storage)."""

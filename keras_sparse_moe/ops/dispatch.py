@@ -36,10 +36,12 @@ __all__ = [
     "dispatch_plan",
     "expert_capacity",
     "expert_of_row",
+    "block_matmul",
     "gather_slots",
     "group_block",
     "group_plan",
     "grouped_matmul",
+    "tiled_matmul",
     "top_k",
     "top_k_weights",
 ]
@@ -147,8 +149,12 @@ def _sort_by_expert(flat, num_experts: int):
     # One sort of the unique keys (expert, assignment) is a stable sort by expert.
     order = ops.cast(ops.argsort(flat * count + ops.arange(count, dtype="int32")), "int32")
     rank = ops.cast(ops.argsort(order), "int32")  # the inverse permutation
-    sizes = ops.sum(ops.one_hot(flat, num_experts, dtype="int32"), axis=0)
-    return order, rank, sizes, ops.cumsum(sizes) - sizes
+    # Group bounds by binary search in the sorted ids: no scatter, no E-wide one-hot.
+    experts = ops.arange(num_experts, dtype="int32")
+    sorted_ids = ops.take(flat, order)
+    start = ops.cast(ops.searchsorted(sorted_ids, experts, side="left"), "int32")
+    end = ops.cast(ops.searchsorted(sorted_ids, experts, side="right"), "int32")
+    return order, rank, end - start, start
 
 
 def gather_slots(tokens, plan: DispatchPlan):
@@ -187,6 +193,8 @@ class GroupPlan(NamedTuple):
 
     Attributes:
         row_of_choice: `(tokens, k)` int32 row of each assignment.
+        choice_of_row: `(rows,)` int32 assignment `token * k + choice` of each
+            row, `tokens * k` for a padding row.
         token_of_row: `(rows,)` int32 token of each row; padding rows read token 0
             (their outputs are never combined).
         expert_of_block: `(blocks,)` int32 expert of each block.
@@ -194,6 +202,7 @@ class GroupPlan(NamedTuple):
     """
 
     row_of_choice: object
+    choice_of_row: object
     token_of_row: object
     expert_of_block: object
     block: int
@@ -233,15 +242,21 @@ def group_plan(index, num_experts: int, block: int) -> GroupPlan:
 
     num_rows = _num_rows(count, num_experts, block)
     block_start = ops.arange(num_rows // block, dtype="int32") * block
-    above = ops.expand_dims(block_start, -1) >= ops.expand_dims(padded_end, 0)
-    expert_of_block = ops.minimum(ops.sum(ops.cast(above, "int32"), axis=-1), num_experts - 1)
+    # Trailing unused blocks (past the last group) count as the last expert's.
+    expert_of_block = ops.cast(ops.searchsorted(padded_end, block_start, side="right"), "int32")
+    expert_of_block = ops.minimum(expert_of_block, num_experts - 1)
     row_expert = ops.repeat(expert_of_block, block)
     rank = ops.arange(num_rows, dtype="int32") - ops.take(padded_start, row_expert)
     real = rank < ops.take(sizes, row_expert)
     position = ops.minimum(ops.take(start, row_expert) + rank, count - 1)
-    token_of_row = ops.where(real, ops.take(order, position) // k, 0)
+    choice_of_row = ops.where(real, ops.take(order, position), count)
+    token_of_row = ops.where(real, choice_of_row // k, 0)
     return GroupPlan(
-        ops.reshape(row_of_choice, (num_tokens, k)), token_of_row, expert_of_block, block
+        ops.reshape(row_of_choice, (num_tokens, k)),
+        choice_of_row,
+        token_of_row,
+        expert_of_block,
+        block,
     )
 
 
@@ -256,10 +271,8 @@ def grouped_matmul(rows, kernel, plan: GroupPlan, expert_axis: int = 0):
     `kernel` holds one `(n_in, n_out)` matrix per expert, stacked on
     `expert_axis`: `(E, n_in, n_out)` (axis 0) or `(n_in, E, n_out)` (axis 1,
     the column blocks of a `(n_in, E * n_out)` kernel, read without a copy).
-    Each block of rows is one matmul with its expert's matrix, in a compiled
-    loop (`keras.ops.map`): the work is `rows * n_in * n_out`, not `E` times
-    it. The gradient is custom and as cheap: each block adds its
-    `x_block^T @ dy_block` into its expert's matrix only.
+    Each block of rows is one matmul with its expert's matrix (`block_matmul`):
+    the work is `rows * n_in * n_out`, not `E` times it.
     """
     if expert_axis not in (0, 1):
         raise ValueError(f"`expert_axis` must be 0 or 1. Received: expert_axis={expert_axis!r}")
@@ -271,7 +284,46 @@ def grouped_matmul(rows, kernel, plan: GroupPlan, expert_axis: int = 0):
         sizes = ops.sum(ops.one_hot(experts, num_experts, dtype="int32"), axis=0) * plan.block
         stacked = kernel if expert_axis == 0 else ops.transpose(kernel, (1, 0, 2))
         return jax.lax.ragged_dot(rows, stacked, sizes)
-    return _grouped(rows, kernel, experts, plan.block, expert_axis)
+    zeros = ops.zeros_like(experts)
+    if expert_axis == 0:
+        starts, shape = (experts, zeros, zeros), (1,) + tuple(kernel.shape[1:])
+    else:
+        starts, shape = (zeros, experts, zeros), (kernel.shape[0], 1, kernel.shape[2])
+    return block_matmul(rows, kernel, ops.stack(starts, axis=-1), plan.block, shape)
+
+
+def tiled_matmul(rows, matrix, plan: GroupPlan, tile: int):
+    """`rows[r] @ matrix[i*tile:(i+1)*tile, j*tile:(j+1)*tile]` for the group
+    `g = i * (n / tile) + j` of row `r`: each row meets one `(tile, tile)` tile of
+    the square `(n, n)` `matrix`, the tiles being the groups of `plan`."""
+    tiles = matrix.shape[0] // tile
+    groups = ops.cast(plan.expert_of_block, "int32")
+    if _ragged_dot():
+        stacked = ops.reshape(matrix, (tiles, tile, tiles, tile))
+        stacked = ops.reshape(ops.transpose(stacked, (0, 2, 1, 3)), (tiles * tiles, tile, tile))
+        return grouped_matmul(rows, stacked, plan)
+    starts = ops.stack([groups // tiles * tile, groups % tiles * tile], axis=-1)
+    return block_matmul(rows, matrix, starts, plan.block, (tile, tile))
+
+
+def block_matmul(rows, kernel, starts, block: int, shape):
+    """`rows_b @ M_b` for each block `b` of `block` rows, where `M_b` is the slice of
+    `kernel` of `shape` at `starts[b]`, read as an `(n_in, n_out)` matrix.
+
+    One matmul per block in a compiled loop (`keras.ops.map`), so a block meets
+    only its own slice of the kernel: per-expert matrices of a stacked kernel
+    (`grouped_matmul`) or `(h, h)` tiles of one big matrix (the routes between
+    two experts). The gradient is custom and as cheap: each block adds its
+    `x_b^T @ dy_b` into its own slice only.
+
+    Args:
+        rows: `(blocks * block, n_in)`.
+        kernel: Any-rank tensor holding the matrices.
+        starts: `(blocks, kernel rank)` int32 slice origins.
+        block: Rows per block.
+        shape: Static slice shape, of `n_in * n_out` entries.
+    """
+    return _blocks(rows, kernel, ops.cast(starts, "int32"), int(block), tuple(shape))
 
 
 RAGGED_DOT = None  # None: `jax.lax.ragged_dot` on JAX accelerators, the block loop elsewhere
@@ -290,50 +342,49 @@ def _ragged_dot() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _grouped(rows, kernel, experts, block, axis):
-    # The expert ids are an argument, not closed over (see `sparse_matmul`).
+def _blocks(rows, kernel, starts, block, shape):
+    # The slice origins are an argument, not closed over (see `sparse_matmul`).
     @ops.custom_gradient
-    def product(rows, kernel, experts):
+    def product(rows, kernel, starts):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             upstream = ops.cast(upstream, rows.dtype)
-            d_rows = _block_products(upstream, kernel, experts, block, axis, transpose=True)
-            return d_rows, _kernel_gradient(rows, upstream, kernel, experts, block, axis), None
+            d_rows = _block_products(upstream, kernel, starts, block, shape, transpose=True)
+            return d_rows, _kernel_gradient(rows, upstream, kernel, starts, block, shape), None
 
-        return _block_products(rows, kernel, experts, block, axis), grad
+        return _block_products(rows, kernel, starts, block, shape), grad
 
-    return product(rows, kernel, experts)
+    return product(rows, kernel, starts)
 
 
-def _block_products(rows, kernel, experts, block, axis, transpose=False):
-    """`rows_b @ W_e` (or `rows_b @ W_e^T`) for each block `b` of expert `e`."""
+def _block_products(rows, kernel, starts, block, shape, transpose=False):
+    """`rows_b @ M_b` (or `rows_b @ M_b^T`) for each block `b`."""
     blocks = ops.reshape(rows, (-1, block, rows.shape[-1]))
+    n = rows.shape[-1]
 
     def one_block(args):
-        x, expert = args
-        matrix = ops.take(kernel, expert, axis=axis)
+        x, start = args
+        matrix = ops.reshape(ops.slice(kernel, start, shape), (-1, n) if transpose else (n, -1))
         return ops.matmul(x, ops.transpose(matrix) if transpose else matrix)
 
-    out = ops.map(one_block, (blocks, experts))
+    out = ops.map(one_block, (blocks, starts))
     return ops.reshape(out, (-1, out.shape[-1]))
 
 
-def _kernel_gradient(rows, upstream, kernel, experts, block, axis):
-    """`dL/dkernel`: each block's `x^T @ dy` added into its expert's matrix."""
+def _kernel_gradient(rows, upstream, kernel, starts, block, shape):
+    """`dL/dkernel`: each block's `x^T @ dy` added into its own slice."""
     n_in, n_out = rows.shape[-1], upstream.shape[-1]
     x_blocks = ops.reshape(rows, (-1, block, n_in))
     dy_blocks = ops.reshape(upstream, (-1, block, n_out))
-    shape = (1, n_in, n_out) if axis == 0 else (n_in, 1, n_out)
 
     def body(i, grad):
-        expert = experts[i]
-        start = (expert, 0, 0) if axis == 0 else (0, expert, 0)
+        start = starts[i]
         product = ops.matmul(ops.transpose(x_blocks[i]), dy_blocks[i])
         total = ops.slice(grad, start, shape) + ops.reshape(product, shape)
         return ops.slice_update(grad, start, total)
 
-    count = ops.shape(experts)[0]
+    count = ops.shape(starts)[0]
     return ops.fori_loop(0, count, body, ops.zeros(ops.shape(kernel), rows.dtype))
 
 

@@ -171,3 +171,23 @@ def test_group_block_keeps_padding_small(tokens, k, experts, block):
     assert dispatch.group_block(tokens, k, experts) == block
     if tokens is not None:
         assert experts * (block - 1) <= tokens * k // 4
+
+
+def test_tiled_matmul_reads_each_rows_tile():
+    rng = np.random.default_rng(3)
+    n, k, tiles, tile = 25, 2, 3, 4
+    groups = _random_index(rng, n, k, tiles * tiles)
+    matrix = rng.standard_normal((tiles * tile, tiles * tile)).astype("float32")
+    x = rng.standard_normal((n, tile)).astype("float32")
+    plan = dispatch.group_plan(groups, tiles * tiles, 2)
+    out = to_numpy(dispatch.tiled_matmul(x[to_numpy(plan.token_of_row)], matrix, plan, tile))
+    got = out[to_numpy(plan.row_of_choice)]  # (n, k, tile)
+    for t in range(n):
+        for j in range(k):
+            i, c = divmod(int(groups[t, j]), tiles)
+            block = matrix[i * tile : (i + 1) * tile, c * tile : (c + 1) * tile]
+            np.testing.assert_allclose(got[t, j], x[t] @ block, rtol=1e-5, atol=1e-5)
+    # Padding rows are marked: their choice is the count of assignments.
+    choice = to_numpy(plan.choice_of_row)
+    real = choice < n * k
+    np.testing.assert_array_equal(np.sort(choice[real]), np.arange(n * k))
