@@ -5,7 +5,8 @@ experts (`expert_density`), linked by a few sparse routes (`route_density`),
 evolved by SET inside `model.fit`, and gated by a `PTSNEGate`: a network maps
 every image to a point of a 2-D t-SNE map and each expert owns a region of
 that map (k-means positions); every image goes to its `top_k` nearest experts
-through the capacity dispatch. The map network starts as a
+(the capacity dispatch in training, the dropless grouped dispatch at
+inference). The map network starts as a
 `keras_sparse_moe.ParametricTSNE` of the training images and keeps training
 with the gate's per-batch t-SNE loss and the task.
 It is compared with
@@ -13,7 +14,9 @@ It is compared with
 - a dense MLP of the same depth whose hidden layer is as wide as all the
   experts' hidden units together,
 on every dataset given (MNIST, Fashion-MNIST). For each it prints test
-accuracy, weights used and FLOPs per example; for the PTSNE-gated mixture the
+accuracy, weights used, the FLOPs per example its inference code executes
+(`ksm.reporting.executed_flops`) and its inference time per example; for the
+PTSNE-gated mixture the gate's share of that time, the
 per-class activation-rate table, and it writes the gate map, the table as a
 picture, a `.keras` file (reloaded and checked) and, on TensorFlow, a
 SavedModel (reloaded and checked).
@@ -39,6 +42,7 @@ import numpy as np
 import keras_sparse_moe as ksm
 
 MODELS = ("PTSNE-gated sparse experts", "softmax-gated sparse experts", "dense MLP")
+INFERENCE_BATCH = 1024
 
 
 def build(kind, data, args):
@@ -105,32 +109,31 @@ def pretrained_map(data, args):
     return tsne.fit(data.x_train).network
 
 
-def cost(model):
-    """(weights used, FLOPs per example at inference) of the model, sparsity counted.
+def cost(model, batch_size):
+    """(weights used, FLOPs per example the inference code executes at `batch_size`).
 
-    A mixture counts its gate in full, its sparse experts' connections times
-    the fraction of experts a token visits (`top_k / E`), and its routes
-    times the fraction of (source, target) expert pairs both visited.
+    Weights count connections, not masked kernels; FLOPs come from
+    `ksm.reporting.executed_flops`: the gate, the `top_k` experts a token visits
+    (plus the padding of the grouped layout) and the routes between them.
     """
-    mixtures = [lay for lay in model.layers if isinstance(lay, ksm.layers.SparseExpertMixture)]
-    if not mixtures:
-        dense = [lay for lay in model.layers if isinstance(lay, keras.layers.Dense)]
-        weights = sum(int(np.prod(w.shape)) for lay in dense for w in lay.trainable_weights)
-        flops = sum(2 * int(np.prod(lay.kernel.shape)) for lay in dense)
-        return weights, flops
-    (mixture,) = mixtures
-    gate = mixture.gate
-    gate_weights = sum(int(np.prod(w.shape)) for w in gate.trainable_weights)
-    gate_flops = 2 * sum(int(np.prod(w.shape)) for w in gate.trainable_weights if len(w.shape) == 2)
-    bank, e, k = mixture.expert_bank, mixture.num_experts, mixture.top_k or mixture.num_experts
-    sparse = [bank.expert_hidden, bank.expert_output]
-    connections = sum(layer.num_connections for layer in sparse)
-    biases = sum(int(np.prod(layer.bias.shape)) for layer in sparse if layer.bias is not None)
-    routes = bank.expert_routes.num_connections if bank.has_routes else 0
-    weights = gate_weights + connections + biases + routes
-    both_active = (k / e) * (max(k - 1, 0) / max(e - 1, 1))
-    flops = gate_flops + 2 * connections * k / e + 2 * routes * both_active
-    return weights, int(flops)
+    flops = ksm.reporting.executed_flops(model, batch_size=batch_size)["total"]
+    return ksm.reporting.weights_used(model), flops
+
+
+def inference_seconds(model, x, batch_size):
+    """Seconds per example of `model.predict` on `x` (after one call that compiles)."""
+    model.predict(x, batch_size=batch_size, verbose=0)
+    start = time.perf_counter()
+    model.predict(x, batch_size=batch_size, verbose=0)
+    return (time.perf_counter() - start) / len(x)
+
+
+def gate_share(model, x, batch_size):
+    """`(gate seconds, model seconds)` per example at inference: the mixture's gate
+    alone (the same layer, called on the model's input) against the whole model."""
+    (mixture,) = [lay for lay in model.layers if isinstance(lay, ksm.layers.SparseExpertMixture)]
+    gate_model = keras.Model(model.inputs, mixture.gate(model.inputs[0]))
+    return inference_seconds(gate_model, x, batch_size), inference_seconds(model, x, batch_size)
 
 
 def check_saving(model, x, out, tag):
@@ -191,8 +194,9 @@ def run_dataset(path, args):
         )
         seconds = time.perf_counter() - start
         _, accuracy = model.evaluate(data.x_test, data.y_test, batch_size=1024, verbose=0)
-        weights, flops = cost(model)
-        rows.append((data.name, kind, accuracy, weights, flops, seconds))
+        weights, flops = cost(model, INFERENCE_BATCH)
+        per_example = inference_seconds(model, data.x_test, INFERENCE_BATCH)
+        rows.append((data.name, kind, accuracy, weights, flops, per_example, seconds))
         if kind.startswith("PTSNE"):
             extras = {"model": model, "data": data}
     return rows, extras
@@ -217,6 +221,13 @@ def report_ptsne(extras, args):
         lines.append(f"wrote {path}")
     except ImportError:
         lines.append("no pictures: matplotlib is missing (pip install keras-sparse-moe[plots])")
+    gate, whole = gate_share(model, data.x_test, INFERENCE_BATCH)
+    (mixture,) = [lay for lay in model.layers if isinstance(lay, ksm.layers.SparseExpertMixture)]
+    gate_weights = sum(int(np.prod(v.shape)) for v in mixture.gate.trainable_weights)
+    lines.append(
+        f"PTSNE gate at inference: {gate * 1e6:.1f} of {whole * 1e6:.1f} µs per example "
+        f"({100 * gate / whole:.0f} %); its map network holds {gate_weights:,} weights"
+    )
     lines += check_saving(model, data.x_test[:256], args.out, f"ptsne_mose_{tag}")
     print("\n".join(lines))
     return table
@@ -258,12 +269,14 @@ def main(argv=None):
     lines = [
         f"Results after {args.epochs} epochs, at least {args.min_steps} steps "
         f"({keras.backend.backend()} backend)",
-        "| data | model | test accuracy | weights used | FLOPs / example | train time |",
-        "|---|---|---|---|---|---|",
+        f"| data | model | test accuracy | weights used | FLOPs / example | "
+        f"inference µs / example (batch {INFERENCE_BATCH}) | train time |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, kind, accuracy, weights, flops, seconds in rows:
+    for name, kind, accuracy, weights, flops, per_example, seconds in rows:
         lines.append(
-            f"| {name} | {kind} | {accuracy:.4f} | {weights:,} | {flops:,} | {seconds:.0f} s |"
+            f"| {name} | {kind} | {accuracy:.4f} | {weights:,} | {flops:,} "
+            f"| {per_example * 1e6:.1f} | {seconds:.0f} s |"
         )
     print("\n" + "\n".join(lines))
     with open(os.path.join(args.out, "results.md"), "w") as f:

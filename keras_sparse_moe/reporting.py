@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 
-__all__ = ["summary", "summary_rows"]
+__all__ = ["executed_flops", "summary", "summary_rows", "weights_used"]
 
 
 def summary_rows(model) -> list[dict]:
@@ -75,6 +76,15 @@ def _rows_and_kernels(model):
     return rows, set(kernels)
 
 
+def weights_used(model) -> int:
+    """What `model` trains: the sparse layers' connections plus every other
+    trainable parameter (biases, dense layers, gates); masked kernels count
+    their connections only."""
+    rows, kernels = _rows_and_kernels(model)
+    other = sum(math.prod(v.shape) for v in model.trainable_weights if id(v) not in kernels)
+    return sum(row["connections"] for row in rows) + other
+
+
 def summary(model, print_fn=None):
     """Prints, for every sparse layer of `model`, its connections, density and
     the dense parameter count it replaces, then the model's totals.
@@ -134,3 +144,151 @@ def summary(model, print_fn=None):
         f"Weights used: {connections:,} connections + {other:,} other = {used:,}, "
         f"{100 * used / max(dense, 1):.3g} % of the dense equivalent ({dense:,})"
     )
+
+
+def executed_flops(model, batch_size: int = 1) -> dict:
+    """FLOPs per example that `model`'s inference code executes, layer by layer.
+
+    Counts the matmuls and convolutions the forward pass runs (2 FLOPs per
+    multiply-add; elementwise ops, softmax and top-k selection are left out),
+    as the code runs them, not as the sparsity promises:
+    - `Dense` / masked `SparseDense`: `2 * n_in * units` (a masked kernel is a
+      dense matmul); sparse storage: `2 * slots` (one multiply-add a stored slot).
+    - Convolutions (`Conv*`, `SparseConv*`, either storage): the dense
+      convolution, `2 * kernel entries * output positions`.
+    - `SparseExpertMixture`: its gate's network (recursively; `NoisyTopKGate`
+      its clean logits, `PTSNEGate` its map network and distances), then the
+      experts by the path inference takes (`dispatch_path(False)`): the grouped
+      dispatch runs `k` experts a token plus the padding rows of its static
+      layout (which depends on `batch_size`), and routes only between visited
+      experts; the all-experts path runs every expert and the whole route matrix.
+    - Any other layer: the sum of its sublayers.
+
+    Args:
+        model: A built Keras model or layer.
+        batch_size: The batch the grouped dispatch is laid out for (its padding
+            per example shrinks as the batch grows).
+
+    Returns:
+        Dict `{layer name: FLOPs per example}` for the counted layers, in model
+        order, plus `"total"`.
+
+    Example:
+
+    >>> import keras, keras_sparse_moe as ksm
+    >>> model = keras.Sequential([keras.Input((32,)),
+    ...     ksm.layers.SparseDense(64, density=0.1, seed=0, name="hidden"),
+    ...     keras.layers.Dense(2, name="out")])
+    >>> ksm.reporting.executed_flops(model)
+    {'hidden': 4096, 'out': 256, 'total': 4352}
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"`executed_flops` expects a Keras model or layer. Received: {type(model).__name__}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(
+            f"`executed_flops` needs an int `batch_size`. Received: batch_size={batch_size!r}"
+        )
+    if batch_size < 1:
+        raise ValueError(
+            f"`executed_flops` needs `batch_size` >= 1. Received: batch_size={batch_size!r}"
+        )
+    batch_size = int(batch_size)
+    if not model.built:
+        raise ValueError(f"`executed_flops` needs a built model: '{model.name}' is not built yet.")
+    counts = {}
+    _count(model, batch_size, counts, top=True)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _positions(layer):
+    """Positions per example a layer's last axis is applied at (1 for rank-2 inputs)."""
+    try:
+        shape = layer.input.shape
+    except (AttributeError, ValueError):
+        return 1
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+        shape = shape[0]
+    middle = shape[1:-1]
+    return math.prod(int(d) for d in middle) if all(d is not None for d in middle) else 1
+
+
+def _count(layer, batch_size, counts, top=False):
+    from keras_sparse_moe.layers import SparseDense, SparseExpertMixture, SparseKernelLayer
+
+    if isinstance(layer, SparseExpertMixture):
+        counts[layer.name] = _mixture_flops(layer, batch_size)
+    elif isinstance(layer, SparseDense):
+        per_position = (
+            2 * layer.storage_variables[0].shape[0]
+            if layer.implementation == "sparse"
+            else 2 * math.prod(layer.kernel_shape)
+        )
+        counts[layer.name] = per_position * _positions(layer)
+    elif isinstance(
+        layer, (SparseKernelLayer, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+    ):
+        kernel = math.prod(
+            layer.weight_shape if isinstance(layer, SparseKernelLayer) else layer.kernel.shape
+        )
+        output = layer.output.shape
+        channel_axis = 1 if getattr(layer, "data_format", None) == "channels_first" else -1
+        spatial = [d for i, d in enumerate(output[1:], 1) if i != channel_axis % len(output)]
+        counts[layer.name] = 2 * kernel * math.prod(int(d) for d in spatial)
+    elif isinstance(layer, keras.layers.Dense):
+        counts[layer.name] = 2 * math.prod(layer.kernel.shape) * _positions(layer)
+    else:
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            _count(child, batch_size, counts)
+
+
+def _gate_flops(gate) -> int:
+    from keras_sparse_moe.layers import NoisyTopKGate, PTSNEGate
+
+    if isinstance(gate, NoisyTopKGate):  # the clean logits; the noise is training-only
+        return 2 * math.prod(gate.gate_kernel.shape)
+    counts = {}
+    for child in gate._flatten_layers(include_self=False, recursive=False):
+        _count(child, 1, counts)
+    flops = sum(counts.values())
+    if isinstance(gate, PTSNEGate):  # squared distances from the map to each expert's place
+        flops += 3 * gate.n_components * gate.num_experts
+    return flops
+
+
+def _mixture_flops(mixture, batch_size) -> int:
+    """Gate + experts (by the inference path) + routes + combine, per example."""
+    from keras_sparse_moe.ops import dispatch
+
+    bank, e = mixture.expert_bank, mixture.num_experts
+    path = mixture.dispatch_path(training=False)
+    if not hasattr(bank, "expert_hidden"):  # user experts: every expert on every token
+        counts = {}
+        for expert in bank.expert_list:
+            _count(expert, batch_size, counts)
+        return _gate_flops(mixture.gate) + sum(counts.values())
+    tokens = _positions(mixture)
+    d, h, u = bank.input_dim, bank.hidden_units, bank.units
+    layers = [bank.expert_hidden, bank.expert_output]
+    if path == "grouped":
+        k = mixture.top_k
+        count = batch_size * tokens * k
+        rows = dispatch._num_rows(count, e, dispatch.group_block(batch_size * tokens, k, e))
+        per_token = rows / (batch_size * tokens) * 2 * (d * h + h * u)
+        if bank.has_routes and k > 1:
+            pairs = batch_size * tokens * k * (k - 1)
+            block = dispatch.group_block(batch_size * tokens, k * (k - 1), e * e)
+            pair_rows = dispatch._num_rows(pairs, e * e, block)
+            per_token += pair_rows / (batch_size * tokens) * 2 * h * h
+        per_token += 2 * k * u  # the weighted combine
+    else:
+        if bank.has_routes:
+            layers.append(bank.expert_routes)
+        if bank.implementation == "sparse":
+            per_token = sum(2 * layer.storage_variables[0].shape[0] for layer in layers)
+        else:
+            per_token = sum(2 * math.prod(layer.kernel_shape) for layer in layers)
+        per_token += 2 * e * u  # the gate weighting of every expert's output
+    return _gate_flops(mixture.gate) * tokens + int(round(per_token * tokens))
