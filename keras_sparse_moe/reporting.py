@@ -275,7 +275,7 @@ def _mixture_flops(mixture, batch_size) -> int:
     if path == "grouped":
         k = mixture.top_k
         count = batch_size * tokens * k
-        rows = dispatch._num_rows(count, e, dispatch.group_block(batch_size * tokens, k, e))
+        rows = dispatch._num_rows(count, e, bank.group_block(batch_size * tokens, k))
         per_token = rows / (batch_size * tokens) * 2 * (d * h + h * u)
         if bank.has_routes and k > 1:
             pairs = batch_size * tokens * k * (k - 1)

@@ -72,7 +72,7 @@ def test_grouped_padding_matches_the_layout_the_code_builds():
     model = _model(mixture)
     x = np.random.default_rng(0).standard_normal((512, D)).astype("float32")
     _, index = dispatch.top_k_weights(mixture.gate_values(x), 2)
-    block = dispatch.group_block(512, 2, E)
+    block = mixture.expert_bank.group_block(512, 2)
     rows = to_numpy(dispatch.group_plan(index, E, block).token_of_row).shape[0]
     expected = 2 * D * E + rows / 512 * 2 * (D * H + H * U) + 2 * 2 * U
     assert ksm.reporting.executed_flops(model, batch_size=512)["moe"] == round(expected)

@@ -453,7 +453,7 @@ class SparseExpertMixture(keras.layers.Layer):
             plan = dispatch_ops.group_plan(
                 index,
                 self.num_experts,
-                dispatch_ops.group_block(tokens.shape[0], self.top_k, self.num_experts),
+                bank.group_block(tokens.shape[0], self.top_k),
             )
             rows = bank.on_groups(tokens, plan, index, training)
             outputs = dispatch_ops.combine_rows(rows, plan, weights)

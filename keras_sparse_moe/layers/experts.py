@@ -286,6 +286,11 @@ class SparseExperts(keras.layers.Layer):
         so the all-experts path is as cheap."""
         return self.implementation == "masked"
 
+    def group_block(self, num_tokens, top_k):
+        """Rows per block of the grouped layout for this bank's matrices."""
+        sizes = (self.input_dim * self.hidden_units, self.hidden_units * self.units)
+        return dispatch.group_block(num_tokens, top_k, self.num_experts, max(sizes))
+
     def on_groups(self, tokens, plan, index, training=None):
         """`(rows, units)` output of each row's expert on its token (`dispatch.GroupPlan`)."""
         experts = dispatch.expert_of_row(plan)

@@ -36,7 +36,6 @@ __all__ = [
     "dispatch_plan",
     "expert_capacity",
     "expert_of_row",
-    "block_matmul",
     "gather_slots",
     "group_block",
     "group_plan",
@@ -208,19 +207,35 @@ class GroupPlan(NamedTuple):
     block: int
 
 
-MAX_BLOCK = 64  # rows per block at most: larger blocks pad more than they gain
+MAX_BLOCK = 128  # rows per block at most
 UNKNOWN_BATCH_BLOCK = 8  # where the token count is unknown when traced
+BLOCK_WORK = 1 << 22  # multiply-adds a block should reach to pay for its loop step
 
 
-def group_block(num_tokens, top_k: int, num_experts: int) -> int:
-    """Rows per block for `num_tokens` tokens: a power of two near a quarter of the
-    mean group (`tokens * k / E`), in `[1, MAX_BLOCK]`, so that padding stays
-    under about a quarter of the rows. An unknown (None or symbolic) count gives
-    `UNKNOWN_BATCH_BLOCK`."""
+def group_block(num_tokens, top_k: int, num_experts: int, matrix_size=None) -> int:
+    """Rows per block of the grouped layout for `num_tokens` tokens: a power of two.
+
+    At least a quarter of the mean group (`tokens * k / E`), so padding stays
+    under about a quarter of the rows. With `matrix_size` (`n_in * n_out` of the
+    experts' matrices), small matrices get blocks of up to `BLOCK_WORK /
+    matrix_size` rows, as long as the padding stays under the real rows: a
+    loop step costs about as much as a 64 x 784 x 64 matmul on a CPU, so few
+    big blocks beat many small ones there (measured: 784 -> 64 experts run 1.3x
+    faster in blocks of 128 than of 32). At most `MAX_BLOCK`; an unknown (None
+    or symbolic) count gives `UNKNOWN_BATCH_BLOCK`.
+    """
     if not isinstance(num_tokens, (int, np.integer)):
         return UNKNOWN_BATCH_BLOCK
-    quarter = max(1, int(num_tokens) * top_k // (4 * num_experts))
-    return int(min(MAX_BLOCK, 1 << (quarter.bit_length() - 1)))
+    rows = int(num_tokens) * top_k
+    block = _floor_pow2(max(1, rows // (4 * num_experts)))
+    if matrix_size:
+        wanted = 1 << max(0, math.ceil(math.log2(max(1, BLOCK_WORK / matrix_size))))
+        block = max(block, min(wanted, _floor_pow2(max(1, rows // num_experts))))
+    return int(min(MAX_BLOCK, block))
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
 
 
 def group_plan(index, num_experts: int, block: int) -> GroupPlan:
@@ -271,8 +286,9 @@ def grouped_matmul(rows, kernel, plan: GroupPlan, expert_axis: int = 0):
     `kernel` holds one `(n_in, n_out)` matrix per expert, stacked on
     `expert_axis`: `(E, n_in, n_out)` (axis 0) or `(n_in, E, n_out)` (axis 1,
     the column blocks of a `(n_in, E * n_out)` kernel, read without a copy).
-    Each block of rows is one matmul with its expert's matrix (`block_matmul`):
-    the work is `rows * n_in * n_out`, not `E` times it.
+    Each block of rows is one matmul with its expert's matrix, in a compiled
+    loop: the work is `rows * n_in * n_out`, not `E` times it. The gradient is
+    custom and as cheap: each expert sums `x_b^T @ dy_b` over its own blocks.
     """
     if expert_axis not in (0, 1):
         raise ValueError(f"`expert_axis` must be 0 or 1. Received: expert_axis={expert_axis!r}")
@@ -284,12 +300,7 @@ def grouped_matmul(rows, kernel, plan: GroupPlan, expert_axis: int = 0):
         sizes = ops.sum(ops.one_hot(experts, num_experts, dtype="int32"), axis=0) * plan.block
         stacked = kernel if expert_axis == 0 else ops.transpose(kernel, (1, 0, 2))
         return jax.lax.ragged_dot(rows, stacked, sizes)
-    zeros = ops.zeros_like(experts)
-    if expert_axis == 0:
-        starts, shape = (experts, zeros, zeros), (1,) + tuple(kernel.shape[1:])
-    else:
-        starts, shape = (zeros, experts, zeros), (kernel.shape[0], 1, kernel.shape[2])
-    return block_matmul(rows, kernel, ops.stack(starts, axis=-1), plan.block, shape)
+    return _blocks(rows, kernel, experts, plan.block, (expert_axis, None))
 
 
 def tiled_matmul(rows, matrix, plan: GroupPlan, tile: int):
@@ -300,30 +311,8 @@ def tiled_matmul(rows, matrix, plan: GroupPlan, tile: int):
     Always the block loop, also on accelerators: `jax.lax.ragged_dot`'s gradient
     materialises `groups x rows x tile` (64 GiB for 64 experts' 4,096 tiles
     at 16,384 tokens on an H200)."""
-    tiles = matrix.shape[0] // tile
     groups = ops.cast(plan.expert_of_block, "int32")
-    starts = ops.stack([groups // tiles * tile, groups % tiles * tile], axis=-1)
-    return block_matmul(rows, matrix, starts, plan.block, (tile, tile))
-
-
-def block_matmul(rows, kernel, starts, block: int, shape):
-    """`rows_b @ M_b` for each block `b` of `block` rows, where `M_b` is the slice of
-    `kernel` of `shape` at `starts[b]`, read as an `(n_in, n_out)` matrix.
-
-    One matmul per block in a compiled loop (`keras.ops.map`), so a block meets
-    only its own slice of the kernel: per-expert matrices of a stacked kernel
-    (`grouped_matmul`) or `(h, h)` tiles of one big matrix (the routes between
-    two experts). The gradient is custom and as cheap: each block adds its
-    `x_b^T @ dy_b` into its own slice only.
-
-    Args:
-        rows: `(blocks * block, n_in)`.
-        kernel: Any-rank tensor holding the matrices.
-        starts: `(blocks, kernel rank)` int32 slice origins.
-        block: Rows per block.
-        shape: Static slice shape, of `n_in * n_out` entries.
-    """
-    return _blocks(rows, kernel, ops.cast(starts, "int32"), int(block), tuple(shape))
+    return _blocks(rows, matrix, groups, plan.block, ("tiles", int(tile)))
 
 
 RAGGED_DOT = None  # None: `jax.lax.ragged_dot` on JAX accelerators, the block loop elsewhere
@@ -342,50 +331,124 @@ def _ragged_dot() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def _blocks(rows, kernel, starts, block, shape):
-    # The slice origins are an argument, not closed over (see `sparse_matmul`).
+def _layout(kernel_shape, layout):
+    """`(number of matrices, (n_in, n_out), slice shape)` of a kernel layout:
+    `(0, None)` `(G, n_in, n_out)`, `(1, None)` `(n_in, G, n_out)`, or
+    `("tiles", t)` the `(t, t)` tiles of an `(n, n)` matrix, row-major."""
+    kind, tile = layout
+    if kind == "tiles":
+        per_side = kernel_shape[0] // tile
+        return per_side * per_side, (tile, tile), (tile, tile)
+    if kind == 0:
+        return kernel_shape[0], tuple(kernel_shape[1:]), (1,) + tuple(kernel_shape[1:])
+    return (
+        kernel_shape[1],
+        (kernel_shape[0], kernel_shape[2]),
+        (kernel_shape[0], 1, kernel_shape[2]),
+    )
+
+
+def _starts(groups, kernel_shape, layout):
+    """`(blocks, kernel rank)` origin of each block's matrix in the kernel."""
+    kind, tile = layout
+    zeros = ops.zeros_like(groups)
+    if kind == "tiles":
+        per_side = kernel_shape[0] // tile
+        return ops.stack([groups // per_side * tile, groups % per_side * tile], axis=-1)
+    return ops.stack([groups, zeros, zeros] if kind == 0 else [zeros, groups, zeros], axis=-1)
+
+
+def _blocks(rows, kernel, groups, block, layout):
+    """`rows_b @ M_{groups[b]}` for each block `b` of `block` rows; `groups` is
+    non-decreasing (the plan's blocks are sorted by group)."""
+
+    # The group ids are an argument, not closed over (see `sparse_matmul`).
     @ops.custom_gradient
-    def product(rows, kernel, starts):
+    def product(rows, kernel, groups):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             upstream = ops.cast(upstream, rows.dtype)
-            d_rows = _block_products(upstream, kernel, starts, block, shape, transpose=True)
-            return d_rows, _kernel_gradient(rows, upstream, kernel, starts, block, shape), None
+            d_rows = _block_products(upstream, kernel, groups, block, layout, transpose=True)
+            return d_rows, _kernel_gradient(rows, upstream, kernel, groups, block, layout), None
 
-        return _block_products(rows, kernel, starts, block, shape), grad
+        return _block_products(rows, kernel, groups, block, layout), grad
 
-    return product(rows, kernel, starts)
+    return product(rows, kernel, groups)
 
 
-def _block_products(rows, kernel, starts, block, shape, transpose=False):
-    """`rows_b @ M_b` (or `rows_b @ M_b^T`) for each block `b`."""
+def _matrix(kernel, group, layout):
+    """Group `group`'s `(n_in, n_out)` matrix, gathered from the kernel without a copy
+    of the rest (a gather, which TensorFlow's XLA runs faster than a dynamic slice)."""
+    kind, tile = layout
+    if kind != "tiles":
+        return ops.take(kernel, group, axis=kind)
+    per_side = kernel.shape[0] // tile
+    tiles = ops.reshape(kernel, (per_side, tile, per_side, tile))
+    return ops.take(ops.take(tiles, group // per_side, axis=0), group % per_side, axis=1)
+
+
+def _block_products(rows, kernel, groups, block, layout, transpose=False):
+    """`rows_b @ M_b` (or `rows_b @ M_b^T`) for each block `b`, one matmul a block
+    in a compiled loop (`keras.ops.map`)."""
     blocks = ops.reshape(rows, (-1, block, rows.shape[-1]))
-    n = rows.shape[-1]
 
     def one_block(args):
-        x, start = args
-        matrix = ops.reshape(ops.slice(kernel, start, shape), (-1, n) if transpose else (n, -1))
+        x, group = args
+        matrix = _matrix(kernel, group, layout)
         return ops.matmul(x, ops.transpose(matrix) if transpose else matrix)
 
-    out = ops.map(one_block, (blocks, starts))
+    out = ops.map(one_block, (blocks, groups))
     return ops.reshape(out, (-1, out.shape[-1]))
 
 
-def _kernel_gradient(rows, upstream, kernel, starts, block, shape):
-    """`dL/dkernel`: each block's `x^T @ dy` added into its own slice."""
-    n_in, n_out = rows.shape[-1], upstream.shape[-1]
+def _kernel_gradient(rows, upstream, kernel, groups, block, layout):
+    """`dL/dkernel`: each block's `x_b^T @ dy_b` added into its own group's matrix.
+
+    JAX: one loop over the blocks whose carry is the whole gradient, updated
+    in place (the fastest form measured there). TensorFlow: XLA copied such a
+    carry when the optimizer's update followed in the same step (10 s a step at
+    64 experts), so there one loop over the groups sums each group's contiguous
+    blocks into a matrix of its own, and the matrices are stacked.
+    """
+    count, (n_in, n_out), shape = _layout(tuple(kernel.shape), layout)
     x_blocks = ops.reshape(rows, (-1, block, n_in))
     dy_blocks = ops.reshape(upstream, (-1, block, n_out))
 
-    def body(i, grad):
-        start = starts[i]
-        product = ops.matmul(ops.transpose(x_blocks[i]), dy_blocks[i])
-        total = ops.slice(grad, start, shape) + ops.reshape(product, shape)
-        return ops.slice_update(grad, start, total)
+    def block_product(i):
+        return ops.matmul(ops.transpose(x_blocks[i]), dy_blocks[i])
 
-    count = ops.shape(starts)[0]
-    return ops.fori_loop(0, count, body, ops.zeros(ops.shape(kernel), rows.dtype))
+    if keras.backend.backend() == "tensorflow":
+        ids = ops.arange(count, dtype="int32")
+        first = ops.cast(ops.searchsorted(groups, ids, side="left"), "int32")
+        last = ops.cast(ops.searchsorted(groups, ids, side="right"), "int32")
+
+        def one_group(bounds):
+            total = ops.zeros((n_in, n_out), rows.dtype)
+            return ops.fori_loop(bounds[0], bounds[1], lambda i, t: t + block_product(i), total)
+
+        matrices = ops.map(one_group, ops.stack([first, last], axis=-1))
+        return _from_matrices(matrices, tuple(kernel.shape), layout)
+
+    starts = _starts(groups, tuple(kernel.shape), layout)
+
+    def body(i, grad):
+        total = ops.slice(grad, starts[i], shape) + ops.reshape(block_product(i), shape)
+        return ops.slice_update(grad, starts[i], total)
+
+    return ops.fori_loop(0, ops.shape(groups)[0], body, ops.zeros(ops.shape(kernel), rows.dtype))
+
+
+def _from_matrices(matrices, kernel_shape, layout):
+    """`(G, n_in, n_out)` matrices laid out as the kernel."""
+    kind, tile = layout
+    if kind == 0:
+        return matrices
+    if kind == 1:
+        return ops.transpose(matrices, (1, 0, 2))
+    per_side = kernel_shape[0] // tile
+    tiles = ops.reshape(matrices, (per_side, per_side, tile, tile))
+    return ops.reshape(ops.transpose(tiles, (0, 2, 1, 3)), tuple(kernel_shape))
 
 
 def expert_of_row(plan: GroupPlan):

@@ -165,12 +165,26 @@ def test_grouped_matmul_and_combine_match_every_expert_weighted(
 
 @pytest.mark.parametrize(
     "tokens, k, experts, block",
-    [(1, 2, 16, 1), (4096, 2, 16, 64), (1024, 2, 10, 32), (512, 2, 64, 4), (None, 2, 8, 8)],
+    [(1, 2, 16, 1), (4096, 2, 16, 128), (1024, 2, 10, 32), (512, 2, 64, 4), (None, 2, 8, 8)],
 )
 def test_group_block_keeps_padding_small(tokens, k, experts, block):
     assert dispatch.group_block(tokens, k, experts) == block
     if tokens is not None:
         assert experts * (block - 1) <= tokens * k // 4
+
+
+@pytest.mark.parametrize(
+    "tokens, k, experts, matrix_size, block",
+    [
+        (1024, 2, 10, 784 * 64, 128),  # small matrices: big blocks, padding < real rows
+        (1, 2, 10, 784 * 64, 1),  # ... but never more padding than rows
+        (1024, 2, 64, 1024 * 256, 16),
+        (4096, 2, 16, 1024 * 1024, 128),  # big matrices: the quarter rule
+    ],
+)
+def test_group_block_grows_for_small_matrices(tokens, k, experts, matrix_size, block):
+    assert dispatch.group_block(tokens, k, experts, matrix_size) == block
+    assert experts * (block - 1) <= tokens * k
 
 
 def test_tiled_matmul_reads_each_rows_tile():
