@@ -120,8 +120,11 @@ class SparseExpertMixture(keras.layers.Layer):
     `small_world(..., rewire=1)` mask: only links between experts), so hidden
     unit `j` of expert `f` becomes `h_f[j] + sum_e h_e @ R[e -> f]`. Together
     the experts and routes form a clustered small-world topology. A route from
-    an expert the gate did not select carries nothing. Note that in the masked
-    implementation the routes cost a dense `(E*expert_units)^2` matmul per token.
+    an expert the gate did not select carries nothing. With `top_k` they are
+    computed only between the experts a token visited: `k * (k - 1)` tiles of
+    `expert_units^2` a token. Without `top_k` (or with `dispatch="all"`, or in
+    the capacity dispatch) the masked routes cost a dense `(E*expert_units)^2`
+    matmul per token.
 
     **User experts** (`experts=[...]`): any Keras layers or models with equal
     output shapes, e.g. the CNN experts of seed 003.
