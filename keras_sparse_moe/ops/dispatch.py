@@ -148,12 +148,18 @@ def _sort_by_expert(flat, num_experts: int):
     # One sort of the unique keys (expert, assignment) is a stable sort by expert.
     order = ops.cast(ops.argsort(flat * count + ops.arange(count, dtype="int32")), "int32")
     rank = ops.cast(ops.argsort(order), "int32")  # the inverse permutation
-    # Group bounds by binary search in the sorted ids: no scatter, no E-wide one-hot.
-    experts = ops.arange(num_experts, dtype="int32")
-    sorted_ids = ops.take(flat, order)
-    start = ops.cast(ops.searchsorted(sorted_ids, experts, side="left"), "int32")
-    end = ops.cast(ops.searchsorted(sorted_ids, experts, side="right"), "int32")
-    return order, rank, end - start, start
+    if isinstance(count, int):
+        # Group bounds by binary search in the sorted ids: no scatter, no E-wide one-hot.
+        experts = ops.arange(num_experts, dtype="int32")
+        sorted_ids = ops.take(flat, order)
+        start = ops.cast(ops.searchsorted(sorted_ids, experts, side="left"), "int32")
+        sizes = ops.cast(ops.searchsorted(sorted_ids, experts, side="right"), "int32") - start
+    else:
+        # A symbolic length (JAX export with a free batch size): searchsorted needs a
+        # static one, a one-hot count does not.
+        sizes = ops.sum(ops.one_hot(flat, num_experts, dtype="int32"), axis=0)
+        start = ops.cumsum(sizes) - sizes
+    return order, rank, sizes, start
 
 
 def gather_slots(tokens, plan: DispatchPlan):
