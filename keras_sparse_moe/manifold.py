@@ -13,7 +13,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.validation import check_is_fitted
 
-from keras_sparse_moe import topologies
+from keras_sparse_moe import validation
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
 
@@ -274,16 +274,16 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
             )
         hidden = tuple(self.hidden)
         for width in hidden:
-            topologies.check_size("hidden", width, OWNER)
+            validation.check_size("hidden", width, OWNER)
         exaggeration = 1.0 if self.early_exaggeration is None else self.early_exaggeration
-        topologies.check_float(
+        validation.check_float(
             "early_exaggeration", exaggeration, OWNER, "a float >= 1 or None", lambda v: v >= 1
         )
-        topologies.check_float(
+        validation.check_float(
             "dropout", self.dropout, OWNER, "a float in [0, 1)", lambda v: 0 <= v < 1
         )
         if self.learning_rate is not None:
-            topologies.check_float(
+            validation.check_float(
                 "learning_rate", self.learning_rate, OWNER, "a float > 0 or None", lambda v: v > 0
             )
         if self.normalization not in NORMALIZATIONS:
@@ -303,7 +303,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
                 f"Received: exaggeration_epochs={epochs!r}"
             )
         if self.pca_components is not None:
-            topologies.check_size("pca_components", self.pca_components, OWNER)
+            validation.check_size("pca_components", self.pca_components, OWNER)
         return dof, hidden, float(exaggeration)
 
     def _build_network(self, x, hidden):
@@ -356,8 +356,8 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         epochs = self.epochs if epochs is None else epochs
         batch_size = self.batch_size if batch_size is None else batch_size
         verbose = self.verbose if verbose is None else verbose
-        topologies.check_size("epochs", epochs, OWNER)
-        topologies.check_size("batch_size", batch_size, OWNER)
+        validation.check_size("epochs", epochs, OWNER)
+        validation.check_size("batch_size", batch_size, OWNER)
         batch_size = min(batch_size, len(x))
         tsne.check_perplexity(float(self.perplexity), batch_size, OWNER)
         self.network = self._build_network(x, hidden)

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse_moe import topologies
+from keras_sparse_moe import validation
 
 __all__ = ["ActivationTable", "activation_rates", "gate_values_fn"]
 
@@ -194,7 +194,7 @@ def activation_rates(
             "`activation_rates` got `by_class` names that are not in `data`. "
             f"Expected names from {sorted(data, key=str)}. Received: {unknown}"
         )
-    batch_size = topologies.check_size("batch_size", batch_size, "activation_rates")
+    batch_size = validation.check_size("batch_size", batch_size, "activation_rates")
     values_of = gate_values_fn(model_or_gate, layer)
     rows, values, counts = [], [], []
     for name, inputs in data.items():

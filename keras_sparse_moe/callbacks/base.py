@@ -64,7 +64,7 @@ class SparseTrainingCallback(keras.callbacks.Callback):
 
     def __init__(self, exclude=None, seed=None):
         super().__init__()
-        from keras_sparse_moe.topologies import check_seed
+        from keras_sparse_moe.validation import check_seed
 
         self.exclude = _check_exclude(exclude, type(self).__name__)
         self.seed = check_seed(seed, type(self).__name__)

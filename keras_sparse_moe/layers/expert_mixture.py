@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import activations, initializers, ops
 
-from keras_sparse_moe import _runtime, losses, topologies
+from keras_sparse_moe import _runtime, losses, validation
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
 from keras_sparse_moe.layers.sparse_kernel import IMPLEMENTATIONS
@@ -249,19 +249,19 @@ class SparseExpertMixture(keras.layers.Layer):
                 f"`experts` (a list of layers), exactly one. Received: num_experts="
                 f"{num_experts!r}, experts={'None' if experts is None else 'a list'}"
             )
-        self.seed = topologies.check_seed(seed, OWNER)
+        self.seed = validation.check_seed(seed, OWNER)
         if experts is None:
-            num_experts = topologies.check_size("num_experts", num_experts, OWNER)
+            num_experts = validation.check_size("num_experts", num_experts, OWNER)
             if units is None:
                 raise ValueError(
                     f"`{OWNER}` with built-in experts needs `units`, their output width. "
                     "Received: units=None"
                 )
-            units = topologies.check_size("units", units, OWNER)
+            units = validation.check_size("units", units, OWNER)
             hidden = units if expert_units is None else expert_units
-            hidden = topologies.check_size("expert_units", hidden, OWNER)
+            hidden = validation.check_size("expert_units", hidden, OWNER)
             density = 0.1 if expert_density is None else expert_density
-            density = topologies.check_density(density, OWNER, "expert_density")
+            density = validation.check_density(density, OWNER, "expert_density")
             routes = 0.0 if route_density is None else route_density
             if (
                 isinstance(routes, bool)
@@ -297,7 +297,7 @@ class SparseExpertMixture(keras.layers.Layer):
                     f"apply to user `experts`. Received: {given}"
                 )
             if units is not None:
-                units = topologies.check_size("units", units, OWNER)
+                units = validation.check_size("units", units, OWNER)
             num_experts = len(experts)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse_moe import topologies
+from keras_sparse_moe import validation
 from keras_sparse_moe.ops import dispatch
 
 __all__ = ["Gate", "NoisyTopKGate", "OracleGate", "Routing", "SoftmaxGate", "get"]
@@ -85,7 +85,7 @@ class Gate(keras.layers.Layer):
     def __init__(self, num_experts, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.num_experts = topologies.check_size("num_experts", num_experts, type(self).__name__)
+        self.num_experts = validation.check_size("num_experts", num_experts, type(self).__name__)
 
     @property
     def loss_weights(self) -> dict:
@@ -221,7 +221,7 @@ class NoisyTopKGate(Gate):
             )
         self.top_k = int(top_k)
         self.noise_epsilon = float(noise_epsilon)
-        self.seed = topologies.check_seed(seed, "NoisyTopKGate")
+        self.seed = validation.check_seed(seed, "NoisyTopKGate")
         self.seed_generator = keras.random.SeedGenerator(self.seed)
 
     def build(self, input_shape):

@@ -12,7 +12,7 @@ from keras_sparse_moe import _runtime
 from keras_sparse_moe.layers.gates import Gate, Routing
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
-from keras_sparse_moe.topologies import check_float, check_seed
+from keras_sparse_moe.validation import check_float, check_seed
 
 __all__ = ["EXPERT_POSITIONS", "PTSNEGate", "grid_positions"]
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse_moe import topologies
+from keras_sparse_moe import validation
 from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer, with_connectivity_signature
 
 __all__ = ["SparseConv1D", "SparseConv2D"]
@@ -57,7 +57,7 @@ class _SparseConv(SparseKernelLayer):
         **kwargs,
     ):
         owner = type(self).__name__
-        filters = topologies.check_size("filters", filters, owner)
+        filters = validation.check_size("filters", filters, owner)
         kernel_size = _int_tuple(kernel_size, self.rank, "kernel_size", owner)
         super().__init__(filters, kernel_dims=kernel_size, **kwargs)
         self.filters = int(filters)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_sparse_moe import topologies
+from keras_sparse_moe import validation
 from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer, with_connectivity_signature
 from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
 
@@ -108,7 +108,7 @@ class SparseDense(SparseKernelLayer):
     """
 
     def __init__(self, units, **kwargs):
-        units = topologies.check_size("units", units, "SparseDense")
+        units = validation.check_size("units", units, "SparseDense")
         super().__init__(units, **kwargs)
         self.units = int(units)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from keras import activations, constraints, initializers, ops, regularizers
 
-from keras_sparse_moe import topologies
+from keras_sparse_moe import topologies, validation
 from keras_sparse_moe.ops.masking import decode_mask, encode_mask, mask_gradient
 
 __all__ = [
@@ -96,9 +96,9 @@ class SparseKernelLayer(keras.layers.Layer):
                 f"Received: density={density}, epsilon={epsilon}"
             )
         if density is not None:
-            density = topologies.check_density(density, owner)
+            density = validation.check_density(density, owner)
         if epsilon is not None:
-            epsilon = topologies.check_epsilon(epsilon, owner)
+            epsilon = validation.check_epsilon(epsilon, owner)
         topologies.get(topology)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
@@ -110,7 +110,7 @@ class SparseKernelLayer(keras.layers.Layer):
                 f"`{owner}` got an invalid `topology_kwargs`. Expected a dict "
                 f"or None. Received: topology_kwargs={topology_kwargs!r}"
             )
-        self.seed = topologies.check_seed(seed, owner)
+        self.seed = validation.check_seed(seed, owner)
         if (
             topology_kwargs
             and "degree" in topology_kwargs

@@ -1,4 +1,4 @@
-"""Seeded builders of binary connectivity masks, block patterns bounding them, spectral metrics.
+"""Seeded builders of binary connectivity masks, and the registry of their names.
 
 Every builder is a pure function returning a `float32` numpy array of shape
 `(n_in, n_out)` holding only 0 and 1: entry `[i, j]` is 1 when input `i` feeds
@@ -8,133 +8,25 @@ seed; the circulant ones (`structured_regular`, `fibonacci`) are deterministic.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
-import scipy.linalg
+
+from keras_sparse_moe.topologies.allocation import density_from_epsilon
+from keras_sparse_moe.topologies.blocks import cluster_ids
+from keras_sparse_moe.validation import check_density, check_seed, check_size
 
 __all__ = [
     "TOPOLOGIES",
-    "BlockPattern",
-    "algebraic_connectivity",
-    "density_from_epsilon",
     "erdos_renyi",
     "erdos_renyi_positions",
-    "erk_densities",
     "fibonacci",
     "get",
     "pseudo_random_regular",
     "random_regular",
     "small_world",
-    "spectral_gap",
     "structured_regular",
 ]
-
-
-# --------------------------------------------------------------------------- #
-# Argument checks shared by the builders and the layers.
-# --------------------------------------------------------------------------- #
-def check_size(name: str, value, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"`{owner}` got an invalid `{name}`. Expected a positive int. "
-            f"Received: {name}={value!r} of type {type(value).__name__}"
-        )
-    if value <= 0:
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected a positive int. Received: {name}={value}"
-        )
-    return int(value)
-
-
-def check_float(name: str, value, owner: str, expected: str, valid) -> float:
-    """`value` as a float: `TypeError` unless a real number, `ValueError` unless `valid(value)`.
-
-    `expected` completes "Expected ..." in the message, e.g. "a float > 0".
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            f"`{owner}` got an invalid `{name}`. Expected {expected}. Received: {name}={value!r}"
-        )
-    if not valid(value):
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected {expected}. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def check_seed(seed, owner: str):
-    """Returns `seed` if it is None or an int, else raises a `TypeError`."""
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(
-            f"`{owner}` got an invalid `seed`. Expected an int or None. "
-            f"Received: seed={seed!r} of type {type(seed).__name__}"
-        )
-    if seed < 0:
-        raise ValueError(
-            f"`{owner}` got an invalid `seed`. Expected a non-negative int. Received: seed={seed}"
-        )
-    return int(seed)
-
-
-def check_density(density, owner: str, name: str = "density") -> float:
-    """Returns `density` as a float if it lies in (0, 1], else raises."""
-    if isinstance(density, bool) or not isinstance(density, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            f"`{owner}` got an invalid `{name}`. Expected a float in (0, 1]. "
-            f"Received: {name}={density!r} of type {type(density).__name__}"
-        )
-    if not 0.0 < float(density) <= 1.0 or math.isnan(float(density)):
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected a float in (0, 1]. "
-            f"Received: {name}={density}"
-        )
-    return float(density)
-
-
-def check_epsilon(epsilon, owner: str) -> float:
-    """Returns `epsilon` as a float if it is a positive number, else raises."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            f"`{owner}` got an invalid `epsilon`. Expected a positive number. "
-            f"Received: epsilon={epsilon!r} of type {type(epsilon).__name__}"
-        )
-    if not epsilon > 0:
-        raise ValueError(
-            f"`{owner}` got an invalid `epsilon`. Expected a positive number. "
-            f"Received: epsilon={epsilon}"
-        )
-    return float(epsilon)
-
-
-def density_from_epsilon(epsilon: float, n_in: int, n_out: int, kernel_dims=()) -> float:
-    """SET's density `p = epsilon * (n_in + n_out) / (n_in * n_out)`.
-
-    For a convolution kernel `(*kernel_dims, n_in, n_out)` the kernel
-    dimensions count as in ERK (Evci et al. 2020): `p = epsilon *
-    sum(shape) / prod(shape)`. Raises a `ValueError` when `epsilon` is not
-    positive or gives `p > 1`.
-
-    Example:
-    >>> round(density_from_epsilon(20, 784, 1000), 4)
-    0.0455
-    >>> round(density_from_epsilon(2, 64, 64, kernel_dims=(3, 3)), 4)
-    0.0073
-    """
-    epsilon = check_epsilon(epsilon, "density_from_epsilon")
-    shape = (*kernel_dims, n_in, n_out)
-    density = float(epsilon) * sum(shape) / math.prod(shape)
-    if density > 1.0:
-        max_epsilon = math.prod(shape) / sum(shape)
-        raise ValueError(
-            f"`epsilon={epsilon}` gives a density of {density:.3g} > 1 for a "
-            f"{'x'.join(str(d) for d in shape)} kernel. Use epsilon <= {max_epsilon:.4g} or "
-            "pass `density` instead."
-        )
-    return density
 
 
 def _degree(n_out: int, density, degree, owner: str) -> int:
@@ -447,152 +339,6 @@ def pseudo_random_regular(
     return _circulant(n_in, n_out, row)
 
 
-def cluster_ids(n: int, num_clusters: int) -> np.ndarray:
-    """Assigns `n` units to `num_clusters` contiguous, near-equal blocks."""
-    return (np.arange(n) * num_clusters) // n
-
-
-class BlockPattern:
-    """Where a layer's connections may exist, stated per block (no dense array needed).
-
-    The inputs are split into `R` and the outputs into `C` contiguous,
-    near-equal groups (`cluster_ids`, as `small_world` splits its clusters);
-    input `i` may feed output `j` when `blocks[group(i), group(j)]` is 1. A
-    `(n_in, n_out)` array is the finest pattern (groups of one). Growth steps
-    (SET, RigL) only grow where the pattern allows, and `SparseDense` checks
-    its initial mask against it; the test on a position is a few integer ops,
-    so a layer of any size is bounded by an `R x C` array.
-
-    Args:
-        blocks: Binary 2-D array `(R, C)`.
-
-    Example:
-
-    >>> import numpy as np
-    >>> routes = BlockPattern.between_clusters(3)  # links only between different clusters
-    >>> routes.dense((6, 6)).astype(int)[:2].tolist()
-    [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
-    >>> routes.count((6, 6))
-    24
-    """
-
-    def __init__(self, blocks):
-        blocks = np.asarray(blocks)
-        if blocks.ndim != 2 or blocks.size == 0:
-            raise ValueError(
-                "`BlockPattern` got invalid `blocks`. Expected a non-empty 2-D binary "
-                f"array (R, C). Received: shape {blocks.shape}"
-            )
-        if not np.all((blocks == 0) | (blocks == 1)):
-            raise ValueError(
-                "`BlockPattern` got non-binary `blocks`. Expected only 0 and 1. Received "
-                f"values such as {np.unique(blocks[(blocks != 0) & (blocks != 1)])[:5].tolist()}"
-            )
-        if not blocks.any():
-            raise ValueError("`BlockPattern` got `blocks` with no 1: no connection could exist.")
-        self.blocks = blocks.astype(bool)
-
-    @classmethod
-    def between_clusters(cls, num_clusters: int) -> BlockPattern:
-        """Links only between different clusters (the routes of a mixture of experts)."""
-        num_clusters = check_size("num_clusters", num_clusters, "BlockPattern")
-        if num_clusters < 2:
-            raise ValueError(
-                "`BlockPattern.between_clusters` needs at least 2 clusters. "
-                f"Received: num_clusters={num_clusters}"
-            )
-        return cls(1 - np.eye(num_clusters, dtype=int))
-
-    @classmethod
-    def within_clusters(cls, num_clusters: int) -> BlockPattern:
-        """Links only inside each cluster (block-diagonal)."""
-        return cls(np.eye(check_size("num_clusters", num_clusters, "BlockPattern"), dtype=int))
-
-    def check(self, shape, owner: str = "BlockPattern"):
-        """Raises unless the pattern can split a `(n_in, n_out)` kernel."""
-        rows, cols = self.blocks.shape
-        if rows > shape[0] or cols > shape[1]:
-            raise ValueError(
-                f"`{owner}` got an `allowed` pattern of {rows}x{cols} blocks, more than its "
-                f"kernel has rows or columns. Expected at most {tuple(shape)}. Received: "
-                f"blocks.shape={self.blocks.shape}"
-            )
-        for n, g in zip(shape, self.blocks.shape):
-            if g != n and n * g > 2**31 - 1:  # `contains` computes (i * g) // n in int32
-                raise ValueError(
-                    f"`{owner}` got an `allowed` pattern too fine for int32 block lookup on a "
-                    f"{tuple(shape)} kernel: use fewer blocks, or one per row/column. "
-                    f"Received: blocks.shape={self.blocks.shape}"
-                )
-
-    def _groups(self, shape):
-        rows, cols = self.blocks.shape
-        return cluster_ids(shape[0], rows), cluster_ids(shape[1], cols)
-
-    def dense(self, shape) -> np.ndarray:
-        """The `(n_in, n_out)` boolean array of allowed positions (small layers, tests)."""
-        self.check(shape)
-        rows, cols = self._groups(shape)
-        return self.blocks[rows[:, None], cols[None, :]]
-
-    def count(self, shape) -> int:
-        """Number of allowed positions of a `(n_in, n_out)` kernel."""
-        self.check(shape)
-        rows, cols = self._groups(shape)
-        row_sizes = np.bincount(rows, minlength=self.blocks.shape[0])
-        col_sizes = np.bincount(cols, minlength=self.blocks.shape[1])
-        return int(row_sizes @ self.blocks.astype(np.int64) @ col_sizes)
-
-    def contains(self, positions, shape):
-        """Boolean tensor: which flat (row-major) `positions` of a `(n_in, n_out)` kernel
-        are allowed. `keras.ops` only: usable inside compiled steps."""
-        from keras import ops
-
-        positions = ops.cast(positions, "int32")
-        n_out = int(shape[1])
-        return self.contains_indices(positions // n_out, positions % n_out, shape)
-
-    def contains_indices(self, rows, cols, shape):
-        """Boolean tensor: which `(rows[k], cols[k])` of a `(n_in, n_out)` kernel are
-        allowed (`keras.ops`, any kernel size whose sides fit in int32)."""
-        from keras import ops
-
-        n_in, n_out = int(shape[0]), int(shape[1])
-        r, c = self.blocks.shape
-        row, col = ops.cast(rows, "int32"), ops.cast(cols, "int32")
-        # Group of index i among n in g groups: (i * g) // n, as `cluster_ids`.
-        row = row if r == n_in else row * r // n_in
-        col = col if c == n_out else col * c // n_out
-        flat = ops.convert_to_tensor(self.blocks.ravel())
-        return ops.take(flat, ops.clip(row * c + col, 0, r * c - 1))
-
-    def allows(self, rows, cols, shape) -> np.ndarray:
-        """numpy `contains_indices`: which `(rows[k], cols[k])` are allowed."""
-        n_in, n_out = int(shape[0]), int(shape[1])
-        r, c = self.blocks.shape
-        row = np.asarray(rows, np.int64) * r // n_in
-        col = np.asarray(cols, np.int64) * c // n_out
-        return self.blocks[row, col]
-
-    def get_config(self) -> dict:
-        from keras_sparse_moe.ops.masking import encode_mask
-
-        return {"blocks": encode_mask(self.blocks)}
-
-    @classmethod
-    def from_config(cls, config) -> BlockPattern:
-        from keras_sparse_moe.ops.masking import decode_mask
-
-        return cls(decode_mask(config["blocks"]))
-
-    def __eq__(self, other):
-        return isinstance(other, BlockPattern) and np.array_equal(self.blocks, other.blocks)
-
-    def __repr__(self):
-        allowed = int(self.blocks.sum())
-        return f"BlockPattern(blocks of shape {self.blocks.shape}, {allowed} allowed)"
-
-
 def small_world(
     n_in: int,
     n_out: int,
@@ -664,84 +410,3 @@ def get(name: str) -> Callable[..., np.ndarray]:
             f"Unknown `topology`. Expected one of {sorted(TOPOLOGIES)}. Received: topology={name!r}"
         )
     return TOPOLOGIES[name]
-
-
-def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float]:
-    """RigL's Erdős–Rényi-Kernel allocation of a global density over layers.
-
-    A layer of shape `(..., n_in, n_out)` (kernel dimensions first for convs)
-    gets a density proportional to `sum(shape) / prod(shape)`, scaled so the
-    total number of weights kept is `density * sum(prod(shape))`. Layers whose
-    density would exceed 1 are made dense and the scale re-solved for the rest
-    (Evci et al. 2020).
-
-    Example:
-    >>> [round(d, 3) for d in erk_densities([(784, 300), (300, 100), (100, 10)], 0.1)]
-    [0.08, 0.23, 1.0]
-    """
-    density = check_density(density, "erk_densities")
-    shapes = [tuple(int(d) for d in s) for s in shapes]
-    if not shapes or any(len(s) < 2 or min(s) <= 0 for s in shapes):
-        raise ValueError(
-            "`erk_densities` needs a non-empty list of shapes with at least two "
-            f"positive dimensions each. Received: shapes={shapes}"
-        )
-    sizes = np.array([math.prod(s) for s in shapes], dtype=np.float64)
-    scores = np.array([sum(s) / math.prod(s) for s in shapes], dtype=np.float64)
-    budget = density * sizes.sum()
-    dense = np.zeros(len(shapes), dtype=bool)
-    while True:
-        free_budget = budget - sizes[dense].sum()
-        scale = free_budget / np.sum(scores[~dense] * sizes[~dense])
-        result = np.where(dense, 1.0, scale * scores)
-        newly_dense = (~dense) & (result > 1.0)
-        if not newly_dense.any():
-            return [float(d) for d in result]
-        dense |= newly_dense
-
-
-# --------------------------------------------------------------------------- #
-# Spectral metrics of the bipartite graph (inputs + outputs as nodes).
-# --------------------------------------------------------------------------- #
-def _check_mask(mask) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.size == 0:
-        raise ValueError(f"Expected a 2-D mask of shape (n_in, n_out). Received shape {mask.shape}")
-    return (mask != 0).astype(np.float64)
-
-
-def algebraic_connectivity(mask) -> float:
-    """Second-smallest eigenvalue of the Laplacian of the bipartite graph.
-
-    The graph has `n_in + n_out` nodes and an edge per nonzero of `mask`. The
-    value is 0 for a disconnected graph and grows with how well connected it
-    is (Fiedler 1973); seed 002 found accuracy tracks it.
-
-    Example:
-    >>> round(algebraic_connectivity([[1, 1], [1, 1]]), 6)
-    2.0
-    """
-    m = _check_mask(mask)
-    n_in, n_out = m.shape
-    laplacian = np.zeros((n_in + n_out, n_in + n_out))
-    laplacian[:n_in, n_in:] = -m
-    laplacian[n_in:, :n_in] = -m.T
-    laplacian[np.diag_indices_from(laplacian)] = np.concatenate([m.sum(axis=1), m.sum(axis=0)])
-    values = scipy.linalg.eigh(laplacian, eigvals_only=True, subset_by_index=[0, 1])
-    return float(max(values[1], 0.0))
-
-
-def spectral_gap(mask) -> float:
-    """Gap between the two largest adjacency eigenvalues of the bipartite graph.
-
-    For a bipartite graph the adjacency eigenvalues are `±` the singular
-    values of `mask`, so the gap is `s_1 - s_2`. A large gap means a good
-    expander (fast mixing); seed 002 found accuracy tracks it.
-
-    Example:
-    >>> round(spectral_gap([[1, 1], [1, 1]]), 6)
-    2.0
-    """
-    s = scipy.linalg.svdvals(_check_mask(mask))
-    second = s[1] if s.size > 1 else 0.0
-    return float(s[0] - second)
