@@ -206,7 +206,7 @@ def report_ptsne(extras, args):
     """Activation-rate table, gate map, saving: the PTSNE-gated mixture of one dataset."""
     model, data = extras["model"], extras["data"]
     tag = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(data.name)[0].lower()).strip("_")
-    table = ksm.metrics.activation_rates(
+    table = ksm.routing.activation_rates(
         model, {tag: data.x_test}, by_class={tag: data.y_test}, verbose=False
     )
     print(f"\nPer-class activation rates on {data.name} (mean gate value per class and expert)")

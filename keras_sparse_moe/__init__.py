@@ -8,17 +8,19 @@ from keras_sparse_moe import (
     layers,
     losses,
     manifold,
-    metrics,
     ops,
     optimizers,
     plots,
+    routing,
     schedules,
     topologies,
+    validation,
 )
 from keras_sparse_moe.conversion import convert_implementation, sparsify
 from keras_sparse_moe.layers import SparseDense, SparseExpertMixture
 from keras_sparse_moe.manifold import ParametricTSNE
 from keras_sparse_moe.reporting import summary
+from keras_sparse_moe.walk import find_layers
 
 __version__ = "0.1.0"
 
@@ -31,16 +33,18 @@ __all__ = [
     "constraints",
     "convert_implementation",
     "datasets",
+    "find_layers",
     "distribution",
     "layers",
     "losses",
     "manifold",
-    "metrics",
     "ops",
     "optimizers",
     "plots",
+    "routing",
     "schedules",
     "sparsify",
     "summary",
     "topologies",
+    "validation",
 ]

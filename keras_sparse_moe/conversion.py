@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers import SparseConv1D, SparseConv2D, SparseDense, SparseKernelLayer
+from keras_sparse_moe.walk import find_layers, own_trainable_weights
 
 __all__ = ["convert_implementation", "sparsify"]
 
@@ -114,11 +115,11 @@ def sparsify(
     chosen = _choose(convertible, include, exclude, reachable, model.name)
     skipped = [
         x
-        for x in model._flatten_layers(include_self=False)
+        for x in find_layers(model)
         if x not in convertible
         and not isinstance(x, SparseKernelLayer)
         and not _is_container(x)
-        and any(len(w.shape) >= 2 for w in x._trainable_variables)
+        and any(len(w.shape) >= 2 for w in own_trainable_weights(x))
     ]
     if skipped:
         warnings.warn(
@@ -260,31 +261,35 @@ def convert_implementation(model, implementation):
             config["implementation"] = implementation
         return layer.__class__.from_config(config)
 
-    clone = _clone(model, convert)
-    for old, new in zip(
-        model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
-    ):
-        if _is_container(old):
-            continue
-        if isinstance(old, SparseKernelLayer) and isinstance(new, SparseKernelLayer):
-            new.assign_connections(
-                *old.connection_indices(), ops.convert_to_numpy(old.connection_values())
-            )
-            if old.use_bias:
-                new.bias.assign(ops.convert_to_numpy(old.bias))
-        elif old.weights:
-            new.set_weights([np.asarray(ops.convert_to_numpy(w)) for w in old.weights])
-    return clone
+    return _clone(model, convert)
 
 
 def _clone(model, clone_function):
+    """`model` cloned by `clone_function`, every layer's weights copied over: a
+    sparse layer's connections (or a dense kernel's entries at the new sparse
+    layer's connections) and bias, any other layer's weights as they are."""
     try:
-        return keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+        clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
     except ValueError as error:
         raise ValueError(
             "Converting works on Sequential and Functional models; rebuild a subclassed "
             f"model with sparse layers instead. Keras said: {error}"
         ) from error
+    for old, new in zip(find_layers(model), find_layers(clone)):
+        if _is_container(old):
+            continue
+        if isinstance(new, SparseKernelLayer):
+            if isinstance(old, SparseKernelLayer):
+                new.assign_connections(
+                    *old.connection_indices(), ops.convert_to_numpy(old.connection_values())
+                )
+            else:
+                new.assign_dense_kernel(ops.convert_to_numpy(old.kernel))
+            if old.use_bias:
+                new.bias.assign(ops.convert_to_numpy(old.bias))
+        elif old.weights:
+            new.set_weights([np.asarray(ops.convert_to_numpy(w)) for w in old.weights])
+    return clone
 
 
 def replace_layers(model, sparse_arguments):
@@ -303,16 +308,4 @@ def replace_layers(model, sparse_arguments):
                 return CONVERTIBLE[type(layer)](density_aware_init=False, **arguments, **kwargs)
         return layer.__class__.from_config(layer.get_config())
 
-    clone = _clone(model, convert)
-    for old, new in zip(
-        model._flatten_layers(include_self=False), clone._flatten_layers(include_self=False)
-    ):
-        if _is_container(old):
-            continue
-        if isinstance(new, SparseKernelLayer) and not isinstance(old, SparseKernelLayer):
-            new.assign_dense_kernel(ops.convert_to_numpy(old.kernel))
-            if old.use_bias:
-                new.bias.assign(ops.convert_to_numpy(old.bias))
-        elif old.weights:
-            new.set_weights([np.asarray(ops.convert_to_numpy(w)) for w in old.weights])
-    return clone
+    return _clone(model, convert)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_sparse_moe.walk import find_layers
+
 __all__ = ["EXPERT_AXIS", "expert_layout_map", "expert_variable_layouts"]
 
 EXPERT_AXIS = "model"
@@ -30,11 +32,7 @@ _PATTERNS = {_BANK + r"(?:kernel|mask)": (None, EXPERT_AXIS), _BANK + r"bias": (
 def _mixtures(model):
     from keras_sparse_moe.layers import SparseExpertMixture
 
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=True)
-        if isinstance(layer, SparseExpertMixture)
-    ]
+    return find_layers(model, SparseExpertMixture, include_self=True)
 
 
 def expert_layout_map(model, mesh, axis=EXPERT_AXIS, layout_map=None):

@@ -66,7 +66,7 @@ def activation_table(table, ax=None, path=None, title=None):
     """Heatmap of an `ActivationTable` (rows: data, columns: experts), values written in.
 
     Args:
-        table: A `keras_sparse_moe.metrics.ActivationTable`.
+        table: A `keras_sparse_moe.routing.ActivationTable`.
         ax: Optional matplotlib axes to draw on.
         path: Optional file to save the figure to.
         title: Optional title.
@@ -155,7 +155,7 @@ def gate_map(model_or_gate, x, y=None, layer=None, ax=None, path=None, title=Non
         The `(n, 2)` standardised map points drawn.
     """
     from keras_sparse_moe.layers import PTSNEGate
-    from keras_sparse_moe.metrics import _slices, gate_values_fn
+    from keras_sparse_moe.routing import _slices, gate_values_fn
 
     values_of = gate_values_fn(model_or_gate, layer, owner="gate_map", embedding=True)
     gate = values_of.gate

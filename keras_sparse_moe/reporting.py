@@ -11,6 +11,8 @@ import math
 import keras
 import numpy as np
 
+from keras_sparse_moe.walk import find_layers, own_trainable_weights
+
 __all__ = ["executed_flops", "summary", "summary_rows", "weights_used"]
 
 
@@ -41,7 +43,7 @@ def _rows_and_kernels(model):
             "an input or build it first."
         )
     rows, kernels = [], []
-    for layer in model._flatten_layers(include_self=True):
+    for layer in find_layers(model, include_self=True):
         if isinstance(layer, SparseKernelLayer) and layer.built:
             dense = math.prod(layer.weight_shape)
             rows.append(
@@ -57,7 +59,7 @@ def _rows_and_kernels(model):
             )
             kernels.append(id(layer.storage_variables[0]))
             continue
-        for variable in layer._trainable_variables:
+        for variable in own_trainable_weights(layer):
             constraint = getattr(variable, "constraint", None)
             if isinstance(constraint, MaskConstraint):
                 dense = math.prod(variable.shape)
@@ -240,7 +242,7 @@ def _count(layer, batch_size, counts, top=False):
     elif isinstance(layer, keras.layers.Dense):
         counts[layer.name] = 2 * math.prod(layer.kernel.shape) * _positions(layer)
     else:
-        for child in layer._flatten_layers(include_self=False, recursive=False):
+        for child in find_layers(layer, recursive=False):
             _count(child, batch_size, counts)
 
 
@@ -250,7 +252,7 @@ def _gate_flops(gate) -> int:
     if isinstance(gate, NoisyTopKGate):  # the clean logits; the noise is training-only
         return 2 * math.prod(gate.gate_kernel.shape)
     counts = {}
-    for child in gate._flatten_layers(include_self=False, recursive=False):
+    for child in find_layers(gate, recursive=False):
         _count(child, 1, counts)
     flops = sum(counts.values())
     if isinstance(gate, PTSNEGate):  # squared distances from the map to each expert's place

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from keras_sparse_moe import _runtime
+from keras_sparse_moe.walk import find_layers
 
 __all__ = ["SparseTrainingCallback", "find_sparse_layers"]
 
@@ -15,17 +16,13 @@ def find_sparse_layers(model, exclude=(), owner="callback"):
     from keras_sparse_moe.layers import SparseKernelLayer
 
     excluded = {x if isinstance(x, str) else x.name for x in exclude}
-    names = {layer.name for layer in model._flatten_layers(include_self=False)}
+    names = {layer.name for layer in find_layers(model)}
     if excluded - names:
         raise ValueError(
             f"`{owner}` got `exclude` names that match no layer of model '{model.name}'. "
             f"Received: exclude={sorted(excluded)}; unknown: {sorted(excluded - names)}"
         )
-    found = [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, SparseKernelLayer) and layer.name not in excluded
-    ]
+    found = [layer for layer in find_layers(model, SparseKernelLayer) if layer.name not in excluded]
     if not found:
         raise ValueError(
             f"`{owner}` found no `SparseDense` layer to act on in model "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from keras_sparse_moe import _runtime, metrics
+from keras_sparse_moe import _runtime, routing
+from keras_sparse_moe.walk import find_layers
 
 __all__ = ["ActivationRateLogger"]
 
@@ -17,7 +18,7 @@ class ActivationRateLogger(keras.callbacks.Callback):
     - for every `SparseExpertMixture` of the model, the epoch mean of each of its
       balancing losses (`"<layer>/<loss>"`, unweighted) and, with the capacity
       dispatch, the fraction of assignments dropped (`"<layer>/overflow"`);
-    - with `data`, the activation-rate table of `keras_sparse_moe.metrics.
+    - with `data`, the activation-rate table of `keras_sparse_moe.routing.
       activation_rates` as scalars `"rate/<row>/<expert>"`, printed when
       `verbose`, kept in `self.tables` (one per logged epoch).
 
@@ -64,7 +65,9 @@ class ActivationRateLogger(keras.callbacks.Callback):
         self.tables = []
 
     def on_train_begin(self, logs=None):
-        self.mixtures = metrics._find_mixtures(self.model)
+        from keras_sparse_moe.layers import SparseExpertMixture
+
+        self.mixtures = find_layers(self.model, SparseExpertMixture, include_self=True)
         if not self.mixtures:
             raise ValueError(
                 f"`ActivationRateLogger` found no `SparseExpertMixture` in model "
@@ -106,7 +109,7 @@ class ActivationRateLogger(keras.callbacks.Callback):
             mixture.reset_statistics()
         if self.data is None:
             return
-        table = metrics.activation_rates(
+        table = routing.activation_rates(
             self.model,
             self.data,
             by_class=self.by_class,

@@ -71,7 +71,3 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
         if not newly_dense.any():
             return [float(d) for d in result]
         dense |= newly_dense
-
-
-# --------------------------------------------------------------------------- #
-# Spectral metrics of the bipartite graph (inputs + outputs as nodes).

@@ -248,7 +248,7 @@ def _oracle_model(capacity_factor=1.0):
 def test_oracle_gate_sends_each_sample_to_its_expert():
     model = _oracle_model(capacity_factor=2.0)
     index = (Y % 2).astype("int32")
-    table = ksm.metrics.activation_rates(
+    table = ksm.routing.activation_rates(
         model,
         {"even": [X[index == 0], index[index == 0]], "odd": [X[index == 1], index[index == 1]]},
         verbose=False,

@@ -146,7 +146,7 @@ def test_in_a_mixture_with_top_k_capacity_balancing_set_and_xla():
     assert len(kl) == 2 and all(np.isfinite(kl)) and kl[-1] > 0
     assert f"{mixture.name}/batch_entropy" in history.history
     assert_masked_weights_zero(model)
-    rates = ksm.metrics.activation_rates(model, {"digits": X}, verbose=False)
+    rates = ksm.routing.activation_rates(model, {"digits": X}, verbose=False)
     assert rates.values.shape == (1, 4) and rates.values.sum() == pytest.approx(1.0, abs=1e-4)
     embedding = to_numpy(mixture.gate_embedding(X[:10]))
     assert embedding.shape == (10, 2)

@@ -19,7 +19,7 @@ def _mixture(**kwargs):
 def test_rates_are_mean_gate_values_per_dataset_and_class():
     mixture = _mixture(top_k=2)
     labels = RNG.integers(0, 2, 25)
-    table = ksm.metrics.activation_rates(
+    table = ksm.routing.activation_rates(
         mixture, {"a": X[:25], "b": X[25:]}, by_class={"a": labels}, batch_size=7, verbose=False
     )
     gates = to_numpy(mixture.gate_values(X))
@@ -38,14 +38,14 @@ def test_rates_are_mean_gate_values_per_dataset_and_class():
 def test_rates_of_a_mixture_with_gate_inputs_and_of_a_gate():
     mixture = _mixture(gate=OracleGate(3))
     index = np.array([0, 2, 2, 1], dtype="int32")
-    table = ksm.metrics.activation_rates(mixture, {"x": (X[:4], index)}, verbose=False)
+    table = ksm.routing.activation_rates(mixture, {"x": (X[:4], index)}, verbose=False)
     np.testing.assert_allclose(table.values, [[0.25, 0.25, 0.5]])
-    table = ksm.metrics.activation_rates(OracleGate(3), {"x": index}, verbose=False)
+    table = ksm.routing.activation_rates(OracleGate(3), {"x": index}, verbose=False)
     np.testing.assert_allclose(table.values, [[0.25, 0.25, 0.5]])
 
 
 def test_activation_table_plot(tmp_path):
-    table = ksm.metrics.activation_rates(
+    table = ksm.routing.activation_rates(
         OracleGate(2), {"a": np.zeros(3, "int32"), "b": np.ones(2, "int32")}, verbose=False
     )
     path = tmp_path / "table.png"
@@ -57,17 +57,17 @@ def test_errors():
     inputs = keras.Input((6,))
     model = keras.Model(inputs, _mixture()(inputs) + _mixture()(inputs))
     with pytest.raises(ValueError, match="exactly one"):
-        ksm.metrics.activation_rates(model, {"x": X}, verbose=False)
+        ksm.routing.activation_rates(model, {"x": X}, verbose=False)
     with pytest.raises(TypeError, match="dict"):
-        ksm.metrics.activation_rates(model, X, verbose=False)
+        ksm.routing.activation_rates(model, X, verbose=False)
     with pytest.raises(TypeError, match="model_or_gate"):
-        ksm.metrics.activation_rates("model", {"x": X}, verbose=False)
+        ksm.routing.activation_rates("model", {"x": X}, verbose=False)
     with pytest.raises(ValueError, match="3 labels"):
-        ksm.metrics.activation_rates(_mixture(), {"x": X}, by_class={"x": [0, 1, 2]}, verbose=False)
+        ksm.routing.activation_rates(_mixture(), {"x": X}, by_class={"x": [0, 1, 2]}, verbose=False)
     with pytest.raises(ValueError, match=r"Received: \['y'\]"):
-        ksm.metrics.activation_rates(_mixture(), {"x": X}, by_class={"y": [0]}, verbose=False)
+        ksm.routing.activation_rates(_mixture(), {"x": X}, by_class={"y": [0]}, verbose=False)
     with pytest.raises(ValueError, match="batch_size=0"):
-        ksm.metrics.activation_rates(_mixture(), {"x": X}, batch_size=0, verbose=False)
+        ksm.routing.activation_rates(_mixture(), {"x": X}, batch_size=0, verbose=False)
     with pytest.raises(ValueError, match="every=0"):
         ksm.callbacks.ActivationRateLogger(every=0)
     plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
@@ -112,10 +112,20 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     before = matplotlib.get_backend()
     matplotlib.use("svg")
     try:
-        table = ksm.metrics.activation_rates(
+        table = ksm.routing.activation_rates(
             OracleGate(2), {"a": np.zeros(3, "int32")}, verbose=False
         )
         ksm.plots.activation_table(table, path=str(tmp_path / "t.png"))
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_metrics_is_a_deprecated_alias_of_routing():
+    import importlib
+    import sys
+
+    sys.modules.pop("keras_sparse_moe.metrics", None)
+    with pytest.warns(DeprecationWarning, match="keras_sparse_moe.routing"):
+        old = importlib.import_module("keras_sparse_moe.metrics")
+    assert old.activation_rates is ksm.routing.activation_rates
