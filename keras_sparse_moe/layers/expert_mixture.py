@@ -83,11 +83,7 @@ def _check_balance_losses(balance_losses, gate):
                 f"`{OWNER}` got an unknown balance loss {name!r}. Expected names from "
                 f"{sorted(BALANCE_LOSSES)}. Received: balance_losses={balance_losses!r}"
             )
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(
-                f"`{OWNER}` got an invalid weight for balance loss {name!r}. Expected a "
-                f"float >= 0. Received: {name}={weight!r}"
-            )
+        validation.check_float(name, weight, OWNER, "a balance-loss weight >= 0", lambda w: w >= 0)
         needs = BALANCE_LOSSES[name][1]
         if needs and needs not in gate.provides:
             raise ValueError(
@@ -262,15 +258,10 @@ class SparseExpertMixture(keras.layers.Layer):
             hidden = validation.check_size("expert_units", hidden, OWNER)
             density = 0.1 if expert_density is None else expert_density
             density = validation.check_density(density, OWNER, "expert_density")
-            routes = 0.0 if route_density is None else route_density
-            if (
-                isinstance(routes, bool)
-                or not isinstance(routes, (int, float))
-                or not 0 <= routes < 1
-            ):
-                raise ValueError(
-                    f"`{OWNER}` got an invalid `route_density`. Expected a float in "
-                    f"[0, 1). Received: route_density={route_density!r}"
+            routes = 0.0
+            if route_density is not None:
+                routes = validation.check_float(
+                    "route_density", route_density, OWNER, "a float in [0, 1)", lambda r: 0 <= r < 1
                 )
         else:
             if not isinstance(experts, (list, tuple)) or not experts:
@@ -299,11 +290,7 @@ class SparseExpertMixture(keras.layers.Layer):
             if units is not None:
                 units = validation.check_size("units", units, OWNER)
             num_experts = len(experts)
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"`{OWNER}` got an invalid `implementation`. Expected one of "
-                f"{IMPLEMENTATIONS}. Received: implementation={implementation!r}"
-            )
+        validation.check_choice("implementation", implementation, OWNER, IMPLEMENTATIONS)
         self.implementation = implementation
         self.units = units
         self.num_experts = num_experts
@@ -323,24 +310,13 @@ class SparseExpertMixture(keras.layers.Layer):
                 f"top_k={self.gate.top_k} experts per token. Leave `top_k` unset or make "
                 "them equal."
             )
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts
-        ):
-            raise ValueError(
-                f"`{OWNER}` got an invalid `top_k`. Expected an int in [1, num_experts="
-                f"{num_experts}] or None. Received: top_k={top_k!r}"
-            )
+        if top_k is not None:
+            top_k = validation.check_int("top_k", top_k, OWNER, 1, num_experts)
         self.top_k = top_k
         if capacity_factor is not None:
-            if (
-                isinstance(capacity_factor, bool)
-                or not isinstance(capacity_factor, (int, float))
-                or not capacity_factor > 0
-            ):
-                raise ValueError(
-                    f"`{OWNER}` got an invalid `capacity_factor`. Expected a float > 0 "
-                    f"or None. Received: capacity_factor={capacity_factor!r}"
-                )
+            capacity_factor = validation.check_float(
+                "capacity_factor", capacity_factor, OWNER, "a float > 0 or None", lambda c: c > 0
+            )
             if top_k is None:
                 raise ValueError(
                     f"`{OWNER}`: the capacity dispatch (`capacity_factor`) routes each "
@@ -349,12 +325,7 @@ class SparseExpertMixture(keras.layers.Layer):
                 )
             capacity_factor = float(capacity_factor)
         self.capacity_factor = capacity_factor
-        if dispatch not in DISPATCH_MODES:
-            raise ValueError(
-                f"`{OWNER}` got an invalid `dispatch`. Expected one of {DISPATCH_MODES}. "
-                f"Received: dispatch={dispatch!r}"
-            )
-        self.dispatch = dispatch
+        self.dispatch = validation.check_choice("dispatch", dispatch, OWNER, DISPATCH_MODES)
         self.balance_losses = balance_losses
         self.balance_weights = _check_balance_losses(balance_losses, self.gate)
 
@@ -365,7 +336,7 @@ class SparseExpertMixture(keras.layers.Layer):
                 units,
                 hidden_units=hidden,
                 density=density,
-                route_density=float(routes),
+                route_density=routes,
                 activation=self.expert_activation,
                 use_bias=self.use_bias,
                 kernel_initializer=self.kernel_initializer,

@@ -13,7 +13,11 @@ import numpy as np
 from keras import ops
 
 from keras_sparse_moe import validation
-from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer, with_connectivity_signature
+from keras_sparse_moe.layers.sparse_kernel import (
+    SparseKernelLayer,
+    keras_positional,
+    with_connectivity_signature,
+)
 
 __all__ = ["SparseConv1D", "SparseConv2D"]
 
@@ -54,12 +58,13 @@ class _SparseConv(SparseKernelLayer):
         data_format=None,
         dilation_rate=1,
         groups=1,
+        *args,
         **kwargs,
     ):
         owner = type(self).__name__
         filters = validation.check_size("filters", filters, owner)
         kernel_size = _int_tuple(kernel_size, self.rank, "kernel_size", owner)
-        super().__init__(filters, kernel_dims=kernel_size, **kwargs)
+        super().__init__(filters, kernel_dims=kernel_size, **keras_positional(owner, args, kwargs))
         self.filters = int(filters)
         self.kernel_size = kernel_size
         self.strides = _int_tuple(strides, self.rank, "strides", owner)

@@ -12,7 +12,11 @@ import keras
 from keras import ops
 
 from keras_sparse_moe import validation
-from keras_sparse_moe.layers.sparse_kernel import SparseKernelLayer, with_connectivity_signature
+from keras_sparse_moe.layers.sparse_kernel import (
+    SparseKernelLayer,
+    keras_positional,
+    with_connectivity_signature,
+)
 from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
 
 __all__ = ["SparseDense"]
@@ -107,9 +111,9 @@ class SparseDense(SparseKernelLayer):
     (4000000, [(4000000,), (4000000,), (4000000,)])
     """
 
-    def __init__(self, units, **kwargs):
+    def __init__(self, units, *args, **kwargs):
         units = validation.check_size("units", units, "SparseDense")
-        super().__init__(units, **kwargs)
+        super().__init__(units, **keras_positional("SparseDense", args, kwargs))
         self.units = int(units)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True

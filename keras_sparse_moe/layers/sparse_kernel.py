@@ -29,8 +29,10 @@ __all__ = [
     "DENSE_LIMIT",
     "IMPLEMENTATIONS",
     "SparseKernelLayer",
+    "KERAS_POSITIONAL",
     "compute_fans",
     "initial_values",
+    "keras_positional",
     "with_connectivity_signature",
 ]
 
@@ -732,20 +734,55 @@ class SparseKernelLayer(keras.layers.Layer):
         return config
 
 
+# The arguments Keras' `Dense` and `Conv*D` take positionally after their own
+# (`units`; `filters, kernel_size, ..., groups`), in Keras' order.
+KERAS_POSITIONAL = (
+    "activation",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+)
+
+
+def keras_positional(owner, args, kwargs) -> dict:
+    """`kwargs` with the positional `args` given after a layer's own arguments
+    named as Keras names them (`KERAS_POSITIONAL`): `SparseDense(64, "relu")`."""
+    if len(args) > len(KERAS_POSITIONAL):
+        raise TypeError(
+            f"`{owner}` takes at most {len(KERAS_POSITIONAL)} positional arguments after its "
+            f"own ({', '.join(KERAS_POSITIONAL)}). Received {len(args)}: {args!r}"
+        )
+    named = dict(zip(KERAS_POSITIONAL, args))
+    twice = sorted(set(named) & set(kwargs))
+    if twice:
+        raise TypeError(f"`{owner}` got multiple values for the arguments {twice}.")
+    return {**kwargs, **named}
+
+
 def with_connectivity_signature(cls):
-    """Class decorator: shows a subclass's `__init__(self, own args, **kwargs)` with
-    the shared connectivity arguments (keyword-only) in its signature, so
-    `help()`, IDEs and config checks see every argument the layer takes."""
+    """Class decorator: shows a subclass's `__init__(self, own args, *args, **kwargs)`
+    with Keras' positional arguments (`KERAS_POSITIONAL`) after its own and the
+    other shared connectivity arguments keyword-only, so `help()`, IDEs and
+    config checks see every argument the layer takes, in Keras' order."""
     own = [
-        p for p in inspect.signature(cls.__init__).parameters.values() if p.kind != p.VAR_KEYWORD
+        p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
     ]
+    base = inspect.signature(SparseKernelLayer.__init__).parameters
+    positional = [base[name] for name in KERAS_POSITIONAL]
     shared = [
         p.replace(kind=p.KEYWORD_ONLY)
-        for name, p in inspect.signature(SparseKernelLayer.__init__).parameters.items()
-        if name not in ("self", "output_dim", "kernel_dims", "kwargs")
+        for name, p in base.items()
+        if name not in ("self", "output_dim", "kernel_dims", "kwargs", *KERAS_POSITIONAL)
     ]
     var = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
-    cls.__init__.__signature__ = inspect.Signature([*own, *shared, var])
+    cls.__init__.__signature__ = inspect.Signature([*own, *positional, *shared, var])
     return cls
 
 

@@ -382,6 +382,10 @@ def _gate_of_width(width):
         ({"num_experts": 2}, ValueError, "units=None"),
         ({**BUILTIN, "top_k": 5}, ValueError, "top_k=5"),
         ({**BUILTIN, "top_k": 0}, ValueError, "top_k=0"),
+        ({**BUILTIN, "top_k": 1.5}, TypeError, "top_k=1.5"),
+        ({**BUILTIN, "top_k": True}, TypeError, "top_k=True"),
+        ({**BUILTIN, "route_density": -0.1}, ValueError, "route_density=-0.1"),
+        ({**BUILTIN, "route_density": "0.1"}, TypeError, "route_density='0.1'"),
         ({**BUILTIN, "top_k": 2, "capacity_factor": 0.0}, ValueError, "capacity_factor=0.0"),
         ({**BUILTIN, "top_k": 2, "capacity_factor": -1}, ValueError, "capacity_factor=-1"),
         ({**BUILTIN, "capacity_factor": 1.0}, ValueError, "set `top_k`"),
@@ -416,6 +420,12 @@ def test_invalid_arguments(kwargs, error, match):
 def test_invalid_dispatch():
     with pytest.raises(ValueError, match="dispatch='sorted'"):
         SparseExpertMixture(dispatch="sorted", **BUILTIN)
+
+
+def test_numpy_integers_are_ints():
+    layer = SparseExpertMixture(top_k=np.int64(2), **{**BUILTIN, "num_experts": np.int32(4)})
+    assert (layer.top_k, layer.num_experts) == (2, 4)
+    assert type(layer.top_k) is int and type(layer.num_experts) is int
 
 
 def test_invalid_at_build():

@@ -291,3 +291,14 @@ def test_mask_with_other_channels_fails_at_build():
     layer = SparseConv2D(4, 3, mask=np.ones((3, 3, 2, 4)))
     with pytest.raises(ValueError, match=r"Expected shape \(3, 3, 5, 4\)"):
         layer.build((None, 8, 8, 5))
+
+
+def test_arguments_in_keras_conv_order():
+    import inspect
+
+    conv = inspect.signature(keras.layers.Conv2D.__init__).parameters
+    ours = inspect.signature(SparseConv2D.__init__).parameters
+    keras_order = [n for n in conv if n not in ("self", "kwargs", "lora_rank", "lora_alpha")]
+    assert list(ours)[1 : len(keras_order) + 1] == keras_order
+    layer = SparseConv2D(4, 3, 1, "same", None, 1, 1, "relu", density=0.5, seed=0)
+    assert (layer.padding, layer.activation) == ("same", keras.activations.relu)

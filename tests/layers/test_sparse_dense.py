@@ -388,3 +388,27 @@ def test_connection_interface_matches_the_mask():
 def test_num_connections_before_build_is_a_clear_error():
     with pytest.raises(ValueError, match="once the layer is built"):
         _ = SparseDense(4).num_connections
+
+
+def test_arguments_in_keras_dense_order():
+    """`SparseDense(64, "relu")` as `keras.layers.Dense(64, "relu")`; numpy ints count as ints."""
+    import inspect
+
+    dense = inspect.signature(keras.layers.Dense.__init__).parameters
+    ours = inspect.signature(SparseDense.__init__).parameters
+    keras_order = [
+        n
+        for n in dense
+        if n not in ("self", "kwargs", "lora_rank", "lora_alpha", "quantization_config")
+    ]
+    assert list(ours)[1 : len(keras_order) + 1] == keras_order
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype("float32")
+    positional = SparseDense(np.int64(4), "relu", False, density=0.5, seed=1)
+    named = SparseDense(4, activation="relu", use_bias=False, density=0.5, seed=1)
+    expected = to_numpy(positional(x))
+    named.build(x.shape)
+    named.set_weights(positional.get_weights())  # same connections (seed), same values
+    np.testing.assert_array_equal(expected, to_numpy(named(x)))
+    assert positional.units == 4 and isinstance(positional.units, int) and positional.bias is None
+    with pytest.raises(TypeError, match="activation"):
+        SparseDense(4, "relu", activation="tanh")
