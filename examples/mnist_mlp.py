@@ -17,6 +17,9 @@ import logging
 import os
 import sys
 
+# Before TensorFlow loads: the tables and progress bars, not TensorFlow's C++ log lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import keras
 
 import keras_sparse_moe as ksm

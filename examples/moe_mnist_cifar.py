@@ -41,6 +41,9 @@ import os
 import sys
 import time
 
+# Before TensorFlow loads: the tables and progress bars, not TensorFlow's C++ log lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import keras
 import numpy as np
 from keras import ops

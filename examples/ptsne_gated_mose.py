@@ -36,6 +36,9 @@ import os
 import re
 import time
 
+# Before TensorFlow loads: the tables and progress bars, not TensorFlow's C++ log lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import keras
 import numpy as np
 

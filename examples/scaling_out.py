@@ -27,6 +27,9 @@ import os
 import sys
 import time
 
+# Before TensorFlow loads: the tables and progress bars, not TensorFlow's C++ log lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import numpy as np  # Keras and the backend start after the devices are set up (main)
 
 

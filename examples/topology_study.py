@@ -32,6 +32,9 @@ import argparse
 import os
 import time
 
+# Before TensorFlow loads: the tables and progress bars, not TensorFlow's C++ log lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import keras
 import numpy as np
 import scipy.stats

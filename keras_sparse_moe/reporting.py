@@ -223,12 +223,7 @@ def _count(layer, batch_size, counts, top=False):
     if isinstance(layer, SparseExpertMixture):
         counts[layer.name] = _mixture_flops(layer, batch_size)
     elif isinstance(layer, SparseDense):
-        per_position = (
-            2 * layer.storage_variables[0].shape[0]
-            if layer.implementation == "sparse"
-            else 2 * math.prod(layer.kernel_shape)
-        )
-        counts[layer.name] = per_position * _positions(layer)
+        counts[layer.name] = 2 * layer.storage.macs_per_row * _positions(layer)
     elif isinstance(
         layer, (SparseKernelLayer, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
     ):
@@ -288,9 +283,6 @@ def _mixture_flops(mixture, batch_size) -> int:
     else:
         if bank.has_routes:
             layers.append(bank.expert_routes)
-        if bank.implementation == "sparse":
-            per_token = sum(2 * layer.storage_variables[0].shape[0] for layer in layers)
-        else:
-            per_token = sum(2 * math.prod(layer.kernel_shape) for layer in layers)
+        per_token = sum(2 * layer.storage.macs_per_row for layer in layers)
         per_token += 2 * e * u  # the gate weighting of every expert's output
     return _gate_flops(mixture.gate) * tokens + int(round(per_token * tokens))

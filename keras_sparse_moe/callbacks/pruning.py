@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import keras
 import numpy as np
 
@@ -111,28 +109,14 @@ class MagnitudePruning(SparseTrainingCallback):
             count = layer.num_connections - max(1, int(round(density * size)))
             if count <= 0:
                 continue
-            if layer.implementation == "masked":
-                step, key = _prune, ()
-            else:
-                step, key = (
-                    functools.partial(_prune_sparse, layer.kernel_shape[0]),
-                    layer.kernel_shape,
-                )
-            layer.rewire(step, self.model.optimizer, key, np.asarray(count, np.int32))
+            layer.rewire(_prune, self.model.optimizer, (), np.asarray(count, np.int32))
             removed += count
         return removed
 
 
-def _prune(state, positions, count):
-    """Removes the `count` smallest-magnitude connections (full arrays: pruning is
-    rare and changes the number of connections)."""
-    kernel, mask = state[0], state[1]
-    drop = rewiring.select_smallest(rewiring.magnitude_keys(kernel), mask > 0, count)
-    return rewiring.remove(state, drop), None, count  # None: the layer rebuilds its list
-
-
-def _prune_sparse(n_in, state, positions, count):
-    """`_prune` on the sparse storage `[values, rows, cols, *slots]`."""
-    values, rows = state[0], state[1]
-    drop = rewiring.select_smallest(rewiring.magnitude_keys(values), rows < n_in, count)
-    return rewiring.remove_slots(n_in, state, drop), None, count
+def _prune(storage, state, positions, count):
+    """Removes the `count` smallest-magnitude connections (over all stored weights:
+    pruning is rare and changes the number of connections)."""
+    values, active = storage.all_weights(state)
+    drop = rewiring.select_smallest(rewiring.magnitude_keys(values), active, count)
+    return storage.remove(state, drop), None, count  # None: the layer rebuilds its list

@@ -23,19 +23,11 @@ DECAYS = ("cosine", "constant")
 
 @contextlib.contextmanager
 def _growth_mode(layers, probes):
-    """While tracing: masked layers expose the gradient at empty positions, sparse
-    layers add zero-valued probe connections at their candidate positions."""
-    for layer, probe in zip(layers, probes):
-        if probe is None:
-            layer._dense_gradient = True
-        else:
-            layer._probe = probe
-    try:
+    """While tracing: every layer's growth probe (`SparseKernelLayer.growth_probe`)."""
+    with contextlib.ExitStack() as stack:
+        for layer, probe in zip(layers, probes):
+            stack.enter_context(layer.growth_probe(probe))
         yield
-    finally:
-        for layer in layers:
-            layer._dense_gradient = False
-            layer._probe = None
 
 
 def _draw_candidates(layers, candidates, seeds):
@@ -247,7 +239,7 @@ class RigL(SparseTrainingCallback):
         else:
             grads = list(gradients)
             shapes = [
-                layer.weight_shape if layer.implementation == "masked" else "(scores, rows, cols)"
+                layer.weight_shape if layer.storage.stores_dense else "(scores, rows, cols)"
                 for layer in self.sparse_layers
             ]
             received = [tuple(g.shape) if hasattr(g, "shape") else "tuple" for g in grads]
@@ -267,7 +259,7 @@ class RigL(SparseTrainingCallback):
 
     def candidate_count(self, layer):
         """Candidate positions scored for a sparse `layer` (None for a masked one)."""
-        if layer.implementation == "masked":
+        if layer.storage.stores_dense:  # the dense gradient is the score
             return None
         size = int(np.prod(layer.kernel_shape))
         if self.growth_candidates is None:
@@ -300,76 +292,46 @@ class RigL(SparseTrainingCallback):
         if count <= 0:
             return 0
         k_max = max(1, min(nnz, room, math.floor(self.drop_fraction * nnz)))
-        if layer.implementation == "sparse":
-            step = functools.partial(
-                _rigl_step_sparse, k_max, layer.kernel_shape, layer.allowed_indices
-            )
-            flags = layer.rewire(
-                step,
-                self.model.optimizer,
-                ("rigl", k_max, int(grad[0].shape[0])),  # shapes are static per function
-                *grad,
-                np.asarray(count, np.int32),
-                np.asarray(salt, np.int32),
-            )
-            return int(ops.convert_to_numpy(flags))
-        step = functools.partial(_rigl_step, k_max, exact, layer.allowed_positions)
+        growth = (grad,) if layer.storage.stores_dense else tuple(grad)
+        step = functools.partial(_rigl_step, k_max, exact)
         # A numpy count: making a JAX device scalar would cost more (0.2 ms).
         flags = layer.rewire(
-            step, self.model.optimizer, ("rigl", k_max, exact), grad, np.asarray(count, np.int32)
+            step,
+            self.model.optimizer,
+            ("rigl", k_max, exact, int(growth[0].shape[0])),  # shapes are static per function
+            np.asarray(count, np.int32),
+            np.asarray(salt, np.int32),
+            *growth,
         )
-        current, bracketed = (bool(f) for f in ops.convert_to_numpy(flags))  # one read
+        replaced, current, bracketed = (int(f) for f in ops.convert_to_numpy(flags))  # one read
         if not current:
-            layer.refresh_connections()  # the mask was changed elsewhere
-            return self._update_layer(layer, grad, fraction, exact)
+            layer.refresh_connections()  # the connections were changed elsewhere
+            return self._update_layer(layer, grad, fraction, exact, salt)
         if not bracketed:  # the sampled threshold missed: select over the whole kernel
-            return self._update_layer(layer, grad, fraction, exact=True)
-        return count
+            return self._update_layer(layer, grad, fraction, True, salt)
+        return replaced
 
 
-def _rigl_step(k_max, exact, allowed, state, indices, grad, count):
-    """One RigL drop-and-grow, compiled and written in place: drop the smallest
-    magnitudes, grow the largest dense gradients among empty positions (where
-    `allowed(positions)` says a connection may exist; None: anywhere).
+def _rigl_step(k_max, exact, storage, state, positions, count, salt, *growth):
+    """One RigL drop-and-grow, compiled and written in place: grow the `count`
+    positions with the largest gradient among those empty before the drop (and
+    allowed), drop as many smallest magnitudes.
 
-    Writes nothing unless the connection list is current and the growth
-    threshold bracketed its answer; the flags `[list current, bracketed]`
-    tell the caller what to redo.
+    `growth` is the storage's growth score (`scored_growth`). Writes nothing
+    unless the connection list is current and the growth threshold bracketed
+    its answer; returns int32 `[replaced, list current, bracketed]` (fewer
+    replaced than `count` only when fewer candidates were acceptable).
     """
-    kernel, mask = state[0], state[1]
-    values = ops.take(kernel, indices)
-    drop = rewiring.select_smallest(
-        rewiring.magnitude_keys(values), ops.ones_like(values, "bool"), count
+    grown, count, current, bracketed = storage.scored_growth(
+        state, positions, count, k_max, exact, salt, *growth
     )
-    scores = ops.abs(ops.cast(ops.reshape(grad, (-1,)), "float32"))
-    occupied = mask
-    if allowed is not None:  # a forbidden position counts as occupied: never grown
-        inside = allowed(ops.arange(ops.shape(mask)[0], dtype="int32"))
-        occupied = ops.where(inside, mask, ops.ones_like(mask))
-    grown, bracketed = rewiring.largest_empty_positions(occupied, scores, count, k_max, exact)
-    current = rewiring.connection_list_is_current(mask, indices)
-    ok = ops.logical_and(current, bracketed)
-    new_state, new_indices = rewiring.rewire(state, indices, ops.logical_and(drop, ok), grown)
-    return new_state, new_indices, ops.cast(ops.stack([current, bracketed]), "int32")
-
-
-def _rigl_step_sparse(
-    k_max, shape, allowed, state, positions, scores, cand_rows, cand_cols, count, salt
-):
-    """`_rigl_step` on the sparse storage `[values, rows, cols, *slots]`: grow the
-    candidates with the largest gradient among those empty before the drop (and
-    allowed), drop as many smallest magnitudes. Returns the number replaced
-    (fewer than `count` only if fewer candidates were acceptable)."""
-    values, rows, cols = state[:3]
-    active = rows < shape[0]
-    candidates = (ops.cast(cand_rows, "int32"), ops.cast(cand_cols, "int32"))
-    valid = rewiring.empty_candidates(rows, cols, active, candidates, shape, salt)
-    if allowed is not None:
-        valid = ops.logical_and(valid, allowed(*candidates))
-    count = ops.minimum(ops.cast(count, "int32"), ops.sum(ops.cast(valid, "int32")))
-    keys = rewiring.INT_MAX - rewiring.magnitude_keys(scores)
-    grown_rows, grown_cols = rewiring.compact_chosen(
-        rewiring.select_smallest(keys, valid, count), candidates, k_max
-    )
+    values, active = storage.weights(state, positions)
+    if active is None:
+        active = ops.ones_like(values, "bool")
     drop = rewiring.select_smallest(rewiring.magnitude_keys(values), active, count)
-    return rewiring.rewire_slots(state, drop, grown_rows, grown_cols), None, count
+    ok = ops.logical_and(current, bracketed)
+    new_state, new_positions = storage.replace(state, positions, ops.logical_and(drop, ok), grown)
+    flags = ops.stack(
+        [ops.cast(count, "int32"), ops.cast(current, "int32"), ops.cast(bracketed, "int32")]
+    )
+    return new_state, new_positions, flags

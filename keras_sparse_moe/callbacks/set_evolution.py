@@ -190,10 +190,7 @@ class SETEvolution(SparseTrainingCallback):
         )
 
     def _remove(self, layer):
-        if layer.implementation == "masked":
-            step = functools.partial(_set_remove, self.zeta)
-        else:
-            step = functools.partial(_set_remove_sparse, self.zeta, layer.kernel_shape[0])
+        step = functools.partial(_set_remove, self.zeta)
         removed = layer.rewire(step, self.model.optimizer, ("set_remove", self.zeta))
         return int(ops.convert_to_numpy(removed))
 
@@ -206,7 +203,7 @@ class SETEvolution(SparseTrainingCallback):
         # very unlikely.
         free = max((layer.num_allowed - nnz) / size, 1.0 / size)
         needed = k_max / free * 1.3 + 1024
-        if layer.implementation == "sparse":
+        if not layer.storage.stores_dense:
             # Its hashed membership test also refuses candidates sharing a bucket:
             # a fifth at a quarter load, more once the table reaches its cap.
             accept = rewiring.acceptance(layer.kernel_shape, nnz + needed)
@@ -221,19 +218,7 @@ class SETEvolution(SparseTrainingCallback):
             # dense draw (`k_max` values only).
             draw = initial_values(self.regrow_initializer, layer.weight_shape, k_max)
             extra = [draw(None, layer.variable_dtype)]
-        if layer.implementation == "masked":
-            step = functools.partial(
-                _set_step, self.zeta, k_max, n_candidates, layer.allowed_positions
-            )
-        else:
-            step = functools.partial(
-                _set_step_sparse,
-                self.zeta,
-                k_max,
-                n_candidates,
-                layer.kernel_shape,
-                layer.allowed_indices,
-            )
+        step = functools.partial(_set_step, self.zeta, k_max, n_candidates)
         # Regrowth is drawn from (seed, optimizer step, layer, attempt) alone.
         seed = _runtime.step_seed(self._seed, self._step, 4 * stream + min(attempt, 3))
         flags = layer.rewire(
@@ -250,79 +235,33 @@ class SETEvolution(SparseTrainingCallback):
         return count
 
 
-def _set_step(zeta, k_max, n_candidates, allowed, state, indices, seed, grown_values=None):
+def _set_step(zeta, k_max, n_candidates, storage, state, positions, seed, grown_values=None):
     """One SET evolution of a layer, compiled and written in place.
 
-    Chooses the weights to drop and random empty positions to regrow (where
-    `allowed(positions)` says a connection may exist; None: anywhere), checks
-    the connection list against the mask, and rewires only if the list is
+    Drops the fraction `zeta` of the positive and of the negative weights
+    closest to zero and regrows as many at random empty positions where a
+    connection is allowed (a position dropped now may be regrown), starting at
+    `grown_values` (zeros when None). Rewires only if the connection list is
     current and enough empty positions were found (else it writes nothing and
-    the flags tell the caller to redo it). Returns the new connection list and
-    int32 flags `[replaced, list current, enough candidates]` (one host read).
+    the flags tell the caller to redo it). Returns int32 flags `[replaced,
+    list current, enough candidates]` (one host read).
     """
-    kernel, mask = state[0], state[1]
-    size = ops.shape(mask)[0]
-    drop = rewiring.set_drop(ops.take(kernel, indices), zeta)
-    if n_candidates >= size:
-        candidates = rewiring.stateless_permutation(seed, size)
-    else:
-        candidates = rewiring.stateless_randint(seed, (n_candidates,), size)
+    values, active = storage.weights(state, positions)
+    drop = rewiring.set_drop(values, zeta, active)
     count = ops.sum(ops.cast(drop, "int32"))
-    dropped = rewiring.dropped_positions(indices, drop, k_max, size)
-    inside = None if allowed is None else allowed(candidates)
-    grown, enough = rewiring.random_empty_positions(mask, candidates, count, k_max, dropped, inside)
-    current = rewiring.connection_list_is_current(mask, indices)
-    ok = ops.logical_and(current, enough)
-    drop = ops.logical_and(drop, ok)
-    dropped = ops.where(ok, dropped, size)
-    new_state, new_indices = rewiring.rewire(state, indices, drop, grown, grown_values, dropped)
+    grown, enough, current = storage.random_growth(
+        state, positions, drop, count, k_max, n_candidates, seed
+    )
+    drop = ops.logical_and(drop, ops.logical_and(current, enough))
+    new_state, new_positions = storage.replace(state, positions, drop, grown, grown_values)
     flags = ops.stack(
         [ops.sum(ops.cast(drop, "int32")), ops.cast(current, "int32"), ops.cast(enough, "int32")]
     )
-    return new_state, new_indices, flags
+    return new_state, new_positions, flags
 
 
-def _set_step_sparse(
-    zeta, k_max, n_candidates, shape, allowed, state, positions, seed, grown_values=None
-):
-    """`_set_step` on the sparse storage `[values, rows, cols, *slots]`: O(nnz +
-    candidates), no dense array. Parked slots neither drop nor grow. Same flags."""
-    values, rows, cols = state[:3]
-    kept_before = rows < shape[0]
-    drop = rewiring.set_drop(values, zeta, kept_before)
-    count = ops.sum(ops.cast(drop, "int32"))
-    size = int(shape[0]) * int(shape[1])
-    if n_candidates >= size:
-        flat = rewiring.stateless_permutation(seed, size)
-        candidates = (flat // shape[1], flat % shape[1])
-    else:
-        candidates = rewiring.random_indices(seed, n_candidates, shape)
-    inside = None if allowed is None else allowed(*candidates)
-    kept = ops.logical_and(kept_before, ops.logical_not(drop))
-    grown_rows, grown_cols, enough = rewiring.random_empty_indices(
-        rows, cols, kept, candidates, count, k_max, shape, seed[1], inside
-    )
-    drop = ops.logical_and(drop, enough)
-    new_state = rewiring.rewire_slots(state, drop, grown_rows, grown_cols, grown_values)
-    flags = ops.stack(
-        [
-            ops.sum(ops.cast(drop, "int32")),
-            ops.convert_to_tensor(1, "int32"),
-            ops.cast(enough, "int32"),
-        ]
-    )
-    return new_state, None, flags
-
-
-def _set_remove(zeta, state, positions):
-    """SET's removal without regrowth on flat `[kernel, mask, *slots]`."""
-    kernel, mask = state[0], state[1]
-    drop = rewiring.set_drop(kernel, zeta, mask > 0)
-    return rewiring.remove(state, drop), None, ops.sum(ops.cast(drop, "int32"))
-
-
-def _set_remove_sparse(zeta, n_in, state, positions):
-    """`_set_remove` on the sparse storage `[values, rows, cols, *slots]`."""
-    values, rows = state[0], state[1]
-    drop = rewiring.set_drop(values, zeta, rows < n_in)
-    return rewiring.remove_slots(n_in, state, drop), None, ops.sum(ops.cast(drop, "int32"))
+def _set_remove(zeta, storage, state, positions):
+    """SET's removal without regrowth (the last epoch of a run): returns the count removed."""
+    values, active = storage.all_weights(state)
+    drop = rewiring.set_drop(values, zeta, active)
+    return storage.remove(state, drop), None, ops.sum(ops.cast(drop, "int32"))

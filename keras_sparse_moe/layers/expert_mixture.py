@@ -10,6 +10,7 @@ from keras_sparse_moe import _runtime, losses, validation
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
 from keras_sparse_moe.layers.sparse_kernel import IMPLEMENTATIONS
+from keras_sparse_moe.layers.storage import DEFAULT_STORAGE
 from keras_sparse_moe.ops import dispatch as dispatch_ops
 
 __all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "DISPATCH_MODES", "SparseExpertMixture"]
@@ -279,7 +280,7 @@ class SparseExpertMixture(keras.layers.Layer):
                 "expert_units": expert_units,
                 "expert_density": expert_density,
                 "route_density": route_density,
-                "implementation": None if implementation == "masked" else implementation,
+                "implementation": None if implementation == DEFAULT_STORAGE else implementation,
             }
             given = {k: v for k, v in given.items() if v is not None}
             if given:

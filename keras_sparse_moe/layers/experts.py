@@ -23,8 +23,8 @@ from keras import ops
 
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers.sparse_dense import SparseDense
+from keras_sparse_moe.layers.storage import STORAGES
 from keras_sparse_moe.ops import dispatch
-from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
 
 __all__ = ["LayerExperts", "SparseExperts"]
 
@@ -91,7 +91,8 @@ class SparseExperts(keras.layers.Layer):
         if route_density > 0 and num_experts > 1:
             # Density over all E*h x E*h pairs whose links all lie between experts.
             # Sparse storage draws them uniformly inside the pattern (no dense mask).
-            masked = implementation == "masked"
+            # A storage holding the dense kernel takes the clustered mask builder.
+            masked = STORAGES[implementation].stores_dense
             self.expert_routes = SparseDense(
                 num_experts * hidden_units,
                 density=route_density * (num_experts - 1) / num_experts,
@@ -139,35 +140,10 @@ class SparseExperts(keras.layers.Layer):
         return tuple(inputs_shape[:-1]) + (self.units,)
 
     # ------------------------------------------------------------------ #
-    def _per_expert(self, layer, width):
-        """`layer`'s kernel as `(fan_in, E, width)` (None for sparse storage) and bias
-        as `(E, width)`."""
-        kernel = None
-        if self.implementation == "masked":
-            kernel = layer.dense_kernel()
-            kernel = ops.reshape(kernel, (kernel.shape[0], self.num_experts, width))
-        bias = None if layer.bias is None else ops.reshape(layer.bias, (self.num_experts, width))
-        return kernel, bias
-
-    def _sparse_contract(self, layer, x, width, per_expert_inputs, sum_experts):
-        """`x @ W` for a sparse-storage expert layer whose columns are E blocks of `width`.
-
-        `x` is `(n, k)` (one input shared by all experts) or, with
-        `per_expert_inputs`, `(n, E * k)` (expert e reads block e): each
-        connection's row moves into its expert's block. With `sum_experts` the
-        E output blocks are summed into `(n, width)`; else `(n, E * width)`.
-        """
-        k = layer.kernel_shape[0]
-        rows, cols = ops.cast(layer.rows, "int32"), ops.cast(layer.cols, "int32")
-        n_in = x.shape[-1]
-        expert = cols // width
-        shifted = rows + k * expert if per_expert_inputs else rows
-        rows = ops.where(rows < k, shifted, n_in)  # parked slots stay parked
-        if sum_experts:
-            cols, n_out = cols % width, width
-        else:
-            n_out = self.num_experts * width
-        return sparse_matmul(x, layer.values, rows, cols, n_out)
+    # Every contraction goes through the layers' storage (`block_matmul`): expert e
+    # owns the e-th block of columns of each kernel, whatever the storage.
+    def _bias(self, layer, width):
+        return None if layer.bias is None else ops.reshape(layer.bias, (self.num_experts, width))
 
     def _blocks(self, x):
         """`(E, c, k)` per-expert slots -> `(c, E * k)`."""
@@ -182,38 +158,20 @@ class SparseExperts(keras.layers.Layer):
     def hidden(self, x):
         """Expert hidden units: `(n, d)` shared by all experts -> `(n, E, h)`, or
         `(E, c, d)` per-expert slots -> `(E, c, h)`."""
-        if self.implementation == "sparse":
-            layer, h = self.expert_hidden, self.hidden_units
-            bias = None if layer.bias is None else ops.reshape(layer.bias, (self.num_experts, h))
-            if len(x.shape) == 2:
-                flat = self._sparse_contract(layer, x, h, False, False)
-                hidden = ops.reshape(flat, (-1, self.num_experts, h))
-                hidden = hidden if bias is None else hidden + bias
-            else:
-                flat = self._sparse_contract(layer, self._blocks(x), h, True, False)
-                hidden = self._unblock(flat, h)
-                hidden = hidden if bias is None else hidden + ops.expand_dims(bias, 1)
-            return layer.activation(hidden)
-        kernel, bias = self._per_expert(self.expert_hidden, self.hidden_units)
+        layer, e, h = self.expert_hidden, self.num_experts, self.hidden_units
+        bias = self._bias(layer, h)
         if len(x.shape) == 2:
-            hidden = ops.einsum("nd,deh->neh", x, kernel)
-            if bias is not None:
-                hidden = hidden + bias
+            hidden = ops.reshape(layer.storage.block_matmul(x, e, False, False), (-1, e, h))
         else:
-            hidden = ops.einsum("ecd,deh->ech", x, kernel)
-            if bias is not None:
-                hidden = hidden + ops.expand_dims(bias, 1)
-        return self.expert_hidden.activation(hidden)
+            hidden = self._unblock(layer.storage.block_matmul(self._blocks(x), e, True, False), h)
+            bias = None if bias is None else ops.expand_dims(bias, 1)
+        return layer.activation(hidden if bias is None else hidden + bias)
 
     def _routes(self, hidden_tokens):
         """`(tokens, E, h)` hidden of the active experts -> what the routes add."""
         tokens = ops.shape(hidden_tokens)[0]
         flat = ops.reshape(hidden_tokens, (tokens, self.num_experts * self.hidden_units))
-        if self.implementation == "sparse":
-            routes = self.expert_routes
-            routed = sparse_matmul(flat, routes.values, routes.rows, routes.cols, routes.units)
-        else:
-            routed = ops.matmul(flat, self.expert_routes.dense_kernel())
+        routed = self.expert_routes.storage.matmul(flat)
         return ops.reshape(routed, (tokens, self.num_experts, self.hidden_units))
 
     def mix(self, tokens, weights, active, training=None):
@@ -225,14 +183,11 @@ class SparseExperts(keras.layers.Layer):
                 source = hidden * ops.cast(ops.expand_dims(active, -1), hidden.dtype)
             hidden = hidden + self._routes(source)
         # The gate weighting folds into one contraction with the output kernels.
-        kernel, bias = self._per_expert(self.expert_output, self.units)
         weights = ops.cast(weights, hidden.dtype)
         weighted = hidden * ops.expand_dims(weights, -1)
-        if self.implementation == "sparse":
-            flat = ops.reshape(weighted, (-1, self.num_experts * self.hidden_units))
-            outputs = self._sparse_contract(self.expert_output, flat, self.units, True, True)
-        else:
-            outputs = ops.einsum("neh,heu->nu", weighted, kernel)
+        flat = ops.reshape(weighted, (-1, self.num_experts * self.hidden_units))
+        outputs = self.expert_output.storage.block_matmul(flat, self.num_experts, True, True)
+        bias = self._bias(self.expert_output, self.units)
         if bias is not None:
             outputs = outputs + ops.matmul(weights, bias)
         return outputs
@@ -242,14 +197,9 @@ class SparseExperts(keras.layers.Layer):
         hidden = self.hidden(slots)
         if self.expert_routes is not None:
             hidden = hidden + self._slot_routes(hidden, plan, index)
-        kernel, bias = self._per_expert(self.expert_output, self.units)
-        if self.implementation == "sparse":
-            flat = self._sparse_contract(
-                self.expert_output, self._blocks(hidden), self.units, True, False
-            )
-            outs = self._unblock(flat, self.units)
-        else:
-            outs = ops.einsum("ech,heu->ecu", hidden, kernel)
+        storage, e = self.expert_output.storage, self.num_experts
+        outs = self._unblock(storage.block_matmul(self._blocks(hidden), e, True, False), self.units)
+        bias = self._bias(self.expert_output, self.units)
         if bias is not None:
             outs = outs + ops.expand_dims(bias, 1)
         return outs
@@ -281,10 +231,11 @@ class SparseExperts(keras.layers.Layer):
 
     @property
     def groups(self):
-        """True: `on_groups` (the dropless dispatch) is available. Masked storage
-        only: with sparse storage every contraction reads all experts' connections,
-        so the all-experts path is as cheap."""
-        return self.implementation == "masked"
+        """True: `on_groups` (the dropless dispatch) is available. Only where the
+        storage holds each expert's dense kernel: with sparse storage every
+        contraction reads all experts' connections, so the all-experts path is as
+        cheap."""
+        return self.expert_hidden.storage.stores_dense
 
     def group_block(self, num_tokens, top_k):
         """Rows per block of the grouped layout for this bank's matrices."""
@@ -334,8 +285,7 @@ class SparseExperts(keras.layers.Layer):
         kernel = ops.reshape(kernel, (kernel.shape[0], self.num_experts, width))
         out = dispatch.grouped_matmul(rows, kernel, plan, expert_axis=1)
         if layer.bias is not None:
-            bias = ops.reshape(layer.bias, (self.num_experts, width))
-            out = out + ops.take(bias, experts, axis=0)
+            out = out + ops.take(self._bias(layer, width), experts, axis=0)
         return out
 
 

@@ -17,7 +17,6 @@ from keras_sparse_moe.layers.sparse_kernel import (
     keras_positional,
     with_connectivity_signature,
 )
-from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
 
 __all__ = ["SparseDense"]
 
@@ -131,19 +130,11 @@ class SparseDense(SparseKernelLayer):
         self.built = True
 
     def call(self, inputs):
-        if self.implementation == "sparse":
-            outputs = self._sparse_call(inputs)
-        else:
-            outputs = ops.matmul(inputs, self.dense_kernel())
-        return self._add_bias_and_activate(outputs)
-
-    def _sparse_call(self, inputs):
-        n_in = self.kernel_shape[0]
-        flat = inputs if len(inputs.shape) == 2 else ops.reshape(inputs, (-1, n_in))
-        outputs = sparse_matmul(flat, *self._connection_arrays(), self.units)
         if len(inputs.shape) == 2:
-            return outputs
-        return ops.reshape(outputs, (*ops.shape(inputs)[:-1], self.units))
+            return self._add_bias_and_activate(self.storage.matmul(inputs))
+        flat = ops.reshape(inputs, (-1, self.kernel_shape[0]))
+        outputs = ops.reshape(self.storage.matmul(flat), (*ops.shape(inputs)[:-1], self.units))
+        return self._add_bias_and_activate(outputs)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)

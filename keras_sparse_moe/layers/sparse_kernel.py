@@ -23,7 +23,8 @@ import numpy as np
 from keras import activations, constraints, initializers, ops, regularizers
 
 from keras_sparse_moe import topologies, validation
-from keras_sparse_moe.ops.masking import decode_mask, encode_mask, mask_gradient
+from keras_sparse_moe.layers.storage import STORAGES
+from keras_sparse_moe.ops.masking import decode_mask, encode_mask
 
 __all__ = [
     "DENSE_LIMIT",
@@ -36,7 +37,7 @@ __all__ = [
     "with_connectivity_signature",
 ]
 
-IMPLEMENTATIONS = ("masked", "sparse")
+IMPLEMENTATIONS = tuple(STORAGES)  # "masked", "sparse"
 _DEFAULT_EPSILON = 20.0
 # Largest number of entries (fan_in * outputs) for which a dense array of the
 # kernel's shape is made (a masked kernel, a dense mask, a dense view): 2**28
@@ -102,11 +103,7 @@ class SparseKernelLayer(keras.layers.Layer):
         if epsilon is not None:
             epsilon = validation.check_epsilon(epsilon, owner)
         topologies.get(topology)
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"`{owner}` got an invalid `implementation`. Expected one of "
-                f"{IMPLEMENTATIONS}. Received: implementation={implementation!r}"
-            )
+        validation.check_choice("implementation", implementation, owner, IMPLEMENTATIONS)
         if topology_kwargs is not None and not isinstance(topology_kwargs, dict):
             raise TypeError(
                 f"`{owner}` got an invalid `topology_kwargs`. Expected a dict "
@@ -190,21 +187,14 @@ class SparseKernelLayer(keras.layers.Layer):
                 f"Received: density_aware_init={density_aware_init!r}"
             )
         self.density_aware_init = density_aware_init
-        self._dense_gradient = False
-        # RigL's growth scores on the sparse storage: (values, rows, cols) of
-        # zero-valued probe connections, set only while its function is traced.
-        self._probe = None
-        # Storage-side caches behind the connection interface (not configuration):
-        # the connection list and the compiled rewiring functions.
-        self._positions = None
-        self._num_active = None
-        self._rewire_functions = {}
-        if implementation == "sparse" and kernel_constraint is not None:
+        # How the connections are stored: the one place the implementation is read.
+        self.storage = STORAGES[implementation](self)
+        if not self.storage.stores_dense and kernel_constraint is not None:
             if not isinstance(self.kernel_constraint, constraints.NonNeg):
                 raise ValueError(
-                    f"`{owner}` with implementation='sparse' takes only elementwise kernel "
-                    "constraints (`NonNeg`): the others act on rows or columns of a dense "
-                    f"kernel. Received: kernel_constraint={kernel_constraint!r}"
+                    f"`{owner}` with implementation={implementation!r} takes only elementwise "
+                    "kernel constraints (`NonNeg`): the others act on rows or columns of a "
+                    f"dense kernel. Received: kernel_constraint={kernel_constraint!r}"
                 )
 
     @property
@@ -345,26 +335,22 @@ class SparseKernelLayer(keras.layers.Layer):
         weight_shape = self._weight_shape(input_dim)
         shape = _matrix_shape(weight_shape)
         size = shape[0] * shape[1]
-        if self.implementation == "masked" and size > DENSE_LIMIT:
+        if self.storage.stores_dense and size > DENSE_LIMIT:
             raise ValueError(
-                f"`{self._owner}` '{self.name}' with implementation='masked' would store a "
-                f"dense {weight_shape} kernel (more than {DENSE_LIMIT} entries). Use "
-                "implementation='sparse'."
+                f"`{self._owner}` '{self.name}' with implementation={self.implementation!r} "
+                f"would store a dense {weight_shape} kernel (more than {DENSE_LIMIT} entries). "
+                "Use implementation='sparse'."
             )
         rows, cols = self._draw_connections(weight_shape)
         self._check_inside_allowed(rows, cols, shape)
         self._kernel_shape = shape
         self._full_shape = weight_shape
-        count = len(rows)
         scale = 1.0
         if self.density_aware_init and isinstance(
             self.kernel_initializer, initializers.VarianceScaling
         ):
-            scale = float(np.sqrt(size / max(1, count)))
-        if self.implementation == "masked":
-            self._build_masked(rows, cols, scale)
-        else:
-            self._build_sparse(rows, cols, scale)
+            scale = float(np.sqrt(size / max(1, len(rows))))
+        self.storage.build(rows, cols, scale)
         if self.use_bias:
             self.bias = self.add_weight(
                 name="bias",
@@ -376,64 +362,16 @@ class SparseKernelLayer(keras.layers.Layer):
         else:
             self.bias = None
 
-    def _build_masked(self, rows, cols, scale):
-        mask = np.zeros(self._kernel_shape, np.float32)
-        mask[rows, cols] = 1.0
-        mask = mask.reshape(self._full_shape)
-        self.mask = self.add_weight(
-            name="mask",
-            shape=self._full_shape,
-            initializer=initializers.Constant(mask),
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-        )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=self._full_shape,
-            # Masked at creation: `build` may run in a stateless scope where an
-            # `assign` would be dropped.
-            initializer=lambda shape, dtype: ops.multiply(
-                self.kernel_initializer(shape, dtype), ops.cast(mask * scale, dtype)
-            ),
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-
-    def _build_sparse(self, rows, cols, scale):
-        count = len(rows)
-        self.values = self.add_weight(
-            name="values",
-            shape=(count,),
-            initializer=initial_values(self.kernel_initializer, self._full_shape, count, scale),
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        for name, array in (("rows", rows), ("cols", cols)):
-            variable = self.add_weight(
-                name=name,
-                shape=(count,),
-                initializer=lambda _, dtype, array=array: ops.convert_to_tensor(array, "int32"),
-                dtype="int32",
-                trainable=False,
-            )
-            setattr(self, name, variable)
-
     def apply_mask(self):
         """Restores the storage invariant after an external assign: masked, the kernel
         is zeroed wherever the mask is 0; sparse, parked slots hold zero."""
-        if self.implementation == "masked":
-            kernel = ops.convert_to_tensor(self.kernel)
-            self.kernel.assign(ops.where(ops.convert_to_tensor(self.mask) > 0, kernel, 0.0))
-        else:
-            active = ops.convert_to_tensor(self.rows) < self.kernel_shape[0]
-            self.values.assign(ops.where(active, ops.convert_to_tensor(self.values), 0.0))
-        self.refresh_connections()
+        self.storage.apply_mask()
 
     # ------------------------------------------------------------------ #
     # Connections: what callbacks, conversion, plots and the mixture use, whatever
-    # the storage. Positions are flat row-major indices into `kernel_shape`
-    # (equal to those of the full kernel, whose axes but the last are the rows).
+    # the storage (`self.storage`, see `keras_sparse_moe.layers.storage`). Positions
+    # are flat row-major indices into `kernel_shape` (equal to those of the full
+    # kernel, whose axes but the last are the rows).
     @property
     def kernel_shape(self) -> tuple:
         """`(fan_in, outputs)`: the kernel as a matrix (its axes but the last
@@ -453,25 +391,13 @@ class SparseKernelLayer(keras.layers.Layer):
         """The variables holding the connections: masked `[kernel, mask]`, sparse
         `[values, rows, cols]`. The first is the trainable one."""
         self._require_built("storage_variables")
-        if self.implementation == "masked":
-            return [self.kernel, self.mask]
-        return [self.values, self.rows, self.cols]
-
-    def _active_slots(self):
-        """numpy indices of the sparse storage's occupied (not parked) slots."""
-        return np.flatnonzero(np.asarray(ops.convert_to_numpy(self.rows)) < self.kernel_shape[0])
+        return self.storage.variables
 
     def connection_indices(self):
         """int32 numpy `(rows, cols)` of the connections in `kernel_shape` (any layer
         size), in the order of `connection_values()`."""
         self._require_built("connection_indices")
-        if self.implementation == "masked":
-            n_out = self.kernel_shape[1]
-            flat = np.asarray(ops.convert_to_numpy(self.connection_positions()))
-            return (flat // n_out).astype(np.int32), (flat % n_out).astype(np.int32)
-        slots = self._active_slots()
-        rows = np.asarray(ops.convert_to_numpy(self.rows))[slots]
-        return rows, np.asarray(ops.convert_to_numpy(self.cols))[slots]
+        return self.storage.connection_indices()
 
     def connection_positions(self):
         """int32 `(num_connections,)` flat positions of the connections.
@@ -483,31 +409,15 @@ class SparseKernelLayer(keras.layers.Layer):
         of fewer than 2**31 entries (use `connection_indices` beyond).
         """
         self._require_built("connection_positions")
-        if self._positions is None:
-            if self.implementation == "masked":
-                mask = np.asarray(ops.convert_to_numpy(self.mask)).ravel()
-                flat = np.flatnonzero(mask)
-            else:
-                if int(np.prod(self.kernel_shape)) > 2**31 - 1:
-                    raise ValueError(
-                        f"`{self._owner}` '{self.name}' has a {self.kernel_shape} kernel: flat "
-                        "positions overflow int32. Use `connection_indices()`."
-                    )
-                rows, cols = self.connection_indices()
-                flat = rows.astype(np.int64) * self.kernel_shape[1] + cols
-            self._positions = ops.convert_to_tensor(flat.astype("int32"))
-        return self._positions
+        return self.storage.connection_positions()
 
     def connection_values(self):
         """The `(num_connections,)` weights, in the order of the positions."""
-        if self.implementation == "masked":
-            return ops.take(ops.reshape(self.kernel, (-1,)), self.connection_positions())
-        return ops.take(self.values, self._active_slots())
+        return self.storage.connection_values()
 
     def refresh_connections(self):
         """Forgets the cached connection list (after the storage was changed elsewhere)."""
-        self._positions = None
-        self._num_active = None
+        self.storage.refresh()
 
     def _check_densifiable(self, what):
         if int(np.prod(self.kernel_shape)) > DENSE_LIMIT:
@@ -521,12 +431,7 @@ class SparseKernelLayer(keras.layers.Layer):
         """Boolean numpy array of the connections, in the kernel's shape
         (`weight_shape`; small layers)."""
         self._require_built("dense_mask")
-        if self.implementation == "masked":
-            return np.asarray(ops.convert_to_numpy(self.mask)) > 0
-        self._check_densifiable("dense_mask")
-        mask = np.zeros(self.kernel_shape, bool)
-        mask[self.connection_indices()] = True
-        return mask.reshape(self.weight_shape)
+        return self.storage.dense_mask()
 
     def assign_dense_kernel(self, values):
         """Sets the weights from a dense array of the kernel's shape (`weight_shape`,
@@ -538,18 +443,7 @@ class SparseKernelLayer(keras.layers.Layer):
                 f"`{self._owner}.assign_dense_kernel` needs an array of shape "
                 f"{self.weight_shape}. Received: shape {values.shape}"
             )
-        if self.implementation == "masked":
-            values = values.reshape(self.weight_shape)
-            kept = np.where(self.dense_mask(), values, 0)
-            self.kernel.assign(kept.astype(self.kernel.dtype))
-            return
-        values = values.reshape(self.kernel_shape)
-        n_in = self.kernel_shape[0]
-        rows = np.asarray(ops.convert_to_numpy(self.rows))
-        cols = np.asarray(ops.convert_to_numpy(self.cols))
-        active = rows < n_in
-        kept = np.where(active, values[np.minimum(rows, n_in - 1), cols], 0)
-        self.values.assign(kept.astype(self.values.dtype))
+        self.storage.assign_dense_kernel(values)
 
     def assign_connections(self, rows, cols, values):
         """Replaces the connections with `(rows[k], cols[k])` (in `kernel_shape`)
@@ -569,97 +463,47 @@ class SparseKernelLayer(keras.layers.Layer):
                 f"below {n_in}. Received: {rows.size} positions, {values.size} values, "
                 f"largest row {int(rows.max()) if rows.size else None}"
             )
-        if self.implementation == "masked":
-            mask = np.zeros(self.kernel_shape, np.float32)
-            kernel = np.zeros(self.kernel_shape, np.float32)
-            mask[rows, cols], kernel[rows, cols] = 1.0, values
-            self.mask.assign(mask.reshape(self.weight_shape))
-            self.kernel.assign(kernel.reshape(self.weight_shape).astype(self.kernel.dtype))
-        else:
-            slots = int(self.values.shape[0])
-            if rows.size > slots:
-                raise ValueError(
-                    f"`{self._owner}` '{self.name}' has {slots} connection slots. Received "
-                    f"{rows.size} connections: build it with a higher density."
-                )
-            pad = slots - rows.size
-            self.rows.assign(np.pad(rows, (0, pad), constant_values=n_in))
-            self.cols.assign(np.pad(cols, (0, pad)))
-            self.values.assign(np.pad(values, (0, pad)).astype(self.values.dtype))
-        self.refresh_connections()
+        self.storage.assign_connections(rows, cols, values)
 
     def rewire(self, step, optimizer, key=(), *args):
         """Runs a compiled rewiring `step` on this layer's storage, in place; returns its output.
 
-        `step(state, positions, *args) -> (new_state, new_positions, aux)`:
-        `state` is the flat `storage_variables` followed by the optimizer
-        slots of the trainable one (momenta, Adam moments), so a step can
-        reset them where it changes connections. Masked: `positions` is the
-        current connection list and `new_positions` (or None: rebuild from
-        the mask) becomes it. Sparse: `positions` is None (the storage is the
-        list) and `new_positions` is ignored. The step is compiled once per
-        (`step`, `key`, variables): a `functools.partial`'s bound values must
-        be covered by `key`.
+        `step(storage, state, positions, *args) -> (new_state, new_positions,
+        aux)` is written with the storage's primitives (`weights`, `remove`,
+        `random_growth`, `scored_growth`, `replace`: see
+        `keras_sparse_moe.layers.storage`). `state` is the storage's typed
+        state, its optimizer slots (momenta, Adam moments) included, so a step
+        resets them where it changes connections. `positions` is the current
+        connection list of a storage that keeps one (masked; None otherwise),
+        and `new_positions` (None: rebuild it) becomes it. The step is compiled
+        once per (`step`, `key`, variables): a `functools.partial`'s bound
+        values must be covered by `key`.
         """
-        from keras_sparse_moe import _runtime
+        return self.storage.rewire(step, optimizer, key, *args)
 
-        storage = self.storage_variables
-        slots = [] if optimizer is None else _runtime.optimizer_slots(optimizer, storage[0])
-        variables = [*storage, *slots]
-        name = getattr(step, "func", step)
-        cache_key = (name, tuple(id(v) for v in variables), key)
-        function = self._rewire_functions.get(cache_key)
-        masked = self.implementation == "masked"
-        if function is None:
+    def growth_probe(self, probe=None):
+        """Context manager: while a loss is traced under it, this layer's forward pass
+        carries the gradient at empty positions too (RigL's growth score).
 
-            def update(state, *call_args):
-                if masked:
-                    positions, call_args = call_args[0], call_args[1:]
-                else:
-                    positions = None
-                new_state, new_positions, aux = step(state, positions, *call_args)
-                return new_state, (new_positions if masked else None, aux)
-
-            function = _runtime.compile_update(update, variables)
-            self._rewire_functions[cache_key] = function
-        if masked:
-            new_positions, aux = function(self.connection_positions(), *args)
-            self._positions = new_positions
-        else:
-            _, aux = function(*args)
-            self.refresh_connections()
-        return aux
-
-    def _connection_arrays(self):
-        """The sparse storage's `(values, rows, cols)`, with RigL's zero-valued probe
-        connections appended while its growth scores are traced."""
-        values, rows, cols = self.values, self.rows, self.cols
-        if self._probe is not None:
-            values, rows, cols = (
-                ops.concatenate([ops.cast(a, b.dtype), b])
-                for a, b in zip((values, rows, cols), self._probe)
-            )
-        return values, rows, cols
+        A storage holding the whole kernel (masked) exposes the kernel's full
+        gradient (`probe` unused). Sparse storage needs `probe = (zeros, rows,
+        cols)`: zero-valued connections added at those candidate positions,
+        whose gradient is the score. Every contraction of the layer (its own
+        call, the expert bank's) reads the connections through the storage,
+        so the probe reaches all of them.
+        """
+        return self.storage.growth_probe(probe)
 
     def dense_kernel(self):
         """The kernel as a tensor of `weight_shape` (small layers).
 
         Masked: the stored kernel, whose gradient is zero where the mask is
         (the stored kernel is already zero there, so the forward pass needs no
-        multiply); RigL flips `_dense_gradient` (outside compiled steps) to
-        read the gradient at empty positions. Sparse: the values scattered
-        into a dense array (differentiable in the values). Layers that
-        contract the kernel their own way read it through this method.
+        multiply); under `growth_probe` the full gradient. Sparse: the values
+        scattered into a dense array (differentiable in the values). Layers
+        that contract the kernel their own way read it through this method.
         """
-        if self.implementation == "sparse":
-            self._check_densifiable("dense_kernel")
-            n_in, n_out = self.kernel_shape
-            values, rows, cols = self._connection_arrays()
-            # Parked slots (row n_in) land in an extra row, cut off.
-            flat = ops.cast(rows, "int32") * n_out + ops.cast(cols, "int32")
-            dense = ops.scatter(ops.expand_dims(flat, -1), values, ((n_in + 1) * n_out,))
-            return ops.reshape(dense[: n_in * n_out], self.weight_shape)
-        return self.kernel if self._dense_gradient else mask_gradient(self.kernel, self.mask)
+        return self.storage.kernel_view()
 
     def _add_bias_and_activate(self, outputs, axis=-1):
         if self.bias is not None:
@@ -685,11 +529,7 @@ class SparseKernelLayer(keras.layers.Layer):
     def num_connections(self) -> int:
         """Number of connections kept."""
         self._require_built("num_connections")
-        if self.implementation == "masked":
-            return int(self.connection_positions().shape[0])
-        if self._num_active is None:
-            self._num_active = int(self._active_slots().size)
-        return self._num_active
+        return self.storage.num_connections
 
     @property
     def actual_density(self) -> float:

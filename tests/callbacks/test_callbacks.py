@@ -6,6 +6,7 @@ import pytest
 
 import keras_sparse_moe as ksm
 from keras_sparse_moe.callbacks import MagnitudePruning, RigL, SETEvolution
+from keras_sparse_moe.layers import SparseKernelLayer
 from keras_sparse_moe.schedules import ConstantSparsity, PolynomialDecay
 from tests.test_case import assert_masked_weights_zero, masked_layers, to_numpy
 
@@ -259,6 +260,51 @@ def test_rigl_grows_where_dense_gradient_is_largest():
     assert rewired == total
 
 
+@pytest.mark.parametrize("routes", [0.0, 0.3])
+def test_rigl_on_sparse_experts_grows_what_exact_rigl_grows_on_masked_experts(routes):
+    """The growth probe reaches the expert bank's own contractions: RigL scoring every
+    position of sparse-storage experts picks the connections the dense gradient picks."""
+
+    def mixture_model(implementation):
+        inputs = keras.Input((24,))
+        mixture = ksm.SparseExpertMixture(
+            units=2,
+            num_experts=3,
+            expert_units=8,
+            expert_density=0.3,
+            route_density=routes,
+            seed=0,
+            implementation=implementation,
+        )
+        return keras.Model(inputs, mixture(inputs))
+
+    masked, stored = mixture_model("masked"), mixture_model("sparse")
+    for a, b in zip(
+        ksm.find_layers(masked, SparseKernelLayer), ksm.find_layers(stored, SparseKernelLayer)
+    ):
+        b.assign_connections(*a.connection_indices(), to_numpy(a.connection_values()))
+        if a.bias is not None:
+            b.bias.assign(to_numpy(a.bias))
+    gates = [ksm.find_layers(m, ksm.SparseExpertMixture)[0].gate for m in (masked, stored)]
+    gates[1].set_weights(gates[0].get_weights())
+    np.testing.assert_allclose(to_numpy(stored(X)), to_numpy(masked(X)), rtol=1e-5, atol=1e-6)
+    connections = {}
+    for name, model in (("masked", masked), ("sparse", stored)):
+        model.compile(keras.optimizers.SGD(0.0), "mse")  # fit leaves the weights as they are
+        callback = RigL(data=(X, Y), update_every=1000, batch_size=64, seed=0)
+        model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+        before = {
+            layer.name: set(zip(*layer.connection_indices())) for layer in callback.sparse_layers
+        }
+        assert callback.update(0.3, step=0) > 0
+        connections[name] = {}
+        for layer in callback.sparse_layers:
+            after = set(zip(*layer.connection_indices()))
+            assert len(after) == len(before[layer.name]) and after != before[layer.name]
+            connections[name][layer.name] = after
+    assert connections["sparse"] == connections["masked"]
+
+
 def test_rigl_growth_is_exact_when_the_sampled_threshold_misses():
     # The growth threshold comes from a strided sample of the gradient; put the
     # largest gradients only where the sample never looks. The first attempt
@@ -276,7 +322,9 @@ def test_rigl_growth_is_exact_when_the_sampled_threshold_misses():
     grad[unseen[:2000]] = RNG.random(2000).astype("float32") + 1.0
     count = int(0.3 * mask.sum())
     assert callback._update_layer(layer, grad.reshape(200, 300), 0.3) == count
-    assert ("rigl", count, True) in [key[-1] for key in layer._rewire_functions]  # exact retry
+    assert ("rigl", count, True) in [
+        key[-1][:3] for key in layer.storage._rewire_functions
+    ]  # exact retry
     kept = np.flatnonzero(mask)
     expected = mask.copy()
     expected[kept[np.argsort(np.abs(kernel[kept]), kind="stable")][:count]] = 0

@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers import SparseDense
+from keras_sparse_moe.layers.storage import MaskedState
 from tests.test_case import (
     assert_config_covers_init,
     assert_masked_weights_zero,
@@ -363,15 +364,16 @@ def test_connection_interface_matches_the_mask():
     with pytest.raises(ValueError, match=r"shape \(6, 5\)"):
         layer.assign_dense_kernel(np.ones((6, 5)))
 
-    # `rewire` runs a compiled step on [kernel, mask, *slots] and keeps its connection list.
-    def move_first(state, positions, target):
-        kernel, mask = state
+    # `rewire` runs a compiled step on the storage's typed state and keeps its connection list.
+    def move_first(storage, state, positions, target):
+        assert isinstance(state, MaskedState) and state.slots == ()
+        kernel, mask = state.kernel, state.mask
         first = positions[:1]
         mask = ops.scatter_update(mask, ops.expand_dims(first, -1), ops.zeros((1,)))
         mask = ops.scatter_update(mask, ops.reshape(target, (1, 1)), ops.ones((1,)))
         kernel = ops.scatter_update(kernel, ops.expand_dims(first, -1), ops.zeros((1,)))
         new_positions = ops.concatenate([ops.reshape(target, (1,)), positions[1:]])
-        return [kernel, mask], new_positions, ops.sum(mask)
+        return MaskedState(kernel, mask), new_positions, ops.sum(mask)
 
     target = int(np.flatnonzero(~mask.ravel())[0])
     count = layer.rewire(move_first, None, (), np.asarray(target, "int32"))

@@ -1,0 +1,533 @@
+"""How a sparse layer stores its connections: `MaskedStorage` and `SlotStorage`.
+
+A `SparseKernelLayer` holds one storage, chosen by its `implementation`
+argument (`STORAGES`); nothing else in the library asks which one it holds.
+Each storage answers three kinds of question:
+
+- the connections, on the host: `connection_indices`, `connection_values`,
+  `assign_connections`, `dense_mask`, ...;
+- the forward pass: `kernel_view()` (the kernel as a dense tensor, for
+  layers small enough), `matmul(x)` and `block_matmul` (the expert bank's
+  contraction by blocks of columns), and the growth-score probe
+  (`growth_probe`), under which they also carry the gradient at empty
+  positions;
+- the rewiring primitives a compiled SET, RigL or pruning step is written
+  with, on a typed state (`MaskedState`, `SlotState`): the connections'
+  weights, removal, random and scored growth, and the drop-and-grow write
+  (which also zeroes the optimizer slots at changed positions).
+
+Masked storage keeps the kernel and a binary mask in the kernel's own shape
+(fast for small layers and on accelerators). Slot storage keeps one slot per
+connection: its value (trainable) and its int32 row and column; a slot
+whose row is `fan_in` is parked (holds no connection), so memory and time
+grow with the number of connections, not with the kernel's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, NamedTuple
+
+import numpy as np
+from keras import initializers, ops
+
+from keras_sparse_moe.ops import rewiring
+from keras_sparse_moe.ops.masking import mask_gradient
+from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "STORAGES",
+    "MaskedState",
+    "MaskedStorage",
+    "SlotState",
+    "SlotStorage",
+]
+
+
+class MaskedState(NamedTuple):
+    """A masked layer's arrays inside a compiled rewiring step (all flat)."""
+
+    kernel: Any
+    mask: Any
+    slots: tuple = ()  # optimizer slots shaped like the kernel (momenta, moments)
+
+
+class SlotState(NamedTuple):
+    """A slot layer's arrays inside a compiled rewiring step."""
+
+    values: Any
+    rows: Any
+    cols: Any
+    slots: tuple = ()  # optimizer slots shaped like `values`
+
+
+class _Storage:
+    """What both storages share; `layer` is the `SparseKernelLayer` they serve."""
+
+    name = None
+    state_type = None
+    # True: the whole kernel is stored, so the dense gradient is the growth score
+    # and a dense view costs nothing more.
+    stores_dense = False
+
+    def __init__(self, layer):
+        self.layer = layer
+        self._positions = None
+        self._count = None
+        self._rewire_functions = {}
+
+    @property
+    def shape(self):
+        return self.layer.kernel_shape
+
+    def refresh(self):
+        """Forgets the cached connection list (after the storage changed elsewhere)."""
+        self._positions = None
+        self._count = None
+
+    def state(self, flat):
+        """The typed state of the flat list `[storage variables..., optimizer slots...]`."""
+        n = len(self.state_type._fields) - 1
+        return self.state_type(*flat[:n], tuple(flat[n:]))
+
+    @staticmethod
+    def flat(state):
+        return [*state[:-1], *state.slots]
+
+    def rewire(self, step, optimizer, key, *args):
+        """Runs the compiled `step(storage, state, positions, *args) -> (new_state,
+        new_positions, aux)` on the layer's variables and its optimizer slots, in
+        place; returns `aux`. See `SparseKernelLayer.rewire`."""
+        from keras_sparse_moe import _runtime
+
+        storage = self.variables
+        slots = [] if optimizer is None else _runtime.optimizer_slots(optimizer, storage[0])
+        variables = [*storage, *slots]
+        name = getattr(step, "func", step)
+        cache_key = (name, tuple(id(v) for v in variables), key)
+        function = self._rewire_functions.get(cache_key)
+        listed = self.stores_dense  # masked steps read and keep the connection list
+        if function is None:
+
+            def update(flat, *call_args):
+                positions = None
+                if listed:
+                    positions, call_args = call_args[0], call_args[1:]
+                new_state, new_positions, aux = step(self, self.state(flat), positions, *call_args)
+                return self.flat(new_state), (new_positions if listed else None, aux)
+
+            function = _runtime.compile_update(update, variables)
+            self._rewire_functions[cache_key] = function
+        if listed:
+            new_positions, aux = function(self.connection_positions(), *args)
+            self._positions = new_positions
+        else:
+            _, aux = function(*args)
+            self.refresh()
+        return aux
+
+
+class MaskedStorage(_Storage):
+    """The kernel in its own shape and a binary mask; masked entries are exactly zero."""
+
+    name = "masked"
+    state_type = MaskedState
+    stores_dense = True
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self._probing = False
+
+    def build(self, rows, cols, scale):
+        layer = self.layer
+        mask = np.zeros(layer._kernel_shape, np.float32)
+        mask[rows, cols] = 1.0
+        mask = mask.reshape(layer._full_shape)
+        layer.mask = layer.add_weight(
+            name="mask",
+            shape=layer._full_shape,
+            initializer=initializers.Constant(mask),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+        )
+        layer.kernel = layer.add_weight(
+            name="kernel",
+            shape=layer._full_shape,
+            # Masked at creation: `build` may run in a stateless scope where an
+            # `assign` would be dropped.
+            initializer=lambda shape, dtype: ops.multiply(
+                layer.kernel_initializer(shape, dtype), ops.cast(mask * scale, dtype)
+            ),
+            regularizer=layer.kernel_regularizer,
+            constraint=layer.kernel_constraint,
+        )
+
+    @property
+    def variables(self):
+        return [self.layer.kernel, self.layer.mask]
+
+    @property
+    def macs_per_row(self) -> int:
+        """Multiply-adds `matmul` executes per input row: the whole kernel."""
+        return int(np.prod(self.shape))
+
+    # Host side ---------------------------------------------------------- #
+    def apply_mask(self):
+        layer = self.layer
+        kernel = ops.convert_to_tensor(layer.kernel)
+        layer.kernel.assign(ops.where(ops.convert_to_tensor(layer.mask) > 0, kernel, 0.0))
+        self.refresh()
+
+    def connection_positions(self):
+        if self._positions is None:
+            mask = np.asarray(ops.convert_to_numpy(self.layer.mask)).ravel()
+            self._positions = ops.convert_to_tensor(np.flatnonzero(mask).astype("int32"))
+        return self._positions
+
+    def connection_indices(self):
+        n_out = self.shape[1]
+        flat = np.asarray(ops.convert_to_numpy(self.connection_positions()))
+        return (flat // n_out).astype(np.int32), (flat % n_out).astype(np.int32)
+
+    def connection_values(self):
+        return ops.take(ops.reshape(self.layer.kernel, (-1,)), self.connection_positions())
+
+    @property
+    def num_connections(self):
+        return int(self.connection_positions().shape[0])
+
+    def dense_mask(self):
+        return np.asarray(ops.convert_to_numpy(self.layer.mask)) > 0
+
+    def assign_dense_kernel(self, values):
+        layer = self.layer
+        kept = np.where(self.dense_mask(), values.reshape(layer.weight_shape), 0)
+        layer.kernel.assign(kept.astype(layer.kernel.dtype))
+
+    def assign_connections(self, rows, cols, values):
+        layer = self.layer
+        mask = np.zeros(self.shape, np.float32)
+        kernel = np.zeros(self.shape, np.float32)
+        mask[rows, cols], kernel[rows, cols] = 1.0, values
+        layer.mask.assign(mask.reshape(layer.weight_shape))
+        layer.kernel.assign(kernel.reshape(layer.weight_shape).astype(layer.kernel.dtype))
+        self.refresh()
+
+    # Forward pass ------------------------------------------------------- #
+    @contextlib.contextmanager
+    def growth_probe(self, probe=None):
+        """While tracing: the kernel's gradient is read at empty positions too
+        (the dense gradient is the growth score; `probe` is not used)."""
+        self._probing = True
+        try:
+            yield
+        finally:
+            self._probing = False
+
+    def kernel_view(self):
+        """The stored kernel, whose gradient is zero where the mask is (the kernel is
+        already zero there, so the forward pass needs no multiply); the full
+        gradient under `growth_probe`."""
+        layer = self.layer
+        return layer.kernel if self._probing else mask_gradient(layer.kernel, layer.mask)
+
+    def matmul(self, x):
+        return ops.matmul(x, self.kernel_view())
+
+    def block_matmul(self, x, num_blocks, per_block_inputs, sum_blocks):
+        n_in, n_out = self.shape
+        width = n_out // num_blocks
+        kernel = ops.reshape(self.kernel_view(), (n_in, num_blocks, width))
+        if per_block_inputs:
+            x = ops.reshape(x, (-1, num_blocks, n_in))
+            if sum_blocks:
+                return ops.einsum("nek,kew->nw", x, kernel)
+            out = ops.einsum("nek,kew->new", x, kernel)
+        else:
+            out = ops.einsum("nk,kew->new", x, kernel)
+            if sum_blocks:
+                return ops.sum(out, axis=1)
+        return ops.reshape(out, (-1, n_out))
+
+    # Compiled rewiring primitives --------------------------------------- #
+    @staticmethod
+    def weights(state, positions):
+        """The connections' weights in list order, and which are live (all: None)."""
+        return ops.take(state.kernel, positions), None
+
+    @staticmethod
+    def all_weights(state):
+        """Every stored weight and whether it is a connection (what `remove` indexes)."""
+        return state.kernel, state.mask > 0
+
+    def remove(self, state, drop):
+        return self.state(rewiring.remove(self.flat(state), drop))
+
+    def random_growth(self, state, positions, drop, count, k_max, n_candidates, seed):
+        """Up to `k_max` random empty (allowed) positions, `count` of them valid;
+        a position dropped now may be regrown. Returns `(grown, enough, current)`."""
+        size = ops.shape(state.mask)[0]
+        if n_candidates >= size:
+            candidates = rewiring.stateless_permutation(seed, size)
+        else:
+            from keras_sparse_moe._runtime import stateless_randint
+
+            candidates = stateless_randint(seed, (n_candidates,), size)
+        dropped = rewiring.dropped_positions(positions, drop, k_max, size)
+        allowed = self.layer.allowed_positions
+        inside = None if allowed is None else allowed(candidates)
+        grown, enough = rewiring.random_empty_positions(
+            state.mask, candidates, count, k_max, dropped, inside
+        )
+        current = rewiring.connection_list_is_current(state.mask, positions)
+        return (grown, dropped), enough, current
+
+    def scored_growth(self, state, positions, count, k_max, exact, salt, gradient):
+        """The `count` empty (allowed) positions of largest `|gradient|` (the dense
+        gradient). Returns `(grown, count, current, bracketed)`: `bracketed` False
+        when the sampled threshold missed (redo with `exact`)."""
+        scores = ops.abs(ops.cast(ops.reshape(gradient, (-1,)), "float32"))
+        occupied = state.mask
+        allowed = self.layer.allowed_positions
+        if allowed is not None:  # a forbidden position counts as occupied: never grown
+            inside = allowed(ops.arange(ops.shape(occupied)[0], dtype="int32"))
+            occupied = ops.where(inside, occupied, ops.ones_like(occupied))
+        grown, bracketed = rewiring.largest_empty_positions(occupied, scores, count, k_max, exact)
+        current = rewiring.connection_list_is_current(state.mask, positions)
+        return (grown, None), count, current, bracketed
+
+    def replace(self, state, positions, drop, grown, grown_values=None):
+        """The r-th connection of `drop` becomes the r-th of `grown` (value
+        `grown_values[r]` or zero, optimizer slots zero). Returns `(state, positions)`."""
+        grown, dropped = grown
+        if dropped is not None:  # nothing dropped: write nothing at the dropped places
+            dropped = ops.where(ops.any(drop), dropped, ops.shape(state.mask)[0])
+        flat, new_positions = rewiring.rewire(
+            self.flat(state), positions, drop, grown, grown_values, dropped
+        )
+        return self.state(flat), new_positions
+
+
+class SlotStorage(_Storage):
+    """One slot per connection: its value and int32 position; O(nnz) memory."""
+
+    name = "sparse"
+    state_type = SlotState
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self._probe = None
+
+    def build(self, rows, cols, scale):
+        from keras_sparse_moe.layers.sparse_kernel import initial_values
+
+        layer = self.layer
+        count = len(rows)
+        layer.values = layer.add_weight(
+            name="values",
+            shape=(count,),
+            initializer=initial_values(layer.kernel_initializer, layer._full_shape, count, scale),
+            regularizer=layer.kernel_regularizer,
+            constraint=layer.kernel_constraint,
+        )
+        for name, array in (("rows", rows), ("cols", cols)):
+            variable = layer.add_weight(
+                name=name,
+                shape=(count,),
+                initializer=lambda _, dtype, array=array: ops.convert_to_tensor(array, "int32"),
+                dtype="int32",
+                trainable=False,
+            )
+            setattr(layer, name, variable)
+
+    @property
+    def variables(self):
+        return [self.layer.values, self.layer.rows, self.layer.cols]
+
+    @property
+    def macs_per_row(self) -> int:
+        """Multiply-adds `matmul` executes per input row: one per slot (parked ones too)."""
+        return int(self.layer.values.shape[0])
+
+    # Host side ---------------------------------------------------------- #
+    def apply_mask(self):
+        layer = self.layer
+        active = ops.convert_to_tensor(layer.rows) < self.shape[0]
+        layer.values.assign(ops.where(active, ops.convert_to_tensor(layer.values), 0.0))
+        self.refresh()
+
+    def _active_slots(self):
+        """numpy indices of the occupied (not parked) slots."""
+        return np.flatnonzero(np.asarray(ops.convert_to_numpy(self.layer.rows)) < self.shape[0])
+
+    def connection_indices(self):
+        slots = self._active_slots()
+        rows = np.asarray(ops.convert_to_numpy(self.layer.rows))[slots]
+        return rows, np.asarray(ops.convert_to_numpy(self.layer.cols))[slots]
+
+    def connection_positions(self):
+        if self._positions is None:
+            layer = self.layer
+            if int(np.prod(self.shape)) > 2**31 - 1:
+                raise ValueError(
+                    f"`{layer._owner}` '{layer.name}' has a {self.shape} kernel: flat "
+                    "positions overflow int32. Use `connection_indices()`."
+                )
+            rows, cols = self.connection_indices()
+            flat = rows.astype(np.int64) * self.shape[1] + cols
+            self._positions = ops.convert_to_tensor(flat.astype("int32"))
+        return self._positions
+
+    def connection_values(self):
+        return ops.take(self.layer.values, self._active_slots())
+
+    @property
+    def num_connections(self):
+        if self._count is None:
+            self._count = int(self._active_slots().size)
+        return self._count
+
+    def dense_mask(self):
+        self.layer._check_densifiable("dense_mask")
+        mask = np.zeros(self.shape, bool)
+        mask[self.connection_indices()] = True
+        return mask.reshape(self.layer.weight_shape)
+
+    def assign_dense_kernel(self, values):
+        values = values.reshape(self.shape)
+        n_in = self.shape[0]
+        rows = np.asarray(ops.convert_to_numpy(self.layer.rows))
+        cols = np.asarray(ops.convert_to_numpy(self.layer.cols))
+        kept = np.where(rows < n_in, values[np.minimum(rows, n_in - 1), cols], 0)
+        self.layer.values.assign(kept.astype(self.layer.values.dtype))
+
+    def assign_connections(self, rows, cols, values):
+        layer = self.layer
+        slots = int(layer.values.shape[0])
+        if rows.size > slots:
+            raise ValueError(
+                f"`{layer._owner}` '{layer.name}' has {slots} connection slots. Received "
+                f"{rows.size} connections: build it with a higher density."
+            )
+        pad = slots - rows.size
+        layer.rows.assign(np.pad(rows, (0, pad), constant_values=self.shape[0]))
+        layer.cols.assign(np.pad(cols, (0, pad)))
+        layer.values.assign(np.pad(values, (0, pad)).astype(layer.values.dtype))
+        self.refresh()
+
+    # Forward pass ------------------------------------------------------- #
+    @contextlib.contextmanager
+    def growth_probe(self, probe=None):
+        """While tracing: `probe = (zeros, rows, cols)` adds zero-valued connections
+        at candidate positions, so the gradient of `zeros` is the growth score
+        there (O(batch * candidates), no dense array)."""
+        if probe is None:
+            raise ValueError(
+                f"`{self.layer._owner}` '{self.layer.name}' stores only its connections: its "
+                "growth probe needs the candidate positions `(zeros, rows, cols)`."
+            )
+        self._probe = probe
+        try:
+            yield
+        finally:
+            self._probe = None
+
+    def arrays(self):
+        """`(values, rows, cols)` of the slots, with the growth probe's appended."""
+        layer = self.layer
+        values, rows, cols = layer.values, layer.rows, layer.cols
+        if self._probe is not None:
+            values, rows, cols = (
+                ops.concatenate([ops.cast(a, b.dtype), b])
+                for a, b in zip((values, rows, cols), self._probe)
+            )
+        return values, rows, cols
+
+    def kernel_view(self):
+        """The values scattered into a dense array (differentiable in the values)."""
+        self.layer._check_densifiable("dense_kernel")
+        n_in, n_out = self.shape
+        values, rows, cols = self.arrays()
+        # Parked slots (row n_in) land in an extra row, cut off.
+        flat = ops.cast(rows, "int32") * n_out + ops.cast(cols, "int32")
+        dense = ops.scatter(ops.expand_dims(flat, -1), values, ((n_in + 1) * n_out,))
+        return ops.reshape(dense[: n_in * n_out], self.layer.weight_shape)
+
+    def matmul(self, x):
+        return sparse_matmul(x, *self.arrays(), self.shape[1])
+
+    def block_matmul(self, x, num_blocks, per_block_inputs, sum_blocks):
+        """`x @ W` where W's columns are `num_blocks` blocks of `width`.
+
+        `x` is `(n, k)` (one input shared by all blocks) or, with
+        `per_block_inputs`, `(n, num_blocks * k)` (block b reads its own k
+        columns): each connection's row moves into its block. With
+        `sum_blocks` the output blocks are summed into `(n, width)`; else
+        `(n, num_blocks * width)`."""
+        k, n_out = self.shape
+        width = n_out // num_blocks
+        values, rows, cols = self.arrays()
+        rows, cols = ops.cast(rows, "int32"), ops.cast(cols, "int32")
+        n_in = x.shape[-1]
+        shifted = rows + k * (cols // width) if per_block_inputs else rows
+        rows = ops.where(rows < k, shifted, n_in)  # parked slots stay parked
+        if sum_blocks:
+            cols, n_out = cols % width, width
+        return sparse_matmul(x, values, rows, cols, n_out)
+
+    # Compiled rewiring primitives --------------------------------------- #
+    def weights(self, state, positions):
+        return state.values, state.rows < self.shape[0]
+
+    def all_weights(self, state):
+        return self.weights(state, None)
+
+    def remove(self, state, drop):
+        return self.state(rewiring.remove_slots(self.shape[0], self.flat(state), drop))
+
+    def random_growth(self, state, positions, drop, count, k_max, n_candidates, seed):
+        shape = self.shape
+        size = int(shape[0]) * int(shape[1])
+        if n_candidates >= size:
+            flat = rewiring.stateless_permutation(seed, size)
+            candidates = (flat // shape[1], flat % shape[1])
+        else:
+            candidates = rewiring.random_indices(seed, n_candidates, shape)
+        allowed = self.layer.allowed_indices
+        inside = None if allowed is None else allowed(*candidates)
+        kept = ops.logical_and(state.rows < shape[0], ops.logical_not(drop))
+        grown_rows, grown_cols, enough = rewiring.random_empty_indices(
+            state.rows, state.cols, kept, candidates, count, k_max, shape, seed[1], inside
+        )
+        return (grown_rows, grown_cols), enough, ops.convert_to_tensor(True)
+
+    def scored_growth(self, state, positions, count, k_max, exact, salt, *gradient):
+        """`gradient = (scores, rows, cols)` at candidate positions: the `count`
+        largest among those empty (and allowed); fewer when fewer are."""
+        scores, cand_rows, cand_cols = gradient
+        candidates = (ops.cast(cand_rows, "int32"), ops.cast(cand_cols, "int32"))
+        active = state.rows < self.shape[0]
+        valid = rewiring.empty_candidates(
+            state.rows, state.cols, active, candidates, self.shape, salt
+        )
+        allowed = self.layer.allowed_indices
+        if allowed is not None:
+            valid = ops.logical_and(valid, allowed(*candidates))
+        count = ops.minimum(ops.cast(count, "int32"), ops.sum(ops.cast(valid, "int32")))
+        keys = rewiring.INT_MAX - rewiring.magnitude_keys(scores)
+        grown = rewiring.compact_chosen(
+            rewiring.select_smallest(keys, valid, count), candidates, k_max
+        )
+        true = ops.convert_to_tensor(True)
+        return grown, count, true, true
+
+    def replace(self, state, positions, drop, grown, grown_values=None):
+        grown_rows, grown_cols = grown
+        flat = rewiring.rewire_slots(self.flat(state), drop, grown_rows, grown_cols, grown_values)
+        return self.state(flat), None
+
+
+STORAGES = {storage.name: storage for storage in (MaskedStorage, SlotStorage)}
+DEFAULT_STORAGE = MaskedStorage.name  # the layers' default `implementation`
