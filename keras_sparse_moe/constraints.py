@@ -42,18 +42,18 @@ class MaskConstraint(keras.constraints.Constraint):
             for a `Dense` kernel, `(height, width, channels, filters)` for a
             `Conv2D` kernel).
 
-    Example:
+    Examples:
 
-    >>> import numpy as np, keras, keras_sparse_moe as ksm
-    >>> mask = np.eye(4, 3)
-    >>> layer = keras.layers.Dense(3, kernel_constraint=ksm.constraints.MaskConstraint(mask))
-    >>> model = keras.Sequential([keras.Input((4,)), layer])
-    >>> ksm.constraints.apply_mask_constraints(model)
-    1
-    >>> model.compile("sgd", "mse")
-    >>> _ = model.fit(np.ones((8, 4)), np.ones((8, 3)), verbose=0)
-    >>> bool(np.all(keras.ops.convert_to_numpy(layer.kernel)[mask == 0] == 0))
-    True
+        >>> import numpy as np, keras, keras_sparse_moe as ksm
+        >>> mask = np.eye(4, 3)
+        >>> layer = keras.layers.Dense(3, kernel_constraint=ksm.constraints.MaskConstraint(mask))
+        >>> model = keras.Sequential([keras.Input((4,)), layer])
+        >>> ksm.constraints.apply_mask_constraints(model)
+        1
+        >>> model.compile("sgd", "mse")
+        >>> _ = model.fit(np.ones((8, 4)), np.ones((8, 3)), verbose=0)
+        >>> bool(np.all(keras.ops.convert_to_numpy(layer.kernel)[mask == 0] == 0))
+        True
     """
 
     def __init__(self, mask):

@@ -87,13 +87,13 @@ def sparsify(
             dimensions count; see `topologies.erk_densities`).
         seed: Optional int; layer `i` uses `seed + i`.
 
-    Example:
-    >>> import keras, keras_sparse_moe
-    >>> dense = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 3),
-    ...     keras.layers.Flatten(), keras.layers.Dense(16), keras.layers.Dense(2)])
-    >>> sparse = keras_sparse_moe.sparsify(dense, density=0.5, exclude=[dense.layers[-1].name])
-    >>> [type(layer).__name__ for layer in sparse.layers]
-    ['SparseConv2D', 'Flatten', 'SparseDense', 'Dense']
+    Examples:
+        >>> import keras, keras_sparse_moe
+        >>> dense = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 3),
+        ...     keras.layers.Flatten(), keras.layers.Dense(16), keras.layers.Dense(2)])
+        >>> sparse = keras_sparse_moe.sparsify(dense, density=0.5, exclude=[dense.layers[-1].name])
+        >>> [type(layer).__name__ for layer in sparse.layers]
+        ['SparseConv2D', 'Flatten', 'SparseDense', 'Dense']
     """
     if not isinstance(model, keras.Model):
         raise TypeError(
@@ -235,14 +235,14 @@ def convert_implementation(model, implementation):
     rest of the slots are parked). Top-level layers of Sequential and
     Functional models are converted (not those inside other layers).
 
-    Example:
-    >>> import keras, numpy as np, keras_sparse_moe
-    >>> masked = keras.Sequential([keras.Input((8,)),
-    ...     keras_sparse_moe.layers.SparseDense(16, density=0.25, seed=0)])
-    >>> sparse = keras_sparse_moe.convert_implementation(masked, "sparse")
-    >>> x = np.ones((2, 8), "float32")
-    >>> sparse.layers[0].implementation, bool(np.allclose(sparse(x), masked(x), atol=1e-6))
-    ('sparse', True)
+    Examples:
+        >>> import keras, numpy as np, keras_sparse_moe
+        >>> masked = keras.Sequential([keras.Input((8,)),
+        ...     keras_sparse_moe.layers.SparseDense(16, density=0.25, seed=0)])
+        >>> sparse = keras_sparse_moe.convert_implementation(masked, "sparse")
+        >>> x = np.ones((2, 8), "float32")
+        >>> sparse.layers[0].implementation, bool(np.allclose(sparse(x), masked(x), atol=1e-6))
+        ('sparse', True)
     """
     if not isinstance(model, keras.Model):
         raise TypeError(

@@ -69,19 +69,19 @@ def expert_layout_map(model, mesh, axis=EXPERT_AXIS, layout_map=None):
             a mixture with user experts or sparse storage (whose columns are
             not per-expert arrays).
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_sparse_moe
-    >>> from keras_sparse_moe.distribution import expert_layout_map
-    >>> model = keras.Sequential([
-    ...     keras.Input((12,)),
-    ...     keras_sparse_moe.layers.SparseExpertMixture(units=8, num_experts=4, seed=0)])
-    >>> mesh = keras.distribution.DeviceMesh(
-    ...     (1, 1), ["batch", "model"], keras.distribution.list_devices()[:1])
-    >>> layouts = expert_layout_map(model, mesh)
-    >>> layouts[model.layers[0].expert_bank.expert_hidden.kernel.path].axes
-    (None, 'model')
+        >>> import keras
+        >>> import keras_sparse_moe
+        >>> from keras_sparse_moe.distribution import expert_layout_map
+        >>> model = keras.Sequential([
+        ...     keras.Input((12,)),
+        ...     keras_sparse_moe.layers.SparseExpertMixture(units=8, num_experts=4, seed=0)])
+        >>> mesh = keras.distribution.DeviceMesh(
+        ...     (1, 1), ["batch", "model"], keras.distribution.list_devices()[:1])
+        >>> layouts = expert_layout_map(model, mesh)
+        >>> layouts[model.layers[0].expert_bank.expert_hidden.kernel.path].axes
+        (None, 'model')
     """
     if not isinstance(mesh, keras.distribution.DeviceMesh):
         raise TypeError(

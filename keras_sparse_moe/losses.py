@@ -54,13 +54,13 @@ def _entropy(p, axis=-1):
 def batch_entropy(gates):
     """`-H(mean_x G(x))`: minimising it spreads usage over all experts.
 
-    The seed 003 batch term (weight alpha = 0.1 there). Ranges from `-ln E`
+    The batch term of the `"entropy"` preset (weight 0.1 there). Ranges from `-ln E`
     (perfectly balanced usage) to 0 (one expert takes everything).
 
-    Example:
-    >>> import numpy as np
-    >>> round(float(batch_entropy(np.full((4, 2), 0.5))), 4)
-    -0.6931
+    Examples:
+        >>> import numpy as np
+        >>> round(float(batch_entropy(np.full((4, 2), 0.5))), 4)
+        -0.6931
     """
     return -_entropy(ops.mean(_gates(gates, "batch_entropy"), axis=0))
 
@@ -68,7 +68,7 @@ def batch_entropy(gates):
 def sample_entropy(gates):
     """`mean_x H(G(x))`: minimising it makes each sample pick one expert.
 
-    The seed 003 sample term (weight beta = 0.01 there).
+    The sample term of the `"entropy"` preset (weight 0.01 there).
     """
     return ops.mean(_entropy(_gates(gates, "sample_entropy")))
 
@@ -80,8 +80,8 @@ def batch_variance(gates):
     balances usage, as minimising `batch_entropy` does. On the simplex the
     variance falls where the entropy rises (both are set by `sum p^2` and
     `sum p ln p` pulling the same way: uniform has the highest entropy and
-    zero variance), so seed 003's "similarly, using variance instead of
-    entropy" needs the opposite sign: a literal `-Var` would reward putting
+    zero variance), so using variance instead of entropy needs the
+    opposite sign: a literal `-Var` would reward putting
     all the traffic on one expert. The library keeps each term's purpose
     (batch: balanced use; sample: confident gates) and flips the sign.
     """

@@ -46,13 +46,13 @@ def knn_affinities(x, perplexity=30.0, n_neighbors=None, pca_components=50, seed
         `(P, conditional)`: the joint `(n, n)` CSR matrix summing to 1, and the
         `(neighbour index, p_{j|i})` arrays, both `(n, n_neighbors)`.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> x = np.random.default_rng(0).normal(size=(200, 8))
-    >>> p, (index, cond) = knn_affinities(x, perplexity=10.0)
-    >>> index.shape, round(float(p.sum()), 6), bool(abs(p - p.T).max() < 1e-12)
-    ((200, 30), 1.0, True)
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(200, 8))
+        >>> p, (index, cond) = knn_affinities(x, perplexity=10.0)
+        >>> index.shape, round(float(p.sum()), 6), bool(abs(p - p.T).max() < 1e-12)
+        ((200, 30), 1.0, True)
     """
     x = np.asarray(x, dtype="float32").reshape(len(x), -1)
     n = len(x)
@@ -210,15 +210,15 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         dof_: The degrees of freedom used (learned with `"trainable"`).
         history_: The Keras `History` of the last `fit`.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> x = np.random.default_rng(0).normal(size=(256, 10)).astype("float32")
-    >>> ptsne = keras_sparse_moe.ParametricTSNE(
-    ...     perplexity=10.0, hidden=(32,), epochs=2, batch_size=128, seed=0, verbose=0)
-    >>> ptsne.fit_transform(x).shape
-    (256, 2)
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> x = np.random.default_rng(0).normal(size=(256, 10)).astype("float32")
+        >>> ptsne = keras_sparse_moe.ParametricTSNE(
+        ...     perplexity=10.0, hidden=(32,), epochs=2, batch_size=128, seed=0, verbose=0)
+        >>> ptsne.fit_transform(x).shape
+        (256, 2)
     """
 
     def __init__(

@@ -15,8 +15,8 @@ def scale_learning_rates(optimizer, multipliers):
     """Scales the optimizer's learning rate per group of variables, in place.
 
     Keras optimizers have one learning rate. This gives the variables whose
-    path matches a pattern their own multiple of it (seed 003 suggests a
-    separate learning rate for the gate and for the experts): every step, a
+    path matches a pattern their own multiple of it (e.g. a separate
+    learning rate for the gate and for the experts): every step, a
     matching variable is updated with `multiplier * learning_rate`, with the
     optimizer's own rule (SGD, momentum, Adam, ...) and its schedule. Since
     every built-in update is linear in the learning rate, this is exactly a
@@ -38,18 +38,18 @@ def scale_learning_rates(optimizer, multipliers):
         model's optimizer to go on training. Weight decay (`AdamW`,
         `weight_decay=`) is not scaled.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np, keras, keras_sparse_moe
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="body"),
-    ...                           keras.layers.Dense(1, name="head")])
-    >>> optimizer = keras_sparse_moe.optimizers.scale_learning_rates(
-    ...     keras.optimizers.SGD(0.1), {"head": 10.0, "body/bias": 0.0})
-    >>> model.compile(optimizer, "mse")
-    >>> bias = model.get_layer("body").bias.numpy().copy()
-    >>> _ = model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
-    >>> bool(np.all(model.get_layer("body").bias.numpy() == bias))   # frozen
-    True
+        >>> import numpy as np, keras, keras_sparse_moe
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="body"),
+        ...                           keras.layers.Dense(1, name="head")])
+        >>> optimizer = keras_sparse_moe.optimizers.scale_learning_rates(
+        ...     keras.optimizers.SGD(0.1), {"head": 10.0, "body/bias": 0.0})
+        >>> model.compile(optimizer, "mse")
+        >>> bias = model.get_layer("body").bias.numpy().copy()
+        >>> _ = model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+        >>> bool(np.all(model.get_layer("body").bias.numpy() == bias))   # frozen
+        True
     """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(

@@ -99,17 +99,17 @@ def summary(model, print_fn=None):
         model: A built Keras model (or layer).
         print_fn: Callable taking one line (default `print`).
 
-    Example:
+    Examples:
 
-    >>> import keras, keras_sparse_moe as ksm
-    >>> model = keras.Sequential([keras.Input((32,)),
-    ...     ksm.layers.SparseDense(64, density=0.1, seed=0, name="hidden"),
-    ...     keras.layers.Dense(2, name="out")], name="mlp")
-    >>> ksm.summary(model)
-    Sparse layers of 'mlp'
-    layer   type         kernel    storage  connections  density  dense params
-    hidden  SparseDense  (32, 64)  masked           205   0.1001         2,048
-    Weights used: 205 connections + 194 other = 399, 17.8 % of the dense equivalent (2,242)
+        >>> import keras, keras_sparse_moe as ksm
+        >>> model = keras.Sequential([keras.Input((32,)),
+        ...     ksm.layers.SparseDense(64, density=0.1, seed=0, name="hidden"),
+        ...     keras.layers.Dense(2, name="out")], name="mlp")
+        >>> ksm.summary(model)
+        Sparse layers of 'mlp'
+        layer   type         kernel    storage  connections  density  dense params
+        hidden  SparseDense  (32, 64)  masked           205   0.1001         2,048
+        Weights used: 205 connections + 194 other = 399, 17.8 % of the dense equivalent (2,242)
     """
     print_fn = print if print_fn is None else print_fn
     rows, kernels = _rows_and_kernels(model)
@@ -175,14 +175,14 @@ def executed_flops(model, batch_size: int = 1) -> dict:
         Dict `{layer name: FLOPs per example}` for the counted layers, in model
         order, plus `"total"`.
 
-    Example:
+    Examples:
 
-    >>> import keras, keras_sparse_moe as ksm
-    >>> model = keras.Sequential([keras.Input((32,)),
-    ...     ksm.layers.SparseDense(64, density=0.1, seed=0, name="hidden"),
-    ...     keras.layers.Dense(2, name="out")])
-    >>> ksm.reporting.executed_flops(model)
-    {'hidden': 4096, 'out': 256, 'total': 4352}
+        >>> import keras, keras_sparse_moe as ksm
+        >>> model = keras.Sequential([keras.Input((32,)),
+        ...     ksm.layers.SparseDense(64, density=0.1, seed=0, name="hidden"),
+        ...     keras.layers.Dense(2, name="out")])
+        >>> ksm.reporting.executed_flops(model)
+        {'hidden': 4096, 'out': 256, 'total': 4352}
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(

@@ -147,7 +147,7 @@ def gate_values_fn(model_or_gate, layer=None, owner="activation_rates", embeddin
 def activation_rates(
     model_or_gate, data, by_class=None, layer=None, batch_size=256, verbose=True
 ) -> ActivationTable:
-    """Mean gate value of every expert on every dataset (seed 003's table).
+    """Mean gate value of every expert on every dataset.
 
     Args:
         model_or_gate: A Keras model containing a `SparseExpertMixture` (or a
@@ -163,15 +163,15 @@ def activation_rates(
     Returns:
         An `ActivationTable`; `str(table)` is the printed table.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> gate = keras_sparse_moe.layers.OracleGate(2)
-    >>> table = keras_sparse_moe.metrics.activation_rates(
-    ...     gate, {"a": np.zeros(4, "int32"), "b": np.ones(3, "int32")}, verbose=False)
-    >>> table.values.tolist()
-    [[1.0, 0.0], [0.0, 1.0]]
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> gate = keras_sparse_moe.layers.OracleGate(2)
+        >>> table = keras_sparse_moe.routing.activation_rates(
+        ...     gate, {"a": np.zeros(4, "int32"), "b": np.ones(3, "int32")}, verbose=False)
+        >>> table.values.tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
     """
     if not isinstance(data, dict) or not data:
         raise TypeError(

@@ -87,10 +87,10 @@ class PruningSchedule:
 class ConstantSparsity(PruningSchedule):
     """Prunes to a fixed `target_sparsity` every `frequency` steps in range.
 
-    Example:
-    >>> s = ConstantSparsity(0.9, begin_step=0, frequency=10)
-    >>> [(update, round(density, 6)) for update, density in (s(20), s(25))]
-    [(True, 0.1), (False, 0.1)]
+    Examples:
+        >>> s = ConstantSparsity(0.9, begin_step=0, frequency=10)
+        >>> [(update, round(density, 6)) for update, density in (s(20), s(25))]
+        [(True, 0.1), (False, 0.1)]
     """
 
     def __init__(self, target_sparsity, begin_step=0, end_step=-1, frequency=100):
@@ -115,10 +115,10 @@ class PolynomialDecay(PruningSchedule):
     `p = (t - begin_step) / (end_step - begin_step)`; pruning happens every
     `frequency` steps in that range.
 
-    Example:
-    >>> s = PolynomialDecay(0.0, 0.9, begin_step=0, end_step=100, frequency=50)
-    >>> [(p, round(d, 4)) for p, d in (s(0), s(50), s(100))]
-    [(True, 1.0), (True, 0.2125), (True, 0.1)]
+    Examples:
+        >>> s = PolynomialDecay(0.0, 0.9, begin_step=0, end_step=100, frequency=50)
+        >>> [(p, round(d, 4)) for p, d in (s(0), s(50), s(100))]
+        [(True, 1.0), (True, 0.2125), (True, 0.1)]
     """
 
     def __init__(

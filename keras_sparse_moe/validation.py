@@ -6,15 +6,15 @@ function called), the argument and the value received. Integer-like numpy
 scalars are accepted wherever a Python int is, real numpy scalars wherever a
 float is; `bool` is never taken for a number.
 
-Example:
+Examples:
 
->>> import numpy as np
->>> check_int("units", np.int64(8), "SparseDense")
-8
->>> check_int("units", 0, "SparseDense")
-Traceback (most recent call last):
-...
-ValueError: `SparseDense` got an invalid `units`. Expected an int >= 1. Received: units=0
+    >>> import numpy as np
+    >>> check_int("units", np.int64(8), "SparseDense")
+    8
+    >>> check_int("units", 0, "SparseDense")
+    Traceback (most recent call last):
+    ...
+    ValueError: `SparseDense` got an invalid `units`. Expected an int >= 1. Received: units=0
 """
 
 from __future__ import annotations

@@ -26,14 +26,14 @@ def find_layers(model, cls=None, *, include_self=False, recursive=True) -> list:
         include_self: Whether `model` itself may be returned.
         recursive: False: only `model`'s direct children.
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_sparse_moe as ksm
-    >>> model = keras.Sequential([keras.Input((8,)), ksm.SparseDense(4, density=0.5, seed=0),
-    ...                           keras.layers.Dense(2)])
-    >>> [layer.name for layer in find_layers(model, ksm.layers.SparseKernelLayer)]
-    ['sparse_dense...']
+        >>> import keras
+        >>> import keras_sparse_moe as ksm
+        >>> model = keras.Sequential([keras.Input((8,)), ksm.SparseDense(4, density=0.5, seed=0),
+        ...                           keras.layers.Dense(2)])
+        >>> [layer.name for layer in find_layers(model, ksm.layers.SparseKernelLayer)]
+        ['sparse_dense...']
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"`find_layers` expects a Keras model or layer. Received: model={model!r}")

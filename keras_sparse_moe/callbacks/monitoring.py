@@ -34,14 +34,14 @@ class ActivationRateLogger(keras.callbacks.Callback):
         batch_size: Batch size of the table's forward passes.
         verbose: Print the table (0 or 1).
 
-    Example:
+    Examples:
 
-    ```python
-    logger = keras_sparse_moe.callbacks.ActivationRateLogger(
-        {"mnist": x_mnist, "cifar": x_cifar})
-    model.fit(x, y, epochs=5, callbacks=[logger])
-    print(logger.tables[-1])
-    ```
+        ```python
+        logger = keras_sparse_moe.callbacks.ActivationRateLogger(
+            {"mnist": x_mnist, "cifar": x_cifar})
+        model.fit(x, y, epochs=5, callbacks=[logger])
+        print(logger.tables[-1])
+        ```
     """
 
     def __init__(self, data=None, by_class=None, layer=None, every=1, batch_size=256, verbose=1):

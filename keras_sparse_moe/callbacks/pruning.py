@@ -38,17 +38,17 @@ class MagnitudePruning(SparseTrainingCallback):
 
     Logs: `density/<layer>` and `pruning/rewired` (connections removed).
 
-    Example:
+    Examples:
 
-    >>> import numpy as np, keras, keras_sparse_moe
-    >>> model = keras.Sequential([keras.Input((20,)),
-    ...     keras_sparse_moe.layers.SparseDense(32, density=1.0), keras.layers.Dense(1)])
-    >>> model.compile("adam", "mse")
-    >>> schedule = keras_sparse_moe.schedules.PolynomialDecay(0.0, 0.8, 0, 4, frequency=2)
-    >>> _ = model.fit(np.ones((64, 20)), np.ones((64, 1)), batch_size=16, verbose=0,
-    ...     callbacks=[keras_sparse_moe.callbacks.MagnitudePruning(schedule)])
-    >>> round(model.layers[0].actual_density, 2)
-    0.2
+        >>> import numpy as np, keras, keras_sparse_moe
+        >>> model = keras.Sequential([keras.Input((20,)),
+        ...     keras_sparse_moe.layers.SparseDense(32, density=1.0), keras.layers.Dense(1)])
+        >>> model.compile("adam", "mse")
+        >>> schedule = keras_sparse_moe.schedules.PolynomialDecay(0.0, 0.8, 0, 4, frequency=2)
+        >>> _ = model.fit(np.ones((64, 20)), np.ones((64, 1)), batch_size=16, verbose=0,
+        ...     callbacks=[keras_sparse_moe.callbacks.MagnitudePruning(schedule)])
+        >>> round(model.layers[0].actual_density, 2)
+        0.2
     """
 
     name = "pruning"

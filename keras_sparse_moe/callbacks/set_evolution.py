@@ -57,7 +57,7 @@ class SETEvolution(SparseTrainingCallback):
     connections is unchanged. Regrown weights start at zero (or from
     `regrow_initializer`); optimizer state (momentum, Adam moments) is reset at
     every position that changed. After the last epoch nothing evolves
-    (`last_epoch="skip"`), or, as seed 001 does, the fraction `zeta` is
+    (`last_epoch="skip"`), or the fraction `zeta` is
     removed without regrowth (`last_epoch="prune"`). The
     rewiring is one compiled, vectorised function per layer run between
     training steps; no weight leaves the device and the model is not rebuilt.
@@ -69,15 +69,15 @@ class SETEvolution(SparseTrainingCallback):
         zeta: Fraction in (0, 1) of positive and of negative weights replaced.
         update_every: `"epoch"` (SET's schedule) or a number of steps.
         probability: Instead of a schedule, evolve after each step with this
-            probability in (0, 1) (the per-step variant of seed 004).
+            probability in (0, 1) (a per-step variant of SET).
         regrow_initializer: Initializer for regrown weights. Default zeros:
             on MNIST (SET paper's MLP, 8 epochs, two seeds) zeros beat
-            random regrowth (`"glorot_uniform"`, seed 004) per epoch, and
+            random regrowth (`"glorot_uniform"`) per epoch, and
             only zero-started connections on blank pixels are removed again;
             per step (`probability`) random regrowth ended 0.3 points higher.
         last_epoch: What happens after the last epoch (epoch schedule only).
             `"skip"` (default): nothing, the network keeps its connections.
-            `"prune"` (seed 001): remove the fraction `zeta` as after every
+            `"prune"`: remove the fraction `zeta` as after every
             other epoch but regrow nothing, so the network ends with about
             `1 - zeta` of its connections and none that are new and untrained.
         exclude: Layers (or their names) left unchanged.
@@ -87,18 +87,18 @@ class SETEvolution(SparseTrainingCallback):
     `set/rewired`, the connections replaced at the last evolution (per epoch
     total for step schedules).
 
-    Example:
+    Examples:
 
-    >>> import numpy as np, keras, keras_sparse_moe
-    >>> model = keras.Sequential([keras.Input((20,)),
-    ...     keras_sparse_moe.layers.SparseDense(32, density=0.2, activation="relu"),
-    ...     keras.layers.Dense(1)])
-    >>> model.compile("adam", "mse")
-    >>> set_cb = keras_sparse_moe.callbacks.SETEvolution(zeta=0.3, seed=0)
-    >>> h = model.fit(np.ones((64, 20)), np.ones((64, 1)), epochs=2, verbose=0,
-    ...               callbacks=[set_cb])
-    >>> h.history["set/rewired"][0] > 0
-    True
+        >>> import numpy as np, keras, keras_sparse_moe
+        >>> model = keras.Sequential([keras.Input((20,)),
+        ...     keras_sparse_moe.layers.SparseDense(32, density=0.2, activation="relu"),
+        ...     keras.layers.Dense(1)])
+        >>> model.compile("adam", "mse")
+        >>> set_cb = keras_sparse_moe.callbacks.SETEvolution(zeta=0.3, seed=0)
+        >>> h = model.fit(np.ones((64, 20)), np.ones((64, 1)), epochs=2, verbose=0,
+        ...               callbacks=[set_cb])
+        >>> h.history["set/rewired"][0] > 0
+        True
     """
 
     name = "set"
@@ -177,7 +177,7 @@ class SETEvolution(SparseTrainingCallback):
     def evolve(self, regrow=True):
         """Runs one SET evolution on every layer now; returns connections replaced.
 
-        `regrow=False` only removes (seed 001's last epoch): returns the
+        `regrow=False` only removes (`last_epoch="prune"`): returns the
         connections removed.
         """
         if not getattr(self, "sparse_layers", None):

@@ -37,12 +37,12 @@ def from_tfmot(model):
     other layers are rebuilt from their config and keep their weights.
     Sequential and Functional models of built-in layers are supported.
 
-    Example:
+    Examples:
 
-        pruned = tfmot.sparsity.keras.prune_low_magnitude(tf_keras_model, ...)
-        pruned.fit(..., callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
-        model = keras_sparse_moe.interop.tfmot.from_tfmot(pruned)   # Keras 3
-        model.fit(..., callbacks=[keras_sparse_moe.callbacks.SETEvolution()])
+            pruned = tfmot.sparsity.keras.prune_low_magnitude(tf_keras_model, ...)
+            pruned.fit(..., callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+            model = keras_sparse_moe.interop.tfmot.from_tfmot(pruned)   # Keras 3
+            model.fit(..., callbacks=[keras_sparse_moe.callbacks.SETEvolution()])
     """
     tfmot, tf_keras = _import()
     if not isinstance(model, tf_keras.Model):

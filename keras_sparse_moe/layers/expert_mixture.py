@@ -40,7 +40,7 @@ BALANCE_LOSSES = {
     ),
     "router_z_loss": (lambda r, i, e: losses.router_z_loss(r.logits), "logits"),
 }
-# Seed 003: L = 0.1 * batch term + 0.01 * sample term. Switch: alpha = 0.01, z-loss 1e-3.
+# entropy, variance: L = 0.1 * batch term + 0.01 * sample term. Switch: alpha = 0.01, z-loss 1e-3.
 BALANCE_PRESETS = {
     "entropy": {"batch_entropy": 0.1, "sample_entropy": 0.01},
     "variance": {"batch_variance": 0.1, "sample_variance": 0.01},
@@ -124,10 +124,10 @@ class SparseExpertMixture(keras.layers.Layer):
     matmul per token.
 
     **User experts** (`experts=[...]`): any Keras layers or models with equal
-    output shapes, e.g. the CNN experts of seed 003.
+    output shapes, e.g. small CNNs.
 
     **What is mixed.** The output is `sum_e G_e(x) * expert_e(x)`, whatever
-    the experts return. For a classifier, seed 003 mixes logits and applies
+    the experts return. For a classifier, mix logits and apply
     one softmax, `softmax(sum_e G_e * NN_e(x))`: give the experts linear
     outputs and put `keras.layers.Softmax()` after the mixture (the built-in
     experts' output is linear). Experts ending in a softmax instead mix
@@ -187,7 +187,7 @@ class SparseExpertMixture(keras.layers.Layer):
             `BALANCE_LOSSES` (`"batch_entropy"`, `"sample_entropy"`,
             `"batch_variance"`, `"sample_variance"`, `"importance_cv2"`,
             `"load_cv2"`, `"switch_load_balancing"`, `"router_z_loss"`), or a
-            preset: `"entropy"` (seed 003: 0.1 * batch + 0.01 * sample entropy),
+            preset: `"entropy"` (0.1 * batch + 0.01 * sample entropy),
             `"variance"` (the same with variances), `"switch"`.
         use_bias: Whether the built-in experts' layers use biases.
         kernel_initializer: Initializer of the built-in experts' kernels; the
@@ -208,15 +208,15 @@ class SparseExpertMixture(keras.layers.Layer):
     Output shape:
         Built-in experts: `(..., units)`. User experts: their output shape.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> moe = keras_sparse_moe.layers.SparseExpertMixture(
-    ...     units=8, num_experts=4, expert_units=16, expert_density=0.25,
-    ...     top_k=2, capacity_factor=2.0, seed=0)
-    >>> tuple(moe(np.ones((5, 12), dtype="float32")).shape)
-    (5, 8)
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> moe = keras_sparse_moe.layers.SparseExpertMixture(
+        ...     units=8, num_experts=4, expert_units=16, expert_density=0.25,
+        ...     top_k=2, capacity_factor=2.0, seed=0)
+        >>> tuple(moe(np.ones((5, 12), dtype="float32")).shape)
+        (5, 8)
     """
 
     def __init__(

@@ -114,7 +114,7 @@ class SoftmaxGate(Gate):
     """`G(x) = softmax(network(x))`: a gate over any Keras network.
 
     The network maps the gate input to `num_experts` logits: the default is one
-    `Dense(num_experts)` layer; a small CNN gives seed 003's conv gate.
+    `Dense(num_experts)` layer; a small CNN gives a convolutional gate.
 
     Args:
         num_experts: Positive int.
@@ -122,14 +122,14 @@ class SoftmaxGate(Gate):
             logits. Default: `keras.layers.Dense(num_experts)`.
         **kwargs: Base layer arguments.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> gate = keras_sparse_moe.layers.SoftmaxGate(3)
-    >>> g = gate(np.ones((2, 5), dtype="float32"))
-    >>> tuple(g.shape), bool(np.allclose(np.sum(g, axis=-1), 1.0))
-    ((2, 3), True)
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> gate = keras_sparse_moe.layers.SoftmaxGate(3)
+        >>> g = gate(np.ones((2, 5), dtype="float32"))
+        >>> tuple(g.shape), bool(np.allclose(np.sum(g, axis=-1), 1.0))
+        ((2, 3), True)
     """
 
     def __init__(self, num_experts, network=None, **kwargs):
@@ -191,14 +191,14 @@ class NoisyTopKGate(Gate):
         seed: Optional int seeding the noise.
         **kwargs: Base layer arguments.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> gate = keras_sparse_moe.layers.NoisyTopKGate(4, top_k=2)
-    >>> g = gate(np.random.rand(3, 5).astype("float32"))
-    >>> np.count_nonzero(np.asarray(g), axis=-1).tolist()
-    [2, 2, 2]
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> gate = keras_sparse_moe.layers.NoisyTopKGate(4, top_k=2)
+        >>> g = gate(np.random.rand(3, 5).astype("float32"))
+        >>> np.count_nonzero(np.asarray(g), axis=-1).tolist()
+        [2, 2, 2]
     """
 
     provides = frozenset({"logits", "load"})
@@ -287,8 +287,8 @@ class OracleGate(Gate):
     """Routes each sample to the expert its integer label names (a baseline).
 
     The gate input is the expert index, shape `(batch,)` or `(batch, 1)`, and
-    the gate values are its one-hot row: seed 003's oracle, which sends MNIST
-    to one expert and CIFAR to the other. An index outside `[0, num_experts)`
+    the gate values are its one-hot row: a baseline that sends each dataset
+    (say MNIST and CIFAR) to its own expert. An index outside `[0, num_experts)`
     gives an all-zero row. Pass the index to the mixture as
     `mixture(x, gate_inputs=index)`.
 
@@ -296,13 +296,13 @@ class OracleGate(Gate):
         num_experts: Positive int.
         **kwargs: Base layer arguments.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> gate = keras_sparse_moe.layers.OracleGate(3)
-    >>> np.asarray(gate(np.array([2, 0]))).tolist()
-    [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> gate = keras_sparse_moe.layers.OracleGate(3)
+        >>> np.asarray(gate(np.array([2, 0]))).tolist()
+        [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     """
 
     requires_gate_inputs = True

@@ -1,4 +1,4 @@
-"""`PTSNEGate`: a parametric t-SNE map of the inputs on which experts own regions (seed 000)."""
+"""`PTSNEGate`: a parametric t-SNE map of the inputs on which experts own regions."""
 
 from __future__ import annotations
 
@@ -96,16 +96,16 @@ class PTSNEGate(Gate):
     Output shape:
         `(batch, num_experts)` gate values.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> gate = keras_sparse_moe.layers.PTSNEGate(4, perplexity=5.0, seed=0)
-    >>> g = np.asarray(gate(np.random.rand(32, 12).astype("float32")))
-    >>> g.shape, bool(np.allclose(g.sum(axis=1), 1.0, atol=1e-5))
-    ((32, 4), True)
-    >>> tuple(gate.embed(np.zeros((3, 12), "float32")).shape)
-    (3, 2)
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> gate = keras_sparse_moe.layers.PTSNEGate(4, perplexity=5.0, seed=0)
+        >>> g = np.asarray(gate(np.random.rand(32, 12).astype("float32")))
+        >>> g.shape, bool(np.allclose(g.sum(axis=1), 1.0, atol=1e-5))
+        ((32, 4), True)
+        >>> tuple(gate.embed(np.zeros((3, 12), "float32")).shape)
+        (3, 2)
     """
 
     provides = frozenset({"logits", "embedding"})

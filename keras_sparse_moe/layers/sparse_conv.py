@@ -191,13 +191,14 @@ class SparseConv1D(_SparseConv):
     (eager or XLA, TensorFlow or JAX), and `SETEvolution`, `RigL` and
     `MagnitudePruning` rewire it like a dense kernel.
     {args}
-    Example:
+    Examples:
 
-    >>> import numpy as np, keras_sparse_moe
-    >>> conv = keras_sparse_moe.layers.SparseConv1D(8, 3, density=0.25, padding="causal", seed=0)
-    >>> y = conv(np.ones((2, 10, 4), "float32"))
-    >>> tuple(y.shape), conv.weight_shape, conv.num_connections
-    ((2, 10, 8), (3, 4, 8), 24)
+        >>> import numpy as np, keras_sparse_moe
+        >>> conv = keras_sparse_moe.layers.SparseConv1D(
+        ...     8, 3, density=0.25, padding="causal", seed=0)
+        >>> y = conv(np.ones((2, 10, 4), "float32"))
+        >>> tuple(y.shape), conv.weight_shape, conv.num_connections
+        ((2, 10, 8), (3, 4, 8), 24)
     """
 
     rank = 1
@@ -214,13 +215,13 @@ class SparseConv2D(_SparseConv):
     `MagnitudePruning` rewire it like a dense kernel. Convert an existing
     model's `Conv2D` layers with `keras_sparse_moe.sparsify`.
     {args}
-    Example:
+    Examples:
 
-    >>> import numpy as np, keras_sparse_moe
-    >>> conv = keras_sparse_moe.layers.SparseConv2D(16, 3, density=0.1, padding="same", seed=0)
-    >>> y = conv(np.ones((2, 8, 8, 3), "float32"))
-    >>> tuple(y.shape), conv.weight_shape, conv.num_connections
-    ((2, 8, 8, 16), (3, 3, 3, 16), 43)
+        >>> import numpy as np, keras_sparse_moe
+        >>> conv = keras_sparse_moe.layers.SparseConv2D(16, 3, density=0.1, padding="same", seed=0)
+        >>> y = conv(np.ones((2, 8, 8, 3), "float32"))
+        >>> tuple(y.shape), conv.weight_shape, conv.num_connections
+        ((2, 8, 8, 16), (3, 3, 3, 16), 43)
     """
 
     rank = 2

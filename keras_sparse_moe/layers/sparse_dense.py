@@ -91,23 +91,23 @@ class SparseDense(SparseKernelLayer):
     Output shape:
         N-D tensor `(batch_size, ..., units)`.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_sparse_moe
-    >>> layer = keras_sparse_moe.layers.SparseDense(64, density=0.1, seed=0)
-    >>> y = layer(np.ones((2, 32), dtype="float32"))
-    >>> tuple(y.shape), layer.num_connections
-    ((2, 64), 205)
+        >>> import numpy as np
+        >>> import keras_sparse_moe
+        >>> layer = keras_sparse_moe.layers.SparseDense(64, density=0.1, seed=0)
+        >>> y = layer(np.ones((2, 32), dtype="float32"))
+        >>> tuple(y.shape), layer.num_connections
+        ((2, 64), 205)
 
-    A layer far too wide for a dense kernel (10^10 entries), storing only its
-    4 million connections:
+        A layer far too wide for a dense kernel (10^10 entries), storing only its
+        4 million connections:
 
-    >>> wide = keras_sparse_moe.layers.SparseDense(
-    ...     100_000, epsilon=20, implementation="sparse", seed=0)
-    >>> wide.build((None, 100_000))
-    >>> wide.num_connections, [tuple(v.shape) for v in wide.storage_variables]
-    (4000000, [(4000000,), (4000000,), (4000000,)])
+        >>> wide = keras_sparse_moe.layers.SparseDense(
+        ...     100_000, epsilon=20, implementation="sparse", seed=0)
+        >>> wide.build((None, 100_000))
+        >>> wide.num_connections, [tuple(v.shape) for v in wide.storage_variables]
+        (4000000, [(4000000,), (4000000,), (4000000,)])
     """
 
     def __init__(self, units, *args, **kwargs):

@@ -9,14 +9,14 @@ first choices, then over all second choices, ... (a cumulative sum over a
 one-hot, which orders the assignments as a stable sort by expert would,
 without sorting). Assignments past the capacity are dropped and counted.
 
-Example:
->>> import numpy as np
->>> index = np.array([[0, 1], [0, 2], [0, 1]], dtype="int32")  # 3 tokens, top-2
->>> plan = dispatch_plan(index, num_experts=3, capacity=2)
->>> [int(v) for v in plan.token_of_slot]  # slots of expert 0, 1, 2 in turn
-[0, 1, 0, 2, 1, -1]
->>> np.asarray(plan.kept).tolist()  # token 2 overflows expert 0
-[[True, True], [True, True], [False, True]]
+Examples:
+    >>> import numpy as np
+    >>> index = np.array([[0, 1], [0, 2], [0, 1]], dtype="int32")  # 3 tokens, top-2
+    >>> plan = dispatch_plan(index, num_experts=3, capacity=2)
+    >>> [int(v) for v in plan.token_of_slot]  # slots of expert 0, 1, 2 in turn
+    [0, 1, 0, 2, 1, -1]
+    >>> np.asarray(plan.kept).tolist()  # token 2 overflows expert 0
+    [[True, True], [True, True], [False, True]]
 """
 
 from __future__ import annotations

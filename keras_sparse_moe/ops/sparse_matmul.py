@@ -116,13 +116,13 @@ def sparse_matmul(x, values, rows, cols, n_out: int):
         `(batch, n_out)` in `x`'s dtype, accumulated in float32. The gradient
         reaches `x` and `values` (O(batch * nnz)); positions have none.
 
-    Example:
-    >>> import numpy as np
-    >>> from keras import ops
-    >>> y = sparse_matmul(np.ones((2, 3), "float32"), np.array([1.0, 2.0], "float32"),
-    ...                   np.array([0, 2], "int32"), np.array([1, 1], "int32"), 2)
-    >>> ops.convert_to_numpy(y).tolist()
-    [[0.0, 3.0], [0.0, 3.0]]
+    Examples:
+        >>> import numpy as np
+        >>> from keras import ops
+        >>> y = sparse_matmul(np.ones((2, 3), "float32"), np.array([1.0, 2.0], "float32"),
+        ...                   np.array([0, 2], "int32"), np.array([1, 1], "int32"), 2)
+        >>> ops.convert_to_numpy(y).tolist()
+        [[0.0, 3.0], [0.0, 3.0]]
     """
     dtype = x.dtype if hasattr(x, "dtype") else "float32"
     x = ops.cast(x, "float32")

@@ -15,17 +15,17 @@ JAX and works with shuffled batches in any order. Each row's distances are
 shifted by their smallest value and scaled by their mean first, so one fixed
 bracket fits data of any scale. Everything is float32 inside.
 
-Example:
+Examples:
 
->>> import numpy as np
->>> from keras_sparse_moe.ops import tsne
->>> x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
->>> p = np.asarray(tsne.joint_affinities(x, perplexity=10.0))
->>> bool(np.allclose(p, p.T)), round(float(p.sum()), 5)
-(True, 1.0)
->>> loss = tsne.tsne_kl(p, x[:, :2], dof=1.0)
->>> float(loss) > 0
-True
+    >>> import numpy as np
+    >>> from keras_sparse_moe.ops import tsne
+    >>> x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    >>> p = np.asarray(tsne.joint_affinities(x, perplexity=10.0))
+    >>> bool(np.allclose(p, p.T)), round(float(p.sum()), 5)
+    (True, 1.0)
+    >>> loss = tsne.tsne_kl(p, x[:, :2], dof=1.0)
+    >>> float(loss) > 0
+    True
 """
 
 from __future__ import annotations
@@ -283,12 +283,12 @@ def sampled_tsne_kl(y, dof=1.0, exaggeration=1.0, n_points=None, entropy=0.0, id
     Returns:
         A float32 scalar: the estimate of `KL(P ‖ Q)` (up to the constants left out).
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> y = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
-    >>> float(sampled_tsne_kl(y, n_points=100)) > 0
-    True
+        >>> import numpy as np
+        >>> y = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+        >>> float(sampled_tsne_kl(y, n_points=100)) > 0
+        True
     """
     log_w = _log_student_t(y, dof)
     n = ops.shape(log_w)[0]

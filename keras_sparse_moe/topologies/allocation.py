@@ -20,11 +20,11 @@ def density_from_epsilon(epsilon: float, n_in: int, n_out: int, kernel_dims=()) 
     sum(shape) / prod(shape)`. Raises a `ValueError` when `epsilon` is not
     positive or gives `p > 1`.
 
-    Example:
-    >>> round(density_from_epsilon(20, 784, 1000), 4)
-    0.0455
-    >>> round(density_from_epsilon(2, 64, 64, kernel_dims=(3, 3)), 4)
-    0.0073
+    Examples:
+        >>> round(density_from_epsilon(20, 784, 1000), 4)
+        0.0455
+        >>> round(density_from_epsilon(2, 64, 64, kernel_dims=(3, 3)), 4)
+        0.0073
     """
     epsilon = check_epsilon(epsilon, "density_from_epsilon")
     shape = (*kernel_dims, n_in, n_out)
@@ -48,9 +48,9 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
     density would exceed 1 are made dense and the scale re-solved for the rest
     (Evci et al. 2020).
 
-    Example:
-    >>> [round(d, 3) for d in erk_densities([(784, 300), (300, 100), (100, 10)], 0.1)]
-    [0.08, 0.23, 1.0]
+    Examples:
+        >>> [round(d, 3) for d in erk_densities([(784, 300), (300, 100), (100, 10)], 0.1)]
+        [0.08, 0.23, 1.0]
     """
     density = check_density(density, "erk_densities")
     shapes = [tuple(int(d) for d in s) for s in shapes]

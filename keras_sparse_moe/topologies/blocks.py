@@ -28,14 +28,14 @@ class BlockPattern:
     Args:
         blocks: Binary 2-D array `(R, C)`.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> routes = BlockPattern.between_clusters(3)  # links only between different clusters
-    >>> routes.dense((6, 6)).astype(int)[:2].tolist()
-    [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
-    >>> routes.count((6, 6))
-    24
+        >>> import numpy as np
+        >>> routes = BlockPattern.between_clusters(3)  # links only between different clusters
+        >>> routes.dense((6, 6)).astype(int)[:2].tolist()
+        [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+        >>> routes.count((6, 6))
+        24
     """
 
     def __init__(self, blocks):

@@ -83,10 +83,10 @@ def erdos_renyi(
     `density` or SET's `epsilon` (Mocanu et al. 2018), which sets
     `density = epsilon * (n_in + n_out) / (n_in * n_out)`.
 
-    Example:
-    >>> m = erdos_renyi(784, 1000, epsilon=20, seed=0)
-    >>> int(m.sum())
-    35680
+    Examples:
+        >>> m = erdos_renyi(784, 1000, epsilon=20, seed=0)
+        >>> int(m.sum())
+        35680
     """
     owner = "erdos_renyi"
     n_in = check_size("n_in", n_in, owner)
@@ -122,10 +122,10 @@ def erdos_renyi_positions(
     about 4 s and 0.5 GB). `allowed` (a `BlockPattern`) restricts the draw to
     its allowed positions, uniformly.
 
-    Example:
-    >>> rows, cols = erdos_renyi_positions(600_000, 600_000, 5, seed=0)
-    >>> rows.dtype, len(set(zip(rows.tolist(), cols.tolist())))
-    (dtype('int32'), 5)
+    Examples:
+        >>> rows, cols = erdos_renyi_positions(600_000, 600_000, 5, seed=0)
+        >>> rows.dtype, len(set(zip(rows.tolist(), cols.tolist())))
+        (dtype('int32'), 5)
     """
     owner = "erdos_renyi_positions"
     n_in = check_size("n_in", n_in, owner)
@@ -184,10 +184,10 @@ def random_regular(
     inputs, rounded up or down. Drawn from the configuration model, with
     repeated pairs repaired by degree-preserving swaps.
 
-    Example:
-    >>> m = random_regular(100, 50, degree=5, seed=0)
-    >>> set(m.sum(axis=1).tolist()), set(m.sum(axis=0).tolist())
-    ({5.0}, {10.0})
+    Examples:
+        >>> m = random_regular(100, 50, degree=5, seed=0)
+        >>> set(m.sum(axis=1).tolist()), set(m.sum(axis=0).tolist())
+        ({5.0}, {10.0})
     """
     n_in, n_out, degree, seed = _degree_arguments(
         "random_regular", n_in, n_out, density, degree, seed
@@ -236,13 +236,13 @@ def structured_regular(
     """Deterministic circulant mask with regularly spaced connections.
 
     Row 0 has `degree` ones at offsets `floor(k * n_out / degree)`; row `i` is
-    row 0 rotated right by `i` ("Sparse Neural Networks Topologies", seed 002).
+    row 0 rotated right by `i` ("Sparse Neural Networks Topologies").
     Every input has exactly `degree` outputs. `seed` is accepted for a common
     signature and ignored.
 
-    Example:
-    >>> structured_regular(3, 6, degree=2).astype(int).tolist()
-    [[1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 1]]
+    Examples:
+        >>> structured_regular(3, 6, degree=2).astype(int).tolist()
+        [[1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 1]]
     """
     n_in, n_out, degree, seed = _degree_arguments(
         "structured_regular", n_in, n_out, density, degree, seed
@@ -261,7 +261,7 @@ def _fibonacci_offsets(n_out: int, degree: int, rescale: str) -> np.ndarray:
         fib.append(fib[-1] + fib[-2])
     fib = np.array(sorted(set(fib)), dtype=np.int64)[:degree]
     if rescale == "as_needed" and fib[-1] < n_out:
-        return fib  # seed 002: the Fibonacci numbers themselves
+        return fib  # the Fibonacci numbers themselves
     # Rescale so the largest lands inside the row, then top up to exactly
     # `degree` ones with free positions spread evenly over the row.
     scaled = np.unique((fib * n_out) // (fib[-1] + 1))
@@ -285,11 +285,11 @@ def fibonacci(
 
     Row 0 has ones at the first `degree` distinct Fibonacci numbers
     (0, 1, 2, 3, 5, 8, ...); row `i` is row 0 rotated right by `i`
-    ("Sparse Neural Networks Topologies", seed 002). Every input has exactly
+    ("Sparse Neural Networks Topologies"). Every input has exactly
     `degree` outputs. `seed` is ignored.
 
     Args:
-        rescale: `"as_needed"` (default, seed 002's rule): the offsets are the
+        rescale: `"as_needed"` (default): the offsets are the
             Fibonacci numbers themselves while they fit in the row (all below
             `n_out`), and are rescaled as below only when they do not.
             `"always"`: the numbers are always stretched over the row
@@ -297,11 +297,11 @@ def fibonacci(
             over the whole row; offsets that coincide after rescaling are
             replaced by evenly spread free positions.
 
-    Example:
-    >>> fibonacci(1, 100, degree=6).nonzero()[1].tolist()
-    [0, 1, 2, 3, 5, 8]
-    >>> fibonacci(1, 100, degree=6, rescale="always").nonzero()[1].tolist()
-    [0, 11, 22, 33, 55, 88]
+    Examples:
+        >>> fibonacci(1, 100, degree=6).nonzero()[1].tolist()
+        [0, 1, 2, 3, 5, 8]
+        >>> fibonacci(1, 100, degree=6, rescale="always").nonzero()[1].tolist()
+        [0, 11, 22, 33, 55, 88]
     """
     if rescale not in _FIBONACCI_RESCALE:
         raise ValueError(
@@ -319,7 +319,7 @@ def pseudo_random_regular(
     degree: int | None = None,
     seed: int | None = None,
 ) -> np.ndarray:
-    """Circulant mask from one random row ("pseudo-random regular", seed 002).
+    """Circulant mask from one random row ("pseudo-random regular").
 
     Row 0 has `degree` ones at uniformly random distinct positions; row `i` is
     row 0 rotated right by `i`. Every input has exactly `degree` outputs and,
@@ -327,10 +327,10 @@ def pseudo_random_regular(
     describe than `random_regular` (one row), but its rows are shifts of each
     other, so it is not an expander in general.
 
-    Example:
-    >>> m = pseudo_random_regular(4, 10, degree=3, seed=0)
-    >>> [np.flatnonzero(r).tolist() for r in m[:2]]
-    [[5, 6, 9], [0, 6, 7]]
+    Examples:
+        >>> m = pseudo_random_regular(4, 10, degree=3, seed=0)
+        >>> [np.flatnonzero(r).tolist() for r in m[:2]]
+        [[5, 6, 9], [0, 6, 7]]
     """
     n_in, n_out, degree, seed = _degree_arguments(
         "pseudo_random_regular", n_in, n_out, density, degree, seed
@@ -356,10 +356,10 @@ def small_world(
     Watts–Strogatz rewiring probability. Positions are uniform within each
     part. This is the shape of a mixture of sparse experts with sparse routes.
 
-    Example:
-    >>> m = small_world(40, 40, density=0.2, num_clusters=4, rewire=0.1, seed=0)
-    >>> int(m.sum())
-    320
+    Examples:
+        >>> m = small_world(40, 40, density=0.2, num_clusters=4, rewire=0.1, seed=0)
+        >>> int(m.sum())
+        320
     """
     owner = "small_world"
     n_in = check_size("n_in", n_in, owner)

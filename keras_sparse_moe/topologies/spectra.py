@@ -20,11 +20,11 @@ def algebraic_connectivity(mask) -> float:
 
     The graph has `n_in + n_out` nodes and an edge per nonzero of `mask`. The
     value is 0 for a disconnected graph and grows with how well connected it
-    is (Fiedler 1973); seed 002 found accuracy tracks it.
+    is (Fiedler 1973).
 
-    Example:
-    >>> round(algebraic_connectivity([[1, 1], [1, 1]]), 6)
-    2.0
+    Examples:
+        >>> round(algebraic_connectivity([[1, 1], [1, 1]]), 6)
+        2.0
     """
     m = _check_mask(mask)
     n_in, n_out = m.shape
@@ -41,11 +41,11 @@ def spectral_gap(mask) -> float:
 
     For a bipartite graph the adjacency eigenvalues are `±` the singular
     values of `mask`, so the gap is `s_1 - s_2`. A large gap means a good
-    expander (fast mixing); seed 002 found accuracy tracks it.
+    expander (fast mixing).
 
-    Example:
-    >>> round(spectral_gap([[1, 1], [1, 1]]), 6)
-    2.0
+    Examples:
+        >>> round(spectral_gap([[1, 1], [1, 1]]), 6)
+        2.0
     """
     s = scipy.linalg.svdvals(_check_mask(mask))
     second = s[1] if s.size > 1 else 0.0
