@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers import SparseConv1D, SparseConv2D, SparseDense, SparseKernelLayer
+from keras_sparse_moe.layers.sparse_kernel import KERAS_POSITIONAL
 from keras_sparse_moe.walk import find_layers, own_trainable_weights
 
 __all__ = ["convert_implementation", "sparsify"]
@@ -21,6 +22,7 @@ CONVERTIBLE = {
     keras.layers.Conv1D: SparseConv1D,
     keras.layers.Conv2D: SparseConv2D,
 }
+# The arguments a converted layer keeps: its own, Keras' shared ones, the base layer's.
 _SHARED = (
     "units",
     "filters",
@@ -30,15 +32,7 @@ _SHARED = (
     "data_format",
     "dilation_rate",
     "groups",
-    "activation",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-    "kernel_regularizer",
-    "bias_regularizer",
-    "activity_regularizer",
-    "kernel_constraint",
-    "bias_constraint",
+    *KERAS_POSITIONAL,
     "name",
     "dtype",
     "trainable",

@@ -10,36 +10,22 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_sparse_moe import validation
+
 __all__ = ["ConstantSparsity", "PolynomialDecay", "PruningSchedule"]
 
 
 def _check_sparsity(value, name, owner, allow_zero=True):
-    low_ok = value >= 0 if allow_zero else value > 0
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not (low_ok and value < 1)
-    ):
-        interval = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected a float in {interval} "
-            f"(the fraction of weights removed; density = 1 - {name}). "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
+    interval = "[0, 1)" if allow_zero else "(0, 1)"
+    expected = f"a float in {interval} (the fraction of weights removed; density = 1 - {name})"
+    low = 0.0 if allow_zero else np.nextafter(0.0, 1.0)
+    return validation.check_float(name, value, owner, expected, lambda v: low <= v < 1)
 
 
 def _check_step(value, name, owner, allow_negative=False):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected an int. Received: {name}={value!r}"
-        )
-    if value < 0 and not (allow_negative and value == -1):
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected a non-negative int"
-            f"{' or -1' if allow_negative else ''}. Received: {name}={value}"
-        )
-    return int(value)
+    if allow_negative and validation.is_int(value) and value == -1:
+        return -1
+    return validation.check_int(name, value, owner, minimum=0)
 
 
 class PruningSchedule:
@@ -135,12 +121,9 @@ class PolynomialDecay(PruningSchedule):
         self.final_sparsity = _check_sparsity(
             final_sparsity, "final_sparsity", owner, allow_zero=False
         )
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
-            raise ValueError(
-                f"`{owner}` got an invalid `power`. Expected a positive number. "
-                f"Received: power={power!r}"
-            )
-        self.power = power
+        self.power = validation.check_float(
+            "power", power, owner, "a positive number", lambda p: p > 0
+        )
 
     def density(self, step):
         progress = (step - self.begin_step) / (self.end_step - self.begin_step)

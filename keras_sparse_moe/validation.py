@@ -19,16 +19,24 @@ Examples:
 
 from __future__ import annotations
 
+import base64
 import math
 from numbers import Integral, Real
+
+import numpy as np
 
 __all__ = [
     "check_bool",
     "check_choice",
+    "check_connections",
+    "check_connectivity",
     "check_density",
     "check_epsilon",
+    "check_expert_bank",
     "check_float",
     "check_int",
+    "check_int_tuple",
+    "check_routing",
     "check_seed",
     "check_size",
     "check_type",
@@ -69,6 +77,20 @@ def check_int(name: str, value, owner: str, minimum: int | None = 1, maximum=Non
 def check_size(name: str, value, owner: str) -> int:
     """`value` as a positive Python int (a number of units, experts, clusters)."""
     return check_int(name, value, owner, minimum=1)
+
+
+def check_int_tuple(name: str, value, owner: str, rank: int, minimum: int = 1) -> tuple:
+    """An int or `rank` ints (each >= `minimum`) as a tuple of `rank` Python ints."""
+    expected = f"an int >= {minimum} or a tuple of {rank} such ints"
+    items = (value,) * rank if is_int(value) else value
+    if isinstance(items, str) or not hasattr(items, "__len__"):
+        raise TypeError(_message(owner, name, expected, value))
+    items = tuple(items)
+    if not all(is_int(v) for v in items):
+        raise TypeError(_message(owner, name, expected, value))
+    if len(items) != rank or any(v < minimum for v in items):
+        raise ValueError(_message(owner, name, expected, value))
+    return tuple(int(v) for v in items)
 
 
 def check_float(name: str, value, owner: str, expected: str, valid=None) -> float:
@@ -122,3 +144,261 @@ def check_type(name: str, value, owner: str, types, expected: str):
     if not isinstance(value, types):
         raise TypeError(_message(owner, name, expected, value))
     return value
+
+
+# --------------------------------------------------------------------------- #
+# The arguments of the sparse layers (`SparseKernelLayer` and its subclasses).
+# --------------------------------------------------------------------------- #
+def check_connectivity(
+    owner,
+    kernel_shape,
+    *,
+    density,
+    epsilon,
+    topology,
+    mask,
+    connections,
+    topology_kwargs,
+    allowed,
+    implementation,
+    dense_limit,
+) -> dict:
+    """The checked connectivity arguments of a sparse layer whose kernel has
+    `kernel_shape` (`None` where the input size is not known yet).
+
+    At most one of `density`/`epsilon`, `mask`, `connections` and a `degree` in
+    `topology_kwargs` says how many connections there are. Returns them
+    normalised: floats, a float32 numpy mask, int32 `(rows, cols)`, a dict of
+    topology arguments, a `BlockPattern` or None for `allowed`.
+    """
+    from keras_sparse_moe import topologies
+    from keras_sparse_moe.layers.storage import STORAGES
+    from keras_sparse_moe.ops.masking import decode_mask
+
+    check_choice("implementation", implementation, owner, tuple(STORAGES))
+    topologies.get(topology, owner)
+    if topology_kwargs is not None:
+        check_type("topology_kwargs", topology_kwargs, owner, dict, "a dict or None")
+    topology_kwargs = dict(topology_kwargs or {})
+    sources = {
+        "density": density,
+        "epsilon": epsilon,
+        "mask": None if mask is None else "given",
+        "connections": None if connections is None else "given",
+        "topology_kwargs['degree']": topology_kwargs.get("degree"),
+    }
+    given = {name: value for name, value in sources.items() if value is not None}
+    if len(given) > 1:
+        raise ValueError(
+            f"`{owner}` takes one of `density`, `epsilon`, `mask`, `connections` or a "
+            f"`degree` in `topology_kwargs`, not both. Received: {given}"
+        )
+    if density is not None:
+        density = check_density(density, owner)
+    if epsilon is not None:
+        epsilon = check_epsilon(epsilon, owner)
+    if connections is not None:
+        connections = check_connections(connections, kernel_shape[-1], owner)
+    if mask is not None:
+        mask = _check_mask(decode_mask(mask), kernel_shape, owner, dense_limit)
+    if allowed is not None and not isinstance(allowed, topologies.BlockPattern):
+        try:
+            allowed = topologies.BlockPattern(decode_mask(allowed))
+        except (TypeError, ValueError) as error:
+            raise type(error)(
+                f"`{owner}` got an invalid `allowed`. Expected None, a "
+                "`keras_sparse_moe.topologies.BlockPattern` or a binary 2-D array. "
+                f"Received: allowed={allowed!r} ({error})"
+            ) from None
+    return {
+        "density": density,
+        "epsilon": epsilon,
+        "mask": mask,
+        "connections": connections,
+        "topology_kwargs": topology_kwargs,
+        "allowed": allowed,
+    }
+
+
+def _check_mask(mask, kernel_shape, owner, dense_limit):
+    """A binary mask of the kernel's shape (`None` in `kernel_shape`: any size) as float32."""
+    if mask.size > dense_limit:
+        raise ValueError(
+            f"`{owner}` got a dense `mask` of shape {mask.shape}, too large to densify "
+            f"(more than {dense_limit} entries). Pass the positions instead: "
+            "`connections=(rows, cols)` with implementation='sparse'."
+        )
+    if len(mask.shape) != len(kernel_shape) or any(
+        e is not None and e != s for e, s in zip(kernel_shape, mask.shape)
+    ):
+        hint = tuple("input_dim" if e is None else e for e in kernel_shape)
+        raise ValueError(
+            f"`{owner}` got a `mask` of the wrong shape. Expected the kernel's shape {hint}. "
+            f"Received: mask.shape={tuple(mask.shape)}"
+        )
+    if not np.all((mask == 0) | (mask == 1)):
+        bad = np.unique(mask[(mask != 0) & (mask != 1)])[:5]
+        raise ValueError(
+            f"`{owner}` got a non-binary `mask`. Expected only 0 and 1. Received values such "
+            f"as {bad.tolist()}"
+        )
+    return mask.astype(np.float32)
+
+
+def check_connections(connections, units, owner):
+    """A connection list as int32 numpy `(rows, cols)`, checked: integer, 1-D, equal
+    lengths, non-negative, columns below `units`, no position twice. Takes `(rows,
+    cols)`, an `(nnz, 2)` array, or the base64 dict a layer's config holds."""
+    if isinstance(connections, dict) and set(connections) == {"rows", "cols"}:
+        connections = tuple(
+            np.frombuffer(base64.b64decode(connections[k]), "<i4") for k in ("rows", "cols")
+        )
+    if not isinstance(connections, (tuple, list)):
+        array = np.asarray(connections)
+        if array.ndim != 2 or array.shape[1] != 2:
+            raise ValueError(
+                f"`{owner}` got invalid `connections`. Expected (rows, cols) or an (nnz, 2) "
+                f"array. Received: array of shape {array.shape}"
+            )
+        connections = (array[:, 0], array[:, 1])
+    if len(connections) != 2:
+        raise ValueError(
+            f"`{owner}` got invalid `connections`. Expected (rows, cols). Received "
+            f"{len(connections)} arrays"
+        )
+    rows, cols = (np.asarray(a) for a in connections)
+    if rows.size == 0 and cols.size == 0:
+        raise ValueError(f"`{owner}` got empty `connections`: a layer needs at least one.")
+    for name, array in (("rows", rows), ("cols", cols)):
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(
+                f"`{owner}` got invalid `connections`: {name} must be a 1-D integer array. "
+                f"Received: dtype {array.dtype}, shape {array.shape}"
+            )
+    if rows.shape != cols.shape:
+        raise ValueError(
+            f"`{owner}` got `connections` with {rows.size} rows and {cols.size} cols. "
+            "Expected equal lengths."
+        )
+    if int(rows.min()) < 0 or int(cols.min()) < 0 or int(cols.max()) >= units:
+        raise ValueError(
+            f"`{owner}` got out-of-range `connections`. Expected rows >= 0 and cols in "
+            f"[0, {units}). Received: rows in [{int(rows.min())}, {int(rows.max())}], "
+            f"cols in [{int(cols.min())}, {int(cols.max())}]"
+        )
+    flat = rows.astype(np.int64) * units + cols
+    unique, counts = np.unique(flat, return_counts=True)
+    if unique.size != flat.size:
+        twice = unique[counts > 1][:3]
+        raise ValueError(
+            f"`{owner}` got duplicate `connections`: {flat.size - unique.size} positions "
+            f"appear more than once, e.g. (row, col) = "
+            f"{[(int(p // units), int(p % units)) for p in twice]}"
+        )
+    return rows.astype(np.int32), cols.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- #
+# The arguments of `SparseExpertMixture`.
+# --------------------------------------------------------------------------- #
+def check_expert_bank(
+    owner,
+    *,
+    units,
+    num_experts,
+    experts,
+    expert_units,
+    expert_density,
+    route_density,
+    implementation,
+    default_implementation,
+) -> dict:
+    """The checked experts of a mixture: built-in (`num_experts` and `units`, with
+    their width, density, routes and storage) or user `experts` (a list of
+    layers, which the built-in arguments do not shape). Returns `units`,
+    `num_experts`, and for built-in experts `expert_units`, `expert_density`
+    and `route_density` with their defaults filled in."""
+    import keras
+
+    from keras_sparse_moe.layers.storage import STORAGES
+
+    if (num_experts is None) == (experts is None):
+        raise ValueError(
+            f"`{owner}` takes either `num_experts` (built-in sparse experts) or `experts` (a "
+            f"list of layers), exactly one. Received: num_experts={num_experts!r}, "
+            f"experts={'None' if experts is None else 'a list'}"
+        )
+    check_choice("implementation", implementation, owner, tuple(STORAGES))
+    if experts is not None:
+        if not isinstance(experts, (list, tuple)) or not experts:
+            raise TypeError(_message(owner, "experts", "a non-empty list of Keras layers", experts))
+        bad = [e for e in experts if not isinstance(e, keras.layers.Layer)]
+        if bad:
+            raise TypeError(
+                f"`{owner}` got an invalid expert. Expected Keras layers or models. "
+                f"Received: {bad[0]!r}"
+            )
+        given = {
+            "expert_units": expert_units,
+            "expert_density": expert_density,
+            "route_density": route_density,
+            "implementation": None if implementation == default_implementation else implementation,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        if given:
+            raise ValueError(
+                f"`{owner}`: {sorted(given)} shape the built-in experts and do not apply to "
+                f"user `experts`. Received: {given}"
+            )
+        return {
+            "units": None if units is None else check_size("units", units, owner),
+            "num_experts": len(experts),
+        }
+    if units is None:
+        raise ValueError(
+            f"`{owner}` with built-in experts needs `units`, their output width. "
+            "Received: units=None"
+        )
+    units = check_size("units", units, owner)
+    routes = 0.0
+    if route_density is not None:
+        routes = check_float(
+            "route_density", route_density, owner, "a float in [0, 1)", lambda r: 0 <= r < 1
+        )
+    return {
+        "units": units,
+        "num_experts": check_size("num_experts", num_experts, owner),
+        "expert_units": check_size(
+            "expert_units", units if expert_units is None else expert_units, owner
+        ),
+        "expert_density": check_density(
+            0.1 if expert_density is None else expert_density, owner, "expert_density"
+        ),
+        "route_density": routes,
+    }
+
+
+def check_routing(owner, *, top_k, gate_top_k, num_experts, capacity_factor) -> tuple:
+    """The checked `(top_k, capacity_factor)` of a mixture whose gate selects
+    `gate_top_k` experts (None: all): `top_k` defaults to the gate's and must
+    agree with it; the capacity dispatch needs a `top_k`."""
+    if top_k is None:
+        top_k = gate_top_k
+    elif gate_top_k is not None and top_k != gate_top_k:
+        raise ValueError(
+            f"`{owner}` got `top_k={top_k}` but its gate selects top_k={gate_top_k} experts "
+            "per token. Leave `top_k` unset or make them equal."
+        )
+    if top_k is not None:
+        top_k = check_int("top_k", top_k, owner, 1, num_experts)
+    if capacity_factor is not None:
+        capacity_factor = check_float(
+            "capacity_factor", capacity_factor, owner, "a float > 0 or None", lambda c: c > 0
+        )
+        if top_k is None:
+            raise ValueError(
+                f"`{owner}`: the capacity dispatch (`capacity_factor`) routes each token to "
+                "its `top_k` experts; set `top_k` (or use a gate with a `top_k`). Received: "
+                f"capacity_factor={capacity_factor}, top_k=None"
+            )
+    return top_k, capacity_factor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_sparse_moe import _runtime, routing
+from keras_sparse_moe import _runtime, routing, validation
 from keras_sparse_moe.walk import find_layers
 
 __all__ = ["ActivationRateLogger"]
@@ -51,11 +51,8 @@ class ActivationRateLogger(keras.callbacks.Callback):
                 "`ActivationRateLogger` got an invalid `data`. Expected None or a "
                 f"non-empty dict {{name: inputs}}. Received: {type(data).__name__}"
             )
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(
-                "`ActivationRateLogger` got an invalid `every`. Expected a positive "
-                f"int. Received: every={every!r}"
-            )
+        every = validation.check_int("every", every, "ActivationRateLogger", minimum=1)
+        batch_size = validation.check_int("batch_size", batch_size, "ActivationRateLogger")
         self.data = data
         self.by_class = by_class
         self.layer = layer

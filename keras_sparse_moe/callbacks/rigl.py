@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse_moe import _runtime
+from keras_sparse_moe import _runtime, validation
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.callbacks.set_evolution import check_fraction, check_update_every
 from keras_sparse_moe.layers.sparse_kernel import DENSE_LIMIT
@@ -149,24 +149,18 @@ class RigL(SparseTrainingCallback):
             )
         self.update_every = check_update_every(update_every, owner, allow_epoch=False)
         self.drop_fraction = check_fraction(drop_fraction, "drop_fraction", owner)
-        if decay not in DECAYS:
-            raise ValueError(
-                f"`{owner}` got an invalid `decay`. Expected one of {DECAYS}. "
-                f"Received: decay={decay!r}"
-            )
-        self.decay = decay
+        self.decay = validation.check_choice("decay", decay, owner, DECAYS)
         if end_step is not None:
-            end_step = check_update_every(end_step, owner + " end_step", allow_epoch=False)
+            end_step = validation.check_int("end_step", end_step, owner, minimum=1)
         self.end_step = end_step
-        self.batch_size = check_update_every(batch_size, owner + " batch_size", allow_epoch=False)
-        if growth_candidates is not None and (
-            isinstance(growth_candidates, bool)
-            or not isinstance(growth_candidates, (int, float, np.integer, np.floating))
-            or not growth_candidates >= 1
-        ):
-            raise ValueError(
-                f"`{owner}` got an invalid `growth_candidates`. Expected a number >= 1 or "
-                f"None (every position). Received: growth_candidates={growth_candidates!r}"
+        self.batch_size = validation.check_int("batch_size", batch_size, owner, minimum=1)
+        if growth_candidates is not None:
+            growth_candidates = validation.check_float(
+                "growth_candidates",
+                growth_candidates,
+                owner,
+                "a number >= 1, or None (every position)",
+                lambda g: g >= 1,
             )
         self.growth_candidates = growth_candidates
         self._gradients = None

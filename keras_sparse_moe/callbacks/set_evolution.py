@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import initializers, ops
 
-from keras_sparse_moe import _runtime
+from keras_sparse_moe import _runtime, validation
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.layers.sparse_kernel import initial_values
 from keras_sparse_moe.ops import rewiring
@@ -18,33 +18,14 @@ __all__ = ["SETEvolution"]
 
 
 def check_update_every(update_every, owner, allow_epoch=True):
-    if allow_epoch and update_every == "epoch":
-        return update_every
-    if isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)):
-        expected = "'epoch' or a positive int" if allow_epoch else "a positive int"
-        raise ValueError(
-            f"`{owner}` got an invalid `update_every`. Expected {expected} (steps). "
-            f"Received: update_every={update_every!r}"
-        )
-    if update_every < 1:
-        raise ValueError(
-            f"`{owner}` got an invalid `update_every`. Expected a positive int. "
-            f"Received: update_every={update_every}"
-        )
-    return int(update_every)
+    """`"epoch"` (when allowed) or a number of steps >= 1."""
+    if allow_epoch and isinstance(update_every, str):
+        return validation.check_choice("update_every", update_every, owner, ("epoch",))
+    return validation.check_int("update_every", update_every, owner, minimum=1)
 
 
 def check_fraction(value, name, owner):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not 0.0 < float(value) < 1.0
-    ):
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected a float in (0, 1). "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
+    return validation.check_float(name, value, owner, "a float in (0, 1)", lambda v: 0 < v < 1)
 
 
 @keras.saving.register_keras_serializable(package="keras_sparse_moe")
@@ -125,11 +106,7 @@ class SETEvolution(SparseTrainingCallback):
                     f"Received: update_every={update_every}, probability={probability}"
                 )
         self.probability = probability
-        if last_epoch not in ("skip", "prune"):
-            raise ValueError(
-                f"`{owner}` got an invalid `last_epoch`. Expected 'skip' or 'prune'. "
-                f"Received: last_epoch={last_epoch!r}"
-            )
+        validation.check_choice("last_epoch", last_epoch, owner, ("skip", "prune"))
         if last_epoch == "prune" and (update_every != "epoch" or probability is not None):
             raise ValueError(
                 f"`{owner}` prunes after the last epoch only on the epoch schedule. "

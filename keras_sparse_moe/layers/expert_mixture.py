@@ -9,7 +9,6 @@ from keras import activations, initializers, ops
 from keras_sparse_moe import _runtime, losses, validation
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
-from keras_sparse_moe.layers.sparse_kernel import IMPLEMENTATIONS
 from keras_sparse_moe.layers.storage import DEFAULT_STORAGE
 from keras_sparse_moe.ops import dispatch as dispatch_ops
 
@@ -240,58 +239,19 @@ class SparseExpertMixture(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if (num_experts is None) == (experts is None):
-            raise ValueError(
-                f"`{OWNER}` takes either `num_experts` (built-in sparse experts) or "
-                f"`experts` (a list of layers), exactly one. Received: num_experts="
-                f"{num_experts!r}, experts={'None' if experts is None else 'a list'}"
-            )
         self.seed = validation.check_seed(seed, OWNER)
-        if experts is None:
-            num_experts = validation.check_size("num_experts", num_experts, OWNER)
-            if units is None:
-                raise ValueError(
-                    f"`{OWNER}` with built-in experts needs `units`, their output width. "
-                    "Received: units=None"
-                )
-            units = validation.check_size("units", units, OWNER)
-            hidden = units if expert_units is None else expert_units
-            hidden = validation.check_size("expert_units", hidden, OWNER)
-            density = 0.1 if expert_density is None else expert_density
-            density = validation.check_density(density, OWNER, "expert_density")
-            routes = 0.0
-            if route_density is not None:
-                routes = validation.check_float(
-                    "route_density", route_density, OWNER, "a float in [0, 1)", lambda r: 0 <= r < 1
-                )
-        else:
-            if not isinstance(experts, (list, tuple)) or not experts:
-                raise TypeError(
-                    f"`{OWNER}` got an invalid `experts`. Expected a non-empty list of "
-                    f"Keras layers. Received: experts={experts!r}"
-                )
-            bad = [e for e in experts if not isinstance(e, keras.layers.Layer)]
-            if bad:
-                raise TypeError(
-                    f"`{OWNER}` got an invalid expert. Expected Keras layers or models. "
-                    f"Received: {bad[0]!r}"
-                )
-            given = {
-                "expert_units": expert_units,
-                "expert_density": expert_density,
-                "route_density": route_density,
-                "implementation": None if implementation == DEFAULT_STORAGE else implementation,
-            }
-            given = {k: v for k, v in given.items() if v is not None}
-            if given:
-                raise ValueError(
-                    f"`{OWNER}`: {sorted(given)} shape the built-in experts and do not "
-                    f"apply to user `experts`. Received: {given}"
-                )
-            if units is not None:
-                units = validation.check_size("units", units, OWNER)
-            num_experts = len(experts)
-        validation.check_choice("implementation", implementation, OWNER, IMPLEMENTATIONS)
+        bank = validation.check_expert_bank(
+            OWNER,
+            units=units,
+            num_experts=num_experts,
+            experts=experts,
+            expert_units=expert_units,
+            expert_density=expert_density,
+            route_density=route_density,
+            implementation=implementation,
+            default_implementation=DEFAULT_STORAGE,
+        )
+        units, num_experts = bank["units"], bank["num_experts"]
         self.implementation = implementation
         self.units = units
         self.num_experts = num_experts
@@ -303,29 +263,13 @@ class SparseExpertMixture(keras.layers.Layer):
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.gate = gates_lib.get(gate, num_experts, OWNER)
 
-        if top_k is None:
-            top_k = self.gate.top_k
-        elif self.gate.top_k is not None and top_k != self.gate.top_k:
-            raise ValueError(
-                f"`{OWNER}` got `top_k={top_k}` but its gate selects "
-                f"top_k={self.gate.top_k} experts per token. Leave `top_k` unset or make "
-                "them equal."
-            )
-        if top_k is not None:
-            top_k = validation.check_int("top_k", top_k, OWNER, 1, num_experts)
-        self.top_k = top_k
-        if capacity_factor is not None:
-            capacity_factor = validation.check_float(
-                "capacity_factor", capacity_factor, OWNER, "a float > 0 or None", lambda c: c > 0
-            )
-            if top_k is None:
-                raise ValueError(
-                    f"`{OWNER}`: the capacity dispatch (`capacity_factor`) routes each "
-                    "token to its `top_k` experts; set `top_k` (or use a gate with a `top_k`). "
-                    f"Received: capacity_factor={capacity_factor}, top_k=None"
-                )
-            capacity_factor = float(capacity_factor)
-        self.capacity_factor = capacity_factor
+        self.top_k, self.capacity_factor = validation.check_routing(
+            OWNER,
+            top_k=top_k,
+            gate_top_k=self.gate.top_k,
+            num_experts=num_experts,
+            capacity_factor=capacity_factor,
+        )
         self.dispatch = validation.check_choice("dispatch", dispatch, OWNER, DISPATCH_MODES)
         self.balance_losses = balance_losses
         self.balance_weights = _check_balance_losses(balance_losses, self.gate)
@@ -335,9 +279,9 @@ class SparseExpertMixture(keras.layers.Layer):
             self.expert_bank = SparseExperts(
                 num_experts,
                 units,
-                hidden_units=hidden,
-                density=density,
-                route_density=routes,
+                hidden_units=bank["expert_units"],
+                density=bank["expert_density"],
+                route_density=bank["route_density"],
                 activation=self.expert_activation,
                 use_bias=self.use_bias,
                 kernel_initializer=self.kernel_initializer,

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_sparse_moe import validation
@@ -205,22 +204,11 @@ class NoisyTopKGate(Gate):
 
     def __init__(self, num_experts, top_k, noise_epsilon=1e-2, seed=None, **kwargs):
         super().__init__(num_experts, **kwargs)
-        if (
-            isinstance(top_k, bool)
-            or not isinstance(top_k, (int, np.integer))
-            or not 1 <= top_k <= self.num_experts
-        ):
-            raise ValueError(
-                "`NoisyTopKGate` got an invalid `top_k`. Expected an int in [1, "
-                f"num_experts={self.num_experts}]. Received: top_k={top_k!r}"
-            )
-        if isinstance(noise_epsilon, bool) or not float(noise_epsilon) >= 0:
-            raise ValueError(
-                "`NoisyTopKGate` got an invalid `noise_epsilon`. Expected a float "
-                f">= 0. Received: noise_epsilon={noise_epsilon!r}"
-            )
-        self.top_k = int(top_k)
-        self.noise_epsilon = float(noise_epsilon)
+        owner = "NoisyTopKGate"
+        self.top_k = validation.check_int("top_k", top_k, owner, 1, self.num_experts)
+        self.noise_epsilon = validation.check_float(
+            "noise_epsilon", noise_epsilon, owner, "a float >= 0", lambda e: e >= 0
+        )
         self.seed = validation.check_seed(seed, "NoisyTopKGate")
         self.seed_generator = keras.random.SeedGenerator(self.seed)
 

@@ -12,7 +12,7 @@ from keras_sparse_moe import _runtime
 from keras_sparse_moe.layers.gates import Gate, Routing
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
-from keras_sparse_moe.validation import check_float, check_seed
+from keras_sparse_moe.validation import check_float, check_int, check_seed
 
 __all__ = ["EXPERT_POSITIONS", "PTSNEGate", "grid_positions"]
 
@@ -126,12 +126,7 @@ class PTSNEGate(Gate):
         **kwargs,
     ):
         super().__init__(num_experts, **kwargs)
-        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-            raise ValueError(
-                f"`{OWNER}` got an invalid `n_components`. Expected an int >= 1. "
-                f"Received: n_components={n_components!r}"
-            )
-        self.n_components = n_components
+        self.n_components = check_int("n_components", n_components, OWNER)
         self.perplexity = tsne.check_perplexity(perplexity, None, OWNER)
         self.dof = dof
         self._dof_value = check_dof(dof, n_components, OWNER)

@@ -9,7 +9,6 @@ SET, RigL and magnitude pruning evolve it as they evolve a dense kernel.
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_sparse_moe import validation
@@ -20,26 +19,6 @@ from keras_sparse_moe.layers.sparse_kernel import (
 )
 
 __all__ = ["SparseConv1D", "SparseConv2D"]
-
-
-def _int_tuple(value, rank, name, owner, minimum=1):
-    """`value` (an int or `rank` ints, each >= `minimum`) as a tuple of `rank` ints."""
-    integer = (int, np.integer)
-    items = (value,) * rank if isinstance(value, integer) and not isinstance(value, bool) else value
-    try:
-        items = tuple(items)
-    except TypeError:
-        items = None
-    if (
-        items is None
-        or len(items) != rank
-        or any(isinstance(v, bool) or not isinstance(v, integer) or v < minimum for v in items)
-    ):
-        raise ValueError(
-            f"`{owner}` got an invalid `{name}`. Expected an int >= {minimum} or a tuple of "
-            f"{rank} such ints. Received: {name}={value!r}"
-        )
-    return tuple(int(v) for v in items)
 
 
 @with_connectivity_signature
@@ -63,30 +42,25 @@ class _SparseConv(SparseKernelLayer):
     ):
         owner = type(self).__name__
         filters = validation.check_size("filters", filters, owner)
-        kernel_size = _int_tuple(kernel_size, self.rank, "kernel_size", owner)
+        kernel_size = validation.check_int_tuple("kernel_size", kernel_size, owner, self.rank)
         super().__init__(filters, kernel_dims=kernel_size, **keras_positional(owner, args, kwargs))
         self.filters = int(filters)
         self.kernel_size = kernel_size
-        self.strides = _int_tuple(strides, self.rank, "strides", owner)
-        self.dilation_rate = _int_tuple(dilation_rate, self.rank, "dilation_rate", owner)
+        self.strides = validation.check_int_tuple("strides", strides, owner, self.rank)
+        self.dilation_rate = validation.check_int_tuple(
+            "dilation_rate", dilation_rate, owner, self.rank
+        )
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(
                 f"`{owner}` takes `strides` > 1 or `dilation_rate` > 1, not both. Received: "
                 f"strides={self.strides}, dilation_rate={self.dilation_rate}"
             )
-        if not isinstance(padding, str) or padding.lower() not in self.paddings:
-            raise ValueError(
-                f"`{owner}` got an invalid `padding`. Expected one of {self.paddings}. "
-                f"Received: padding={padding!r}"
-            )
-        self.padding = padding.lower()
+        padding = padding.lower() if isinstance(padding, str) else padding
+        self.padding = validation.check_choice("padding", padding, owner, self.paddings)
         data_format = keras.config.image_data_format() if data_format is None else data_format
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(
-                f"`{owner}` got an invalid `data_format`. Expected 'channels_last' or "
-                f"'channels_first'. Received: data_format={data_format!r}"
-            )
-        self.data_format = data_format
+        self.data_format = validation.check_choice(
+            "data_format", data_format, owner, ("channels_last", "channels_first")
+        )
         if groups != 1:
             raise ValueError(
                 f"`{owner}` supports `groups=1` only (a sparse kernel already leaves most "

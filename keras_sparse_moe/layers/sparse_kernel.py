@@ -24,7 +24,7 @@ from keras import activations, constraints, initializers, ops, regularizers
 
 from keras_sparse_moe import topologies, validation
 from keras_sparse_moe.layers.storage import STORAGES
-from keras_sparse_moe.ops.masking import decode_mask, encode_mask
+from keras_sparse_moe.ops.masking import encode_mask
 
 __all__ = [
     "DENSE_LIMIT",
@@ -93,86 +93,24 @@ class SparseKernelLayer(keras.layers.Layer):
         owner = self._owner
         self._output_dim = int(output_dim)
         self._kernel_dims = tuple(int(d) for d in kernel_dims)
-        if density is not None and epsilon is not None:
-            raise ValueError(
-                f"`{owner}` takes either `density` or `epsilon`, not both. "
-                f"Received: density={density}, epsilon={epsilon}"
-            )
-        if density is not None:
-            density = validation.check_density(density, owner)
-        if epsilon is not None:
-            epsilon = validation.check_epsilon(epsilon, owner)
-        topologies.get(topology)
-        validation.check_choice("implementation", implementation, owner, IMPLEMENTATIONS)
-        if topology_kwargs is not None and not isinstance(topology_kwargs, dict):
-            raise TypeError(
-                f"`{owner}` got an invalid `topology_kwargs`. Expected a dict "
-                f"or None. Received: topology_kwargs={topology_kwargs!r}"
-            )
+        checked = validation.check_connectivity(
+            owner,
+            (*self._kernel_dims, None, self._output_dim),
+            density=density,
+            epsilon=epsilon,
+            topology=topology,
+            mask=mask,
+            connections=connections,
+            topology_kwargs=topology_kwargs,
+            allowed=allowed,
+            implementation=implementation,
+            dense_limit=DENSE_LIMIT,
+        )
+        self.density, self.epsilon = checked["density"], checked["epsilon"]
+        self.topology, self.topology_kwargs = topology, checked["topology_kwargs"]
+        self.mask_value, self.connections_value = checked["mask"], checked["connections"]
+        self.allowed, self.implementation = checked["allowed"], implementation
         self.seed = validation.check_seed(seed, owner)
-        if (
-            topology_kwargs
-            and "degree" in topology_kwargs
-            and (
-                density is not None
-                or epsilon is not None
-                or mask is not None
-                or connections is not None
-            )
-        ):
-            raise ValueError(
-                f"`{owner}` takes a `degree` in `topology_kwargs` or a "
-                "`density`/`epsilon`/`mask`/`connections`, not both. Received: "
-                f"topology_kwargs={topology_kwargs}, density={density}, "
-                f"epsilon={epsilon}"
-            )
-        if connections is not None:
-            if density is not None or epsilon is not None or mask is not None:
-                raise ValueError(
-                    f"`{owner}` takes `connections` or a `mask`/`density`/`epsilon`, not "
-                    f"both. Received: density={density}, epsilon={epsilon}, "
-                    f"mask={'given' if mask is not None else None} with connections"
-                )
-            connections = _check_connections(connections, output_dim, owner)
-        if mask is not None:
-            if density is not None or epsilon is not None:
-                raise ValueError(
-                    f"`{owner}` takes a `mask` or a `density`/`epsilon`, not "
-                    f"both. Received: density={density}, epsilon={epsilon} with "
-                    "a mask"
-                )
-            mask = decode_mask(mask)
-            if mask.size > DENSE_LIMIT:
-                raise ValueError(
-                    f"`{owner}` got a dense `mask` of shape {mask.shape}, too large to "
-                    f"densify (more than {DENSE_LIMIT} entries). Pass the positions "
-                    "instead: `connections=(rows, cols)` with implementation='sparse'."
-                )
-            self._check_mask_shape(mask.shape)
-            if not np.all((mask == 0) | (mask == 1)):
-                bad = np.unique(mask[(mask != 0) & (mask != 1)])[:5]
-                raise ValueError(
-                    f"`{owner}` got a non-binary `mask`. Expected only 0 and 1. "
-                    f"Received values such as {bad.tolist()}"
-                )
-            mask = mask.astype(np.float32)
-        if allowed is not None and not isinstance(allowed, topologies.BlockPattern):
-            try:
-                allowed = topologies.BlockPattern(decode_mask(allowed))
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"`{owner}` got an invalid `allowed`. Expected None, a "
-                    "`keras_sparse_moe.topologies.BlockPattern` or a binary 2-D array. "
-                    f"Received: allowed={allowed!r} ({error})"
-                ) from None
-        self.allowed = allowed
-        self.density = density
-        self.epsilon = epsilon
-        self.topology = topology
-        self.mask_value = mask
-        self.connections_value = connections
-        self.implementation = implementation
-        self.topology_kwargs = dict(topology_kwargs or {})
         self.activation = activations.get(activation)
         self.use_bias = use_bias
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -181,12 +119,9 @@ class SparseKernelLayer(keras.layers.Layer):
         self.bias_regularizer = regularizers.get(bias_regularizer)
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.bias_constraint = constraints.get(bias_constraint)
-        if not isinstance(density_aware_init, bool):
-            raise TypeError(
-                f"`{owner}` got an invalid `density_aware_init`. Expected a bool. "
-                f"Received: density_aware_init={density_aware_init!r}"
-            )
-        self.density_aware_init = density_aware_init
+        self.density_aware_init = validation.check_bool(
+            "density_aware_init", density_aware_init, owner
+        )
         # How the connections are stored: the one place the implementation is read.
         self.storage = STORAGES[implementation](self)
         if not self.storage.stores_dense and kernel_constraint is not None:
@@ -205,17 +140,6 @@ class SparseKernelLayer(keras.layers.Layer):
     def _weight_shape(self, input_dim) -> tuple:
         """The kernel's full shape for `input_dim` input features (last axis: outputs)."""
         return (*self._kernel_dims, int(input_dim), self._output_dim)
-
-    def _check_mask_shape(self, shape):
-        expected = (*self._kernel_dims, None, self._output_dim)
-        if len(shape) != len(expected) or any(
-            e is not None and e != s for e, s in zip(expected, shape)
-        ):
-            hint = tuple("input_dim" if e is None else e for e in expected)
-            raise ValueError(
-                f"`{self._owner}` got a `mask` of the wrong shape. Expected the kernel's shape "
-                f"{hint}. Received: mask.shape={tuple(shape)}"
-            )
 
     # ------------------------------------------------------------------ #
     def _density_for(self, input_dim):
@@ -455,7 +379,7 @@ class SparseKernelLayer(keras.layers.Layer):
         """
         self._require_built("assign_connections")
         n_in, n_out = self.kernel_shape
-        rows, cols = _check_connections((rows, cols), n_out, "assign_connections")
+        rows, cols = validation.check_connections((rows, cols), n_out, "assign_connections")
         values = np.asarray(values, np.float32).ravel()
         if values.shape != rows.shape or (rows.size and int(rows.max()) >= n_in):
             raise ValueError(
@@ -665,55 +589,3 @@ def _encode_connections(connections) -> dict:
         "rows": base64.b64encode(np.asarray(rows, "<i4").tobytes()).decode("ascii"),
         "cols": base64.b64encode(np.asarray(cols, "<i4").tobytes()).decode("ascii"),
     }
-
-
-def _check_connections(connections, units, owner):
-    """A connection list as int32 numpy `(rows, cols)`, checked: integer, 1-D, equal
-    lengths, non-negative, columns below `units`, no position twice."""
-    if isinstance(connections, dict) and set(connections) == {"rows", "cols"}:
-        connections = tuple(
-            np.frombuffer(base64.b64decode(connections[k]), "<i4") for k in ("rows", "cols")
-        )
-    if not isinstance(connections, (tuple, list)):
-        array = np.asarray(connections)
-        if array.ndim != 2 or array.shape[1] != 2:
-            raise ValueError(
-                f"`{owner}` got invalid `connections`. Expected (rows, cols) or an (nnz, 2) "
-                f"array. Received: array of shape {array.shape}"
-            )
-        connections = (array[:, 0], array[:, 1])
-    if len(connections) != 2:
-        raise ValueError(
-            f"`{owner}` got invalid `connections`. Expected (rows, cols). Received "
-            f"{len(connections)} arrays"
-        )
-    rows, cols = (np.asarray(a) for a in connections)
-    if rows.size == 0 and cols.size == 0:
-        raise ValueError(f"`{owner}` got empty `connections`: a layer needs at least one.")
-    for name, array in (("rows", rows), ("cols", cols)):
-        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(
-                f"`{owner}` got invalid `connections`: {name} must be a 1-D integer array. "
-                f"Received: dtype {array.dtype}, shape {array.shape}"
-            )
-    if rows.shape != cols.shape:
-        raise ValueError(
-            f"`{owner}` got `connections` with {rows.size} rows and {cols.size} cols. "
-            "Expected equal lengths."
-        )
-    if int(rows.min()) < 0 or int(cols.min()) < 0 or int(cols.max()) >= units:
-        raise ValueError(
-            f"`{owner}` got out-of-range `connections`. Expected rows >= 0 and cols in "
-            f"[0, {units}). Received: rows in [{int(rows.min())}, {int(rows.max())}], "
-            f"cols in [{int(cols.min())}, {int(cols.max())}]"
-        )
-    flat = rows.astype(np.int64) * units + cols
-    unique, counts = np.unique(flat, return_counts=True)
-    if unique.size != flat.size:
-        twice = unique[counts > 1][:3]
-        raise ValueError(
-            f"`{owner}` got duplicate `connections`: {flat.size - unique.size} positions "
-            f"appear more than once, e.g. (row, col) = "
-            f"{[(int(p // units), int(p % units)) for p in twice]}"
-        )
-    return rows.astype(np.int32), cols.astype(np.int32)

@@ -39,7 +39,13 @@ class BlockPattern:
     """
 
     def __init__(self, blocks):
+        original = blocks
         blocks = np.asarray(blocks)
+        if not (np.issubdtype(blocks.dtype, np.number) or blocks.dtype == bool):
+            raise TypeError(
+                "`BlockPattern` got an invalid `blocks`. Expected a binary 2-D array of numbers "
+                f"or bools. Received: blocks={original!r}"
+            )
         if blocks.ndim != 2 or blocks.size == 0:
             raise ValueError(
                 "`BlockPattern` got invalid `blocks`. Expected a non-empty 2-D binary "

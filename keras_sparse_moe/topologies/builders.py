@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_sparse_moe.topologies.allocation import density_from_epsilon
 from keras_sparse_moe.topologies.blocks import cluster_ids
-from keras_sparse_moe.validation import check_density, check_seed, check_size
+from keras_sparse_moe.validation import check_choice, check_density, check_seed, check_size
 
 __all__ = [
     "TOPOLOGIES",
@@ -403,10 +403,7 @@ TOPOLOGIES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def get(name: str) -> Callable[..., np.ndarray]:
-    """Returns the builder registered under `name`, or raises a `ValueError`."""
-    if not isinstance(name, str) or name not in TOPOLOGIES:
-        raise ValueError(
-            f"Unknown `topology`. Expected one of {sorted(TOPOLOGIES)}. Received: topology={name!r}"
-        )
-    return TOPOLOGIES[name]
+def get(name: str, owner: str = "topologies.get") -> Callable[..., np.ndarray]:
+    """Returns the builder registered under `name` (`TypeError` unless a string,
+    `ValueError` unless a registered name; `owner` is named in the message)."""
+    return TOPOLOGIES[check_choice("topology", name, owner, tuple(sorted(TOPOLOGIES)))]

@@ -112,7 +112,7 @@ def test_config_round_trip(gate):
         (lambda: SoftmaxGate(0), ValueError, "num_experts=0"),
         (lambda: NoisyTopKGate(3, top_k=4), ValueError, "top_k=4"),
         (lambda: NoisyTopKGate(3, top_k=0), ValueError, "top_k=0"),
-        (lambda: NoisyTopKGate(3, top_k=1.5), ValueError, "top_k=1.5"),
+        (lambda: NoisyTopKGate(3, top_k=1.5), TypeError, "top_k=1.5"),
         (lambda: NoisyTopKGate(3, top_k=1, noise_epsilon=-1), ValueError, "noise_epsilon=-1"),
     ],
 )

@@ -288,7 +288,7 @@ def test_saved_model_export(tmp_path):
         ({"units": 8, "seed": 1.0}, TypeError, "seed=1.0"),
         ({"units": 8, "topology_kwargs": 3}, TypeError, "topology_kwargs=3"),
         ({"units": 8, "density_aware_init": "yes"}, TypeError, "density_aware_init='yes'"),
-        ({"units": 8, "allowed": "blocks"}, ValueError, "allowed='blocks'"),
+        ({"units": 8, "allowed": "blocks"}, TypeError, "allowed='blocks'"),
         (
             {
                 "units": 8,

@@ -394,8 +394,8 @@ def test_new_arguments_reject_bad_values():
         SparseExpertMixture(units=4, num_experts=2, implementation="csr")
     with pytest.raises(ValueError, match="implementation"):
         SparseExpertMixture(experts=[keras.layers.Dense(4)], implementation="sparse")
-    for bad in (0.5, "all", True):
-        with pytest.raises(ValueError, match="growth_candidates"):
+    for bad, error in ((0.5, ValueError), ("all", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="growth_candidates"):
             callbacks.RigL(data=(X, Y), growth_candidates=bad)
     rigl = callbacks.RigL(data=(X, Y), growth_candidates=None)
     assert (
