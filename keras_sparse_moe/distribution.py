@@ -124,7 +124,7 @@ def _check_shardable(mixture, axis, size):
             "per device. Use built-in experts (`num_experts=...`), or give the user "
             "experts' own weights layouts in a `LayoutMap`."
         )
-    if bank.implementation != "masked":
+    if not bank.expert_hidden.storage.stores_dense:  # one list for all experts
         raise ValueError(
             f"`{OWNER}` shards the experts' columns, and '{mixture.name}' stores its "
             f"experts with implementation={bank.implementation!r}: one connection list for "
