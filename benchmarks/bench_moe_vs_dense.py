@@ -146,17 +146,17 @@ def main():
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--plot", help="write the E sweep's ratios as a PNG picture")
     parser.add_argument(
-        "--ragged-dot",
-        choices=["auto", "on", "off"],
+        "--grouped",
+        choices=["auto", *dispatch.GROUPED_FORMS],
         default="auto",
-        help="JAX: group the experts' matmuls with jax.lax.ragged_dot (auto: on accelerators)",
+        help="how the grouped dispatch runs its blocks (dispatch.grouped_form; auto: by device)",
     )
     args = parser.parse_args()
-    dispatch.RAGGED_DOT = {"auto": None, "on": True, "off": False}[args.ragged_dot]
+    dispatch.GROUPED_FORM = None if args.grouped == "auto" else args.grouped
 
     header = (
         f"backend={keras.backend.backend()} device={device()} machine={platform.machine()} "
-        f"cpus={os.cpu_count()} date={time.strftime('%Y-%m-%d')} ragged_dot={args.ragged_dot}"
+        f"cpus={os.cpu_count()} date={time.strftime('%Y-%m-%d')} grouped={dispatch.grouped_form()}"
     )
     lines = [header, ""]
     lines.append(

@@ -39,6 +39,7 @@ __all__ = [
     "gather_slots",
     "group_block",
     "group_plan",
+    "grouped_form",
     "grouped_matmul",
     "tiled_matmul",
     "top_k",
@@ -213,7 +214,8 @@ class GroupPlan(NamedTuple):
     block: int
 
 
-MAX_BLOCK = 128  # rows per block at most
+MAX_BLOCK = 128  # rows per block at most, in the loop form
+MAX_BATCHED_BLOCK = 512  # ... in the other forms, where every block's matrix is gathered
 UNKNOWN_BATCH_BLOCK = 8  # where the token count is unknown when traced
 BLOCK_WORK = 1 << 22  # multiply-adds a block should reach to pay for its loop step
 
@@ -227,8 +229,10 @@ def group_block(num_tokens, top_k: int, num_experts: int, matrix_size=None) -> i
     matrix_size` rows, as long as the padding stays under the real rows: a
     loop step costs about as much as a 64 x 784 x 64 matmul on a CPU, so few
     big blocks beat many small ones there (measured: 784 -> 64 experts run 1.3x
-    faster in blocks of 128 than of 32). At most `MAX_BLOCK`; an unknown (None
-    or symbolic) count gives `UNKNOWN_BATCH_BLOCK`.
+    faster in blocks of 128 than of 32). At most `MAX_BLOCK` in the loop form
+    and `MAX_BATCHED_BLOCK` in the others (where each block's matrix is copied:
+    fewer blocks, fewer copies); an unknown (None or symbolic) count gives
+    `UNKNOWN_BATCH_BLOCK`.
     """
     if not isinstance(num_tokens, (int, np.integer)):
         return UNKNOWN_BATCH_BLOCK
@@ -237,7 +241,7 @@ def group_block(num_tokens, top_k: int, num_experts: int, matrix_size=None) -> i
     if matrix_size:
         wanted = 1 << max(0, math.ceil(math.log2(max(1, BLOCK_WORK / matrix_size))))
         block = max(block, min(wanted, _floor_pow2(max(1, rows // num_experts))))
-    return int(min(MAX_BLOCK, block))
+    return int(min(MAX_BLOCK if grouped_form() == "loop" else MAX_BATCHED_BLOCK, block))
 
 
 def _floor_pow2(n: int) -> int:
@@ -292,21 +296,22 @@ def grouped_matmul(rows, kernel, plan: GroupPlan, expert_axis: int = 0):
     `kernel` holds one `(n_in, n_out)` matrix per expert, stacked on
     `expert_axis`: `(E, n_in, n_out)` (axis 0) or `(n_in, E, n_out)` (axis 1,
     the column blocks of a `(n_in, E * n_out)` kernel, read without a copy).
-    Each block of rows is one matmul with its expert's matrix, in a compiled
-    loop: the work is `rows * n_in * n_out`, not `E` times it. The gradient is
-    custom and as cheap: each expert sums `x_b^T @ dy_b` over its own blocks.
+    The work is `rows * n_in * n_out`, not `E` times it, in one of the forms
+    of `GROUPED_FORMS` (see `grouped_form`).
     """
     if expert_axis not in (0, 1):
         raise ValueError(f"`expert_axis` must be 0 or 1. Received: expert_axis={expert_axis!r}")
     experts = ops.cast(plan.expert_of_block, "int32")
-    if _ragged_dot():
+    form = grouped_form()
+    if form == "ragged_dot":
         import jax
 
         num_experts = kernel.shape[expert_axis]
         sizes = ops.sum(ops.one_hot(experts, num_experts, dtype="int32"), axis=0) * plan.block
         stacked = kernel if expert_axis == 0 else ops.transpose(kernel, (1, 0, 2))
         return jax.lax.ragged_dot(rows, stacked, sizes)
-    return _blocks(rows, kernel, experts, plan.block, (expert_axis, None))
+    blocks = _batched_blocks if form == "batched" else _blocks
+    return blocks(rows, kernel, experts, plan.block, (expert_axis, None))
 
 
 def tiled_matmul(rows, matrix, plan: GroupPlan, tile: int):
@@ -314,27 +319,64 @@ def tiled_matmul(rows, matrix, plan: GroupPlan, tile: int):
     `g = i * (n / tile) + j` of row `r`: each row meets one `(tile, tile)` tile of
     the square `(n, n)` `matrix`, the tiles being the groups of `plan`.
 
-    Always the block loop, also on accelerators: `jax.lax.ragged_dot`'s gradient
-    materialises `groups x rows x tile` (64 GiB for 64 experts' 4,096 tiles
-    at 16,384 tokens on an H200)."""
+    Never `jax.lax.ragged_dot`: its gradient materialises `groups x rows x tile`
+    (64 GiB for 64 experts' 4,096 tiles at 16,384 tokens on an H200)."""
     groups = ops.cast(plan.expert_of_block, "int32")
-    return _blocks(rows, matrix, groups, plan.block, ("tiles", int(tile)))
+    blocks = _batched_blocks if grouped_form() == "batched" else _blocks
+    return blocks(rows, matrix, groups, plan.block, ("tiles", int(tile)))
 
 
-RAGGED_DOT = None  # None: `jax.lax.ragged_dot` on JAX accelerators, the block loop elsewhere
+GROUPED_FORMS = ("loop", "batched", "ragged_dot")
+GROUPED_FORM = None  # one of GROUPED_FORMS, or None: chosen by backend and device
 
 
-def _ragged_dot() -> bool:
-    """Whether `grouped_matmul` calls `jax.lax.ragged_dot`: a grouped GEMM kernel
-    on GPUs and TPUs. On CPU, XLA computes it as every expert on every row
-    (measured 2.9x the all-experts time), so the block loop is used there."""
+def grouped_form() -> str:
+    """How `grouped_matmul` runs the blocks of rows (`GROUPED_FORM`, else by device).
+
+    - `"loop"`: one matmul a block in a compiled loop, with a custom gradient
+      that sums each expert's `x_b^T @ dy_b`. The fastest form on CPUs (both
+      backends); the default there and on TensorFlow.
+    - `"batched"`: each block's matrix gathered, then one batched matmul over
+      all blocks (autodiff's gradient scatters into the kernel). Reads
+      `blocks * n_in * n_out` weights, which accelerators do at full bandwidth;
+      the default on JAX GPUs and TPUs.
+    - `"ragged_dot"`: `jax.lax.ragged_dot` (JAX only).
+    """
+    if GROUPED_FORM is not None:
+        if GROUPED_FORM not in GROUPED_FORMS:
+            raise ValueError(
+                f"`GROUPED_FORM` must be one of {GROUPED_FORMS} or None. "
+                f"Received: GROUPED_FORM={GROUPED_FORM!r}"
+            )
+        if GROUPED_FORM == "ragged_dot" and keras.backend.backend() != "jax":
+            return "loop"
+        return GROUPED_FORM
     if keras.backend.backend() != "jax":
-        return False
-    if RAGGED_DOT is not None:
-        return bool(RAGGED_DOT)
+        return "loop"
     import jax
 
-    return jax.default_backend() != "cpu"
+    return "loop" if jax.default_backend() == "cpu" else "batched"
+
+
+def _stacked_matrices(kernel, layout):
+    """The kernel as `(G, n_in, n_out)` matrices (a view for layout `(0, None)`)."""
+    kind, tile = layout
+    if kind == 0:
+        return kernel
+    if kind == 1:
+        return ops.transpose(kernel, (1, 0, 2))
+    per_side = kernel.shape[0] // tile
+    tiles = ops.reshape(kernel, (per_side, tile, per_side, tile))
+    return ops.reshape(ops.transpose(tiles, (0, 2, 1, 3)), (per_side * per_side, tile, tile))
+
+
+def _batched_blocks(rows, kernel, groups, block, layout):
+    """`rows_b @ M_{groups[b]}` for every block at once: a gather of the blocks'
+    matrices and one batched matmul."""
+    matrices = ops.take(_stacked_matrices(kernel, layout), groups, axis=0)
+    blocks = ops.reshape(rows, (-1, block, rows.shape[-1]))
+    out = ops.einsum("bri,bio->bro", blocks, matrices)
+    return ops.reshape(out, (-1, out.shape[-1]))
 
 
 def _layout(kernel_shape, layout):

@@ -1,5 +1,6 @@
 """Capacity dispatch against a plain-Python reference: slots, overflow, combine."""
 
+import keras
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -142,10 +143,26 @@ def test_group_plan_matches_reference(n, num_experts, data):
     np.testing.assert_array_equal(to_numpy(plan.expert_of_block)[: used // block], expert_of_block)
 
 
+FORMS = ["loop", "batched"] + (["ragged_dot"] if keras.backend.backend() == "jax" else [])
+
+
+@pytest.fixture(params=FORMS)
+def grouped_form(request, monkeypatch):
+    """Every form of the grouped matmul (`dispatch.GROUPED_FORM`) on this backend."""
+    monkeypatch.setattr(dispatch, "GROUPED_FORM", request.param)
+    return request.param
+
+
+def test_grouped_form_rejects_an_unknown_name(monkeypatch):
+    monkeypatch.setattr(dispatch, "GROUPED_FORM", "fast")
+    with pytest.raises(ValueError, match="GROUPED_FORM='fast'"):
+        dispatch.grouped_form()
+
+
 @pytest.mark.parametrize("expert_axis", [0, 1])
 @pytest.mark.parametrize("n, k, num_experts, block", [(1, 2, 16, 1), (37, 2, 5, 4), (64, 3, 4, 8)])
 def test_grouped_matmul_and_combine_match_every_expert_weighted(
-    n, k, num_experts, block, expert_axis
+    n, k, num_experts, block, expert_axis, grouped_form
 ):
     rng = np.random.default_rng(n)
     index = _random_index(rng, n, k, num_experts)
@@ -167,7 +184,8 @@ def test_grouped_matmul_and_combine_match_every_expert_weighted(
     "tokens, k, experts, block",
     [(1, 2, 16, 1), (4096, 2, 16, 128), (1024, 2, 10, 32), (512, 2, 64, 4), (None, 2, 8, 8)],
 )
-def test_group_block_keeps_padding_small(tokens, k, experts, block):
+def test_group_block_keeps_padding_small(tokens, k, experts, block, monkeypatch):
+    monkeypatch.setattr(dispatch, "GROUPED_FORM", "loop")
     assert dispatch.group_block(tokens, k, experts) == block
     if tokens is not None:
         assert experts * (block - 1) <= tokens * k // 4
@@ -182,9 +200,86 @@ def test_group_block_keeps_padding_small(tokens, k, experts, block):
         (4096, 2, 16, 1024 * 1024, 128),  # big matrices: the quarter rule
     ],
 )
-def test_group_block_grows_for_small_matrices(tokens, k, experts, matrix_size, block):
+def test_group_block_grows_for_small_matrices(
+    tokens, k, experts, matrix_size, block, monkeypatch
+):
+    monkeypatch.setattr(dispatch, "GROUPED_FORM", "loop")
     assert dispatch.group_block(tokens, k, experts, matrix_size) == block
     assert experts * (block - 1) <= tokens * k
+
+
+def _grouped_value_and_grads(fn, rows, kernel):
+    """`(y, dL/drows, dL/dkernel)` of `L = sum(y * u)` for a fixed random `u`, compiled."""
+    upstream = np.random.default_rng(0).standard_normal(
+        tuple(to_numpy(fn(rows, kernel)).shape)
+    ).astype("float32")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss(r, w):
+            y = fn(r, w)
+            return keras.ops.sum(y * upstream), y
+
+        (_, y), (g_rows, g_kernel) = jax.jit(
+            jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+        )(rows, kernel)
+        return to_numpy(y), to_numpy(g_rows), to_numpy(g_kernel), upstream
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def run(r, w):
+        with tf.GradientTape() as tape:
+            tape.watch([r, w])
+            y = fn(r, w)
+            loss = tf.reduce_sum(y * upstream)
+        return (y, *tape.gradient(loss, [r, w]))
+
+    return (*(to_numpy(v) for v in run(tf.constant(rows), tf.constant(kernel))), upstream)
+
+
+@pytest.mark.parametrize("expert_axis", [0, 1])
+def test_grouped_matmul_gradients_match_numpy(expert_axis, grouped_form):
+    rng = np.random.default_rng(5)
+    n, k, num_experts, block = 29, 2, 4, 4
+    index = _random_index(rng, n, k, num_experts)
+    plan = dispatch.group_plan(index, num_experts, block)
+    rows = rng.standard_normal((int(plan.token_of_row.shape[0]), 5)).astype("float32")
+    kernels = rng.standard_normal((num_experts, 5, 3)).astype("float32")
+    stacked = kernels if expert_axis == 0 else kernels.transpose(1, 0, 2)
+    y, g_rows, g_kernel, u = _grouped_value_and_grads(
+        lambda r, w: dispatch.grouped_matmul(r, w, plan, expert_axis=expert_axis), rows, stacked
+    )
+    expert = to_numpy(dispatch.expert_of_row(plan))
+    np.testing.assert_allclose(y, np.einsum("ri,rio->ro", rows, kernels[expert]), atol=1e-5)
+    np.testing.assert_allclose(g_rows, np.einsum("ro,rio->ri", u, kernels[expert]), atol=1e-5)
+    expected = np.stack([rows[expert == e].T @ u[expert == e] for e in range(num_experts)])
+    expected = expected if expert_axis == 0 else expected.transpose(1, 0, 2)
+    np.testing.assert_allclose(g_kernel, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_tiled_matmul_gradients_match_numpy(grouped_form):
+    rng = np.random.default_rng(6)
+    n, k, tiles, tile = 21, 2, 3, 4
+    plan = dispatch.group_plan(_random_index(rng, n, k, tiles * tiles), tiles * tiles, 2)
+    rows = rng.standard_normal((int(plan.token_of_row.shape[0]), tile)).astype("float32")
+    matrix = rng.standard_normal((tiles * tile, tiles * tile)).astype("float32")
+    y, g_rows, g_matrix, u = _grouped_value_and_grads(
+        lambda r, w: dispatch.tiled_matmul(r, w, plan, tile), rows, matrix
+    )
+    group = to_numpy(dispatch.expert_of_row(plan))
+    blocks = matrix.reshape(tiles, tile, tiles, tile).transpose(0, 2, 1, 3).reshape(-1, tile, tile)
+    np.testing.assert_allclose(y, np.einsum("ri,rio->ro", rows, blocks[group]), atol=1e-5)
+    np.testing.assert_allclose(g_rows, np.einsum("ro,rio->ri", u, blocks[group]), atol=1e-5)
+    expected = np.stack([rows[group == g].T @ u[group == g] for g in range(tiles * tiles)])
+    expected = expected.reshape(tiles, tiles, tile, tile).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(g_matrix, expected.reshape(matrix.shape), rtol=1e-5, atol=1e-4)
+
+
+def test_group_block_is_bigger_where_blocks_are_batched(monkeypatch):
+    monkeypatch.setattr(dispatch, "GROUPED_FORM", "batched")
+    block = dispatch.group_block(16384, 2, 16, 1024 * 1024)
+    assert block == dispatch.MAX_BATCHED_BLOCK > dispatch.MAX_BLOCK
+    assert 16 * (block - 1) <= 16384 * 2 // 4  # padding under a quarter of the rows
 
 
 def test_tiled_matmul_reads_each_rows_tile():
