@@ -200,9 +200,7 @@ def test_group_block_keeps_padding_small(tokens, k, experts, block, monkeypatch)
         (4096, 2, 16, 1024 * 1024, 128),  # big matrices: the quarter rule
     ],
 )
-def test_group_block_grows_for_small_matrices(
-    tokens, k, experts, matrix_size, block, monkeypatch
-):
+def test_group_block_grows_for_small_matrices(tokens, k, experts, matrix_size, block, monkeypatch):
     monkeypatch.setattr(dispatch, "GROUPED_FORM", "loop")
     assert dispatch.group_block(tokens, k, experts, matrix_size) == block
     assert experts * (block - 1) <= tokens * k
@@ -210,9 +208,11 @@ def test_group_block_grows_for_small_matrices(
 
 def _grouped_value_and_grads(fn, rows, kernel):
     """`(y, dL/drows, dL/dkernel)` of `L = sum(y * u)` for a fixed random `u`, compiled."""
-    upstream = np.random.default_rng(0).standard_normal(
-        tuple(to_numpy(fn(rows, kernel)).shape)
-    ).astype("float32")
+    upstream = (
+        np.random.default_rng(0)
+        .standard_normal(tuple(to_numpy(fn(rows, kernel)).shape))
+        .astype("float32")
+    )
     if keras.backend.backend() == "jax":
         import jax
 
