@@ -236,7 +236,8 @@ def report_ptsne(extras, args):
     return table
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The demo's arguments (also the model arguments of `benchmarks/bench_moe_accuracy.py`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", nargs="*", default=[None], help=".npz files (x/y_train/test)")
     parser.add_argument("--epochs", type=int, default=3)
@@ -262,7 +263,11 @@ def main(argv=None):
     parser.add_argument("--tsne-weight", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo_output", help="folder for pictures and models")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rows, tables = [], []
     for path in args.data or [None]:
