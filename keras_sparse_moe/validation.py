@@ -311,16 +311,15 @@ def check_expert_bank(
     expert_density,
     route_density,
     implementation,
-    default_implementation,
 ) -> dict:
     """The checked experts of a mixture: built-in (`num_experts` and `units`, with
     their width, density, routes and storage) or user `experts` (a list of
     layers, which the built-in arguments do not shape). Returns `units`,
     `num_experts`, and for built-in experts `expert_units`, `expert_density`
-    and `route_density` with their defaults filled in."""
+    `route_density` and `implementation` with their defaults filled in."""
     import keras
 
-    from keras_sparse_moe.layers.storage import STORAGES
+    from keras_sparse_moe.layers.storage import DEFAULT_STORAGE, STORAGES
 
     if (num_experts is None) == (experts is None):
         raise ValueError(
@@ -328,7 +327,8 @@ def check_expert_bank(
             f"list of layers), exactly one. Received: num_experts={num_experts!r}, "
             f"experts={'None' if experts is None else 'a list'}"
         )
-    check_choice("implementation", implementation, owner, tuple(STORAGES))
+    if implementation is not None:
+        check_choice("implementation", implementation, owner, tuple(STORAGES))
     if experts is not None:
         if not isinstance(experts, (list, tuple)) or not experts:
             raise TypeError(_message(owner, "experts", "a non-empty list of Keras layers", experts))
@@ -342,7 +342,7 @@ def check_expert_bank(
             "expert_units": expert_units,
             "expert_density": expert_density,
             "route_density": route_density,
-            "implementation": None if implementation == default_implementation else implementation,
+            "implementation": implementation,
         }
         given = {k: v for k, v in given.items() if v is not None}
         if given:
@@ -375,6 +375,7 @@ def check_expert_bank(
             0.1 if expert_density is None else expert_density, owner, "expert_density"
         ),
         "route_density": routes,
+        "implementation": DEFAULT_STORAGE if implementation is None else implementation,
     }
 
 

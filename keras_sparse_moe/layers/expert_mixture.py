@@ -9,7 +9,6 @@ from keras import activations, initializers, ops
 from keras_sparse_moe import _runtime, losses, validation
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
-from keras_sparse_moe.layers.storage import DEFAULT_STORAGE
 from keras_sparse_moe.ops import dispatch as dispatch_ops
 
 __all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "DISPATCH_MODES", "SparseExpertMixture"]
@@ -193,7 +192,8 @@ class SparseExpertMixture(keras.layers.Layer):
             default He-uniform scales by fan-in, which is each expert's own.
         implementation: Storage of the built-in experts' `SparseDense` layers:
             `"masked"` or `"sparse"` (only the connections: expert compute and
-            memory grow with them, not with `input_dim * experts * width`).
+            memory grow with them, not with `input_dim * experts * width`);
+            None (the default) is `"masked"`. User `experts` take none.
         seed: Optional int making the built-in experts' topology reproducible.
         **kwargs: Base layer arguments.
 
@@ -234,7 +234,7 @@ class SparseExpertMixture(keras.layers.Layer):
         use_bias=True,
         kernel_initializer="he_uniform",
         seed=None,
-        implementation="masked",
+        implementation=None,
         dispatch="auto",
         **kwargs,
     ):
@@ -249,10 +249,9 @@ class SparseExpertMixture(keras.layers.Layer):
             expert_density=expert_density,
             route_density=route_density,
             implementation=implementation,
-            default_implementation=DEFAULT_STORAGE,
         )
         units, num_experts = bank["units"], bank["num_experts"]
-        self.implementation = implementation
+        self.implementation = bank.get("implementation")  # None for user experts
         self.units = units
         self.num_experts = num_experts
         self.expert_units = expert_units
@@ -286,7 +285,7 @@ class SparseExpertMixture(keras.layers.Layer):
                 use_bias=self.use_bias,
                 kernel_initializer=self.kernel_initializer,
                 seed=self.seed,
-                implementation=implementation,
+                implementation=self.implementation,
                 dtype=self.dtype_policy,
                 name="experts",
             )
@@ -489,4 +488,7 @@ class SparseExpertMixture(keras.layers.Layer):
         config["gate"] = deserialize(config["gate"])
         if config.get("experts") is not None:
             config["experts"] = [deserialize(e) for e in config["experts"]]
+            # Files saved before `implementation=None` became the default hold the
+            # default storage's name here, which user experts never used.
+            config.pop("implementation", None)
         return cls(**config)

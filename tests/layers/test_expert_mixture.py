@@ -520,3 +520,20 @@ def test_compiled_dispatch_does_not_grow_with_the_tokens(capacity_factor):
     # a per-token unrolling or folding would multiply the count by up to 16.
     for before, after in zip(small, large):
         assert after <= 1.25 * before, (path, small, large)
+
+
+def test_implementation_defaults_to_the_default_storage_and_user_experts_take_none():
+    from keras_sparse_moe.layers.storage import DEFAULT_STORAGE
+
+    built_in = SparseExpertMixture(**BUILTIN)
+    assert built_in.implementation == DEFAULT_STORAGE
+    assert built_in.expert_bank.expert_hidden.implementation == DEFAULT_STORAGE
+    user = SparseExpertMixture(experts=[keras.layers.Dense(3), keras.layers.Dense(3)])
+    assert user.implementation is None and user.get_config()["implementation"] is None
+    for storage in ("masked", "sparse"):
+        with pytest.raises(ValueError, match=f"'implementation': '{storage}'"):
+            SparseExpertMixture(experts=[keras.layers.Dense(3)] * 2, implementation=storage)
+    # A config saved when the default was spelled out still loads, as the same layer.
+    old = {**user.get_config(), "implementation": DEFAULT_STORAGE}
+    restored = SparseExpertMixture.from_config(old)
+    assert restored.implementation is None and restored.num_experts == 2
