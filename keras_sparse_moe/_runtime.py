@@ -43,10 +43,20 @@ def optimizer_step(model) -> int:
 
 
 def new_seed(seed) -> int:
-    """`seed` itself, or a fresh random int for `None` (fixed for the object's life)."""
+    """`seed` itself, or for `None` a random int drawn from NumPy's global generator.
+
+    `keras.utils.set_random_seed` seeds that generator, so under one global
+    seed every default seed of the library (topologies, callbacks, samplers) is
+    repeatable; without one it differs from run to run.
+    """
     if seed is not None:
         return int(seed)
-    return int(np.random.SeedSequence().entropy % INT32_MAX)
+    return int(np.random.randint(INT32_MAX))
+
+
+def rng(seed) -> np.random.Generator:
+    """A NumPy generator seeded by `new_seed(seed)`."""
+    return np.random.default_rng(new_seed(seed))
 
 
 def check_strategy(owner, model):

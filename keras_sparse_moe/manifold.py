@@ -13,7 +13,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils.validation import check_is_fitted
 
-from keras_sparse_moe import validation
+from keras_sparse_moe import _runtime, validation
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
 
@@ -81,7 +81,7 @@ class _NeighbourBatches(keras.utils.PyDataset):
         self.x = x
         self.index, self.cumulative = conditional[0], np.cumsum(conditional[1], axis=1)
         self.anchors = batch_size // 2
-        self.rng = np.random.default_rng(seed)
+        self.rng = _runtime.rng(seed)
         self.on_epoch_end()
 
     def __len__(self):

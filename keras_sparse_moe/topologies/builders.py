@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.topologies.allocation import density_from_epsilon
 from keras_sparse_moe.topologies.blocks import cluster_ids
 from keras_sparse_moe.validation import check_choice, check_density, check_seed, check_size
@@ -142,7 +143,7 @@ def erdos_renyi_positions(
         raise ValueError(
             f"`{owner}` got a `count` above the {room} positions available. Received: count={count}"
         )
-    rng = np.random.default_rng(check_seed(seed, owner))
+    rng = _runtime.rng(check_seed(seed, owner))
     if allowed is None:
         flat = np.sort(rng.choice(total, size=count, replace=False))
     elif total <= _DENSE_DRAW_LIMIT:
@@ -192,7 +193,7 @@ def random_regular(
     n_in, n_out, degree, seed = _degree_arguments(
         "random_regular", n_in, n_out, density, degree, seed
     )
-    rng = np.random.default_rng(seed)
+    rng = _runtime.rng(seed)
     if 2 * degree > n_out:
         # Dense side: the complement is a sparse biregular graph, cheaper to draw.
         return 1.0 - _configuration_model(n_in, n_out, n_out - degree, rng)
@@ -335,7 +336,7 @@ def pseudo_random_regular(
     n_in, n_out, degree, seed = _degree_arguments(
         "pseudo_random_regular", n_in, n_out, density, degree, seed
     )
-    row = np.sort(np.random.default_rng(seed).choice(n_out, size=degree, replace=False))
+    row = np.sort(_runtime.rng(seed).choice(n_out, size=degree, replace=False))
     return _circulant(n_in, n_out, row)
 
 
@@ -386,7 +387,7 @@ def small_world(
     n_inside = min(inside.size, total - n_across)
     # Whatever does not fit inside the blocks spills over to the links between.
     n_across = min(across.size, total - n_inside)
-    rng = np.random.default_rng(seed)
+    rng = _runtime.rng(seed)
     flat = np.zeros(n_in * n_out, dtype=np.float32)
     flat[rng.choice(inside, size=n_inside, replace=False)] = 1.0
     flat[rng.choice(across, size=n_across, replace=False)] = 1.0
