@@ -43,6 +43,12 @@ class SETEvolution(SparseTrainingCallback):
     rewiring is one compiled, vectorised function per layer run between
     training steps; no weight leaves the device and the model is not rebuilt.
 
+    On the epoch schedule the evolution after epoch `e` runs when epoch `e + 1`
+    begins, so a checkpoint or `keras.callbacks.BackupAndRestore` backup taken at
+    the end of epoch `e` holds the network before it, whatever the order of the
+    callbacks, and a resumed run replays it: resuming ends where the
+    uninterrupted run ends.
+
     Reference: Mocanu et al., "Scalable training of artificial neural networks
     with adaptive sparse connectivity inspired by network science", 2018.
 
@@ -65,8 +71,10 @@ class SETEvolution(SparseTrainingCallback):
         seed: Optional int for reproducible regrowth.
 
     Logs (progress bar, `History`, TensorBoard): `density/<layer>` per layer and
-    `set/rewired`, the connections replaced at the last evolution (per epoch
-    total for step schedules).
+    `set/rewired`, the connections replaced in the epoch: on the epoch schedule
+    by the evolution at its start (0 in the first epoch), on step schedules the
+    total of its evolutions; with `last_epoch="prune"`, `set/pruned` in the
+    last epoch's logs, the connections removed.
 
     Examples:
 
@@ -78,7 +86,7 @@ class SETEvolution(SparseTrainingCallback):
         >>> set_cb = keras_sparse_moe.callbacks.SETEvolution(zeta=0.3, seed=0)
         >>> h = model.fit(np.ones((64, 20)), np.ones((64, 1)), epochs=2, verbose=0,
         ...               callbacks=[set_cb])
-        >>> h.history["set/rewired"][0] > 0
+        >>> h.history["set/rewired"][1] > 0  # the evolution after epoch 0, as epoch 1 begins
         True
     """
 
@@ -129,17 +137,27 @@ class SETEvolution(SparseTrainingCallback):
         }
 
     # ------------------------------------------------------------------ #
-    def on_epoch_end(self, epoch, logs=None):
-        on_schedule = self.update_every == "epoch" and self.probability is None
-        if on_schedule and epoch < self._epochs - 1:
+    @property
+    def _on_epoch_schedule(self):
+        return self.update_every == "epoch" and self.probability is None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        # The evolution due after epoch `epoch - 1`: run here, after any backup of
+        # that epoch's end and after `BackupAndRestore` restored one.
+        if self._on_epoch_schedule and epoch > 0:
             self._rewired_in_epoch = self.evolve()
-        elif on_schedule and self.last_epoch == "prune":
-            self._rewired_in_epoch = self.evolve(regrow=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._on_epoch_schedule and epoch == self._epochs - 1 and self.last_epoch == "prune":
+            pruned = self.evolve(regrow=False)
+            if logs is not None:
+                logs[f"{self.name}/pruned"] = pruned
         self._report(logs, self._rewired_in_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         previous, current = self._advance(batch)
-        if self.update_every == "epoch" and self.probability is None:
+        if self._on_epoch_schedule:
             return
         if self.probability is not None:
             # One draw per optimizer step, from (seed, step): a resumed run draws the same.

@@ -131,17 +131,25 @@ class _Crash(keras.callbacks.Callback):
             raise RuntimeError("simulated crash")
 
 
-@pytest.mark.parametrize("name", ["set_steps", "set_probability", "rigl", "pruning"])
-def test_backup_and_restore_resumes_to_the_uninterrupted_result(name, tmp_path):
+@pytest.mark.parametrize("backup_first", [False, True])
+@pytest.mark.parametrize("name", ["set_epoch", "set_steps", "set_probability", "rigl", "pruning"])
+def test_backup_and_restore_resumes_to_the_uninterrupted_result(name, backup_first, tmp_path):
+    # Whatever the order of the callbacks: the backup at the end of epoch 0 holds
+    # the network before the evolution due then, and the resumed run replays it.
     density = _density(name)
     expected, _ = _uninterrupted(name)
     backup = str(tmp_path / "backup")
+
+    def callbacks(*extra):
+        pair = [CALLBACKS[name](), keras.callbacks.BackupAndRestore(backup)]
+        return [*(pair[::-1] if backup_first else pair), *extra]
+
     model = _model(density)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(model, CALLBACKS[name](), keras.callbacks.BackupAndRestore(backup), _Crash(13))
+        _fit(model, *callbacks(_Crash(13)))
     # A new process: a fresh model (other initial weights) and a fresh callback.
     model = _model(density, seed=99)
-    _fit(model, CALLBACKS[name](), keras.callbacks.BackupAndRestore(backup))
+    _fit(model, *callbacks())
     _assert_same(_final(model), expected)
     assert_masked_weights_zero(model)
 
@@ -153,6 +161,6 @@ def test_model_checkpoint_load_and_continue_is_exact(name, tmp_path):
     model = _model()
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(model, CALLBACKS[name](), keras.callbacks.ModelCheckpoint(path), _Crash(10))
-    restored = keras.saving.load_model(path)  # saved at the end of epoch 0, after SET's evolution
+    restored = keras.saving.load_model(path)  # saved at the end of epoch 0, before SET's evolution
     _fit(restored, CALLBACKS[name](), initial_epoch=1)
     _assert_same(_final(restored), expected)
