@@ -45,14 +45,7 @@ def dense_mlp(width, data):
     inputs = keras.Input((data.x_train.shape[1],))
     hidden = keras.layers.Dense(width, activation="relu")(inputs)
     outputs = keras.layers.Dense(data.num_classes, activation="softmax")(hidden)
-    model = keras.Model(inputs, outputs)
-    model.compile(
-        keras.optimizers.Adam(1e-3),
-        "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=True,
-    )
-    return model
+    return demo.compiled(keras.Model(inputs, outputs))
 
 
 def equal_weight_width(weights, data):
