@@ -10,6 +10,7 @@ from keras_sparse_moe import _runtime, losses, validation
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
 from keras_sparse_moe.ops import dispatch as dispatch_ops
+from keras_sparse_moe.saving import VersionedConfig, read_config
 
 __all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "DISPATCH_MODES", "SparseExpertMixture"]
 
@@ -95,7 +96,7 @@ def _check_balance_losses(balance_losses, gate):
 
 
 @keras.saving.register_keras_serializable(package="keras_sparse_moe")
-class SparseExpertMixture(keras.layers.Layer):
+class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     """A mixture of experts whose experts are sparse sub-networks, mixed by a gate.
 
     Output `y(x) = sum_e G_e(x) * expert_e(x)`, where `G` is the gate's output.
@@ -483,7 +484,7 @@ class SparseExpertMixture(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = read_config(config, cls.__name__)
         deserialize = keras.saving.deserialize_keras_object
         config["gate"] = deserialize(config["gate"])
         if config.get("experts") is not None:

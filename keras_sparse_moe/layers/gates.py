@@ -19,6 +19,7 @@ from keras import ops
 
 from keras_sparse_moe import validation
 from keras_sparse_moe.ops import dispatch
+from keras_sparse_moe.saving import VersionedConfig, read_config
 
 __all__ = ["Gate", "NoisyTopKGate", "OracleGate", "Routing", "SoftmaxGate", "get"]
 
@@ -57,7 +58,7 @@ def check_gate_width(owner, shape, num_experts):
         )
 
 
-class Gate(keras.layers.Layer):
+class Gate(VersionedConfig, keras.layers.Layer):
     """Base class of the gates; subclasses implement `route()`.
 
     Args:
@@ -167,7 +168,7 @@ class SoftmaxGate(Gate):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = read_config(config, cls.__name__)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         return cls(**config)
 

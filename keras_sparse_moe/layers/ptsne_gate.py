@@ -12,6 +12,7 @@ from keras_sparse_moe import _runtime
 from keras_sparse_moe.layers.gates import Gate, Routing
 from keras_sparse_moe.ops import tsne
 from keras_sparse_moe.ops.tsne import check_dof
+from keras_sparse_moe.saving import read_config
 from keras_sparse_moe.validation import check_float, check_int, check_seed
 
 __all__ = ["EXPERT_POSITIONS", "PTSNEGate", "grid_positions"]
@@ -305,7 +306,7 @@ class PTSNEGate(Gate):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = read_config(config, cls.__name__)
         config["embedding"] = keras.saving.deserialize_keras_object(config["embedding"])
         return cls(**config)
 

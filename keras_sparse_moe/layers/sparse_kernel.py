@@ -25,6 +25,7 @@ from keras import activations, constraints, initializers, ops, regularizers
 from keras_sparse_moe import topologies, validation
 from keras_sparse_moe.layers.storage import STORAGES
 from keras_sparse_moe.ops.masking import encode_mask
+from keras_sparse_moe.saving import VersionedConfig
 
 __all__ = [
     "DENSE_LIMIT",
@@ -45,7 +46,7 @@ _DEFAULT_EPSILON = 20.0
 DENSE_LIMIT = 1 << 28
 
 
-class SparseKernelLayer(keras.layers.Layer):
+class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
     """Base class of layers whose kernel has sparse, topology-defined connections.
 
     Holds the arguments every sparse layer shares (density, epsilon,
