@@ -349,7 +349,10 @@ def grouped_form() -> str:
                 f"Received: GROUPED_FORM={GROUPED_FORM!r}"
             )
         if GROUPED_FORM == "ragged_dot" and keras.backend.backend() != "jax":
-            return "loop"
+            raise ValueError(
+                "`GROUPED_FORM='ragged_dot'` needs the JAX backend. Received: backend="
+                f"{keras.backend.backend()!r}"
+            )
         return GROUPED_FORM
     if keras.backend.backend() != "jax":
         return "loop"

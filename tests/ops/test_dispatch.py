@@ -157,6 +157,10 @@ def test_grouped_form_rejects_an_unknown_name(monkeypatch):
     monkeypatch.setattr(dispatch, "GROUPED_FORM", "fast")
     with pytest.raises(ValueError, match="GROUPED_FORM='fast'"):
         dispatch.grouped_form()
+    if keras.backend.backend() != "jax":
+        monkeypatch.setattr(dispatch, "GROUPED_FORM", "ragged_dot")
+        with pytest.raises(ValueError, match="needs the JAX backend"):
+            dispatch.grouped_form()
 
 
 @pytest.mark.parametrize("expert_axis", [0, 1])
