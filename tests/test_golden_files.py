@@ -53,3 +53,41 @@ def test_configs_carry_the_format_and_a_newer_one_is_refused(cls, args):
         cls.from_config(newer)
     with pytest.raises(ValueError, match="format_version='1'"):
         cls.from_config({**config, "format_version": "1"})
+
+
+PRE_SPLIT = os.path.join(os.path.dirname(HERE), "legacy", "pre_split")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(PRE_SPLIT) if n.endswith(".keras")))
+def test_pre_split_mixture_names_its_upgrade_and_then_loads_with_its_outputs(name, tmp_path):
+    """Mixtures saved before the expert bank was a layer (see tests/data/legacy/make_pre_split.py)."""
+    old = tmp_path / name
+    with open(os.path.join(PRE_SPLIT, name), "rb") as f:
+        old.write_bytes(f.read())
+    before = old.read_bytes()
+    if name != "user_experts.keras":  # user layers fail with Keras' own message
+        with pytest.raises(ValueError, match=r"format 0.*upgrade_file\(path\)"):
+            keras.saving.load_model(old)
+    upgraded = ksm.saving.upgrade_file(old)
+    assert upgraded == str(tmp_path / name.replace(".keras", "_upgraded.keras"))
+    assert old.read_bytes() == before  # the old file is left as it is
+    saved = np.load(os.path.join(PRE_SPLIT, name.replace(".keras", ".npz")))
+    got = to_numpy(keras.saving.load_model(upgraded)(saved["x"], training=False))
+    np.testing.assert_allclose(got, saved["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_upgrade_file_refuses_what_it_cannot_or_need_not_convert(tmp_path):
+    current = os.path.join(HERE, f"format_{ksm.saving.FORMAT_VERSION}", "routed_mixture.keras")
+    with pytest.raises(ValueError, match="needs no upgrade"):
+        ksm.saving.upgrade_file(current, tmp_path / "out.keras")
+    assert not (tmp_path / "out.keras").exists()
+    with pytest.raises(ValueError, match="`output` must differ from `path`"):
+        ksm.saving.upgrade_file(current, current)
+
+
+def test_format_0_gate_configs_are_migrated():
+    config = ksm.layers.NoisyTopKGate(4, 2).get_config()
+    old = {k: v for k, v in config.items() if k not in ("format_version", "top_k")}
+    assert ksm.layers.NoisyTopKGate.from_config({**old, "k": 3}).top_k == 3
+    with pytest.raises(TypeError):  # format 1 has no `k`
+        ksm.layers.NoisyTopKGate.from_config({**old, "k": 3, "format_version": 1})

@@ -106,6 +106,9 @@ class SparseExperts(keras.layers.Layer):
                 dtype=self.dtype_policy,
                 name="expert_routes",
             )
+        for layer in (self.expert_hidden, self.expert_output, self.expert_routes):
+            if layer is not None:
+                layer._pre_split_hint = True  # see SparseKernelLayer.load_own_variables
 
     def build(self, inputs_shape):
         dim = inputs_shape[-1]

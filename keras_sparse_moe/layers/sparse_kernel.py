@@ -446,6 +446,16 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
         self.apply_mask()
 
     def load_own_variables(self, store):
+        if len(store) == 0 and self.variables and getattr(self, "_pre_split_hint", False):
+            # Format 0 files from before the expert bank was a layer of its own keep
+            # its weights one level up, where this layer does not look.
+            raise ValueError(
+                f"The file has no weights for `{self.name}` of a mixture's expert bank where "
+                "this version keeps them. Files saved by keras-sparse-moe before the expert "
+                "bank became a layer of its own (layer format 0, before 2026-11-29) keep them "
+                "one level up: convert the file once with "
+                "`keras_sparse_moe.saving.upgrade_file(path)` and load the file it writes."
+            )
         super().load_own_variables(store)
         self.apply_mask()
 
