@@ -114,7 +114,7 @@ def pretrained_map(data, args):
         seed=args.seed,
         verbose=2,
     )
-    return tsne.fit(data.x_train).network
+    return tsne.fit(data.x_train).network_
 
 
 def cost(model, batch_size):

@@ -10,6 +10,9 @@ Callbacks decide from `optimizer.iterations` and draw their randomness from
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import keras
 import numpy as np
 from keras import ops
@@ -187,6 +190,27 @@ def quiet_tracing(function):
     if hasattr(function, "_omit_frequent_tracing_warning"):
         function._omit_frequent_tracing_warning = True
     return function
+
+
+class _DropRetracingWarnings(logging.Filter):
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_retracing():
+    """Drops TensorFlow's "frequent retracing" warning inside the block.
+
+    For Keras' own functions traced afresh by design (a new model's `predict`
+    in each `ParametricTSNE.fit`), which TensorFlow counts together.
+    """
+    logger = logging.getLogger("tensorflow")
+    drop = _DropRetracingWarnings()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def compile_function(fn):

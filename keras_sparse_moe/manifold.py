@@ -11,7 +11,7 @@ from scipy import sparse
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from keras_sparse_moe import _runtime, validation
 from keras_sparse_moe.ops import tsne
@@ -23,6 +23,9 @@ OWNER = "ParametricTSNE"
 AFFINITIES = ("global", "batch")
 DECAYS = ("cosine", None)
 NORMALIZATIONS = ("layer", None)
+# `transform` embeds rows in batches of this many (the last one padded): a row's
+# embedding then takes the same arithmetic path wherever it sits among the others.
+TRANSFORM_BATCH = 256
 
 
 def knn_affinities(x, perplexity=30.0, n_neighbors=None, pca_components=50, seed=None):
@@ -81,18 +84,22 @@ class _NeighbourBatches(keras.utils.PyDataset):
         self.x = x
         self.index, self.cumulative = conditional[0], np.cumsum(conditional[1], axis=1)
         self.anchors = batch_size // 2
-        self.rng = _runtime.rng(seed)
+        # Every draw comes from (seed, epoch, batch): the batches do not depend on
+        # how often or in which order Keras reads them.
+        self.seed, self.epoch = _runtime.new_seed(seed), -1
         self.on_epoch_end()
 
     def __len__(self):
         return max(1, len(self.x) // self.anchors)
 
     def on_epoch_end(self):
-        self.order = self.rng.permutation(len(self.x))
+        self.epoch += 1
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
 
     def __getitem__(self, i):
         anchors = self.order[i * self.anchors : (i + 1) * self.anchors]
-        draw = self.rng.random((len(anchors), 1)) * self.cumulative[anchors, -1:]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        draw = rng.random((len(anchors), 1)) * self.cumulative[anchors, -1:]
         column = np.minimum((self.cumulative[anchors] < draw).sum(axis=1), self.index.shape[1] - 1)
         batch = np.concatenate([anchors, self.index[anchors, column]])
         return self.x[batch], batch.astype("int32")  # the points' ids: "y" of the loss
@@ -155,8 +162,16 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
     to minimise the t-SNE loss `KL(P ‖ Q)` (`keras_sparse_moe.ops.tsne`), so
     that, unlike t-SNE, `transform` places new points without re-optimising.
     Follows scikit-learn's conventions (`fit` returns self, `transform`,
-    `fit_transform`, `get_params` / `set_params`); `network` is an ordinary
-    Keras model (`.keras` save, SavedModel export).
+    `fit_transform`, `get_params` / `set_params`) and passes scikit-learn's
+    `check_estimator`; `network_` is an ordinary Keras model (`.keras` save,
+    SavedModel export).
+
+    **Repeatable.** With the same `seed` (or, for `seed=None`, the same
+    `keras.utils.set_random_seed`), two fits give the same map, and a row's
+    embedding by `transform` does not depend on the other rows given with it.
+    **float32.** The network computes in float32 and `transform` returns
+    float32 for any real input (the `preserves_dtype` tag says so); NaN, inf,
+    complex and sparse inputs are refused with a clear error.
 
     **Affinities.** `"global"` (default): since `fit` sees the whole set, `P`
     comes from each point's nearest neighbours over all of it
@@ -206,7 +221,9 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         verbose: Default verbosity of `fit` (Keras progress bar: 0, 1 or 2).
 
     Attributes:
-        network: The Keras embedding model (after `fit`).
+        network_: The Keras embedding model (after `fit`; also `network`).
+        n_features_in_: Features seen by `fit` (for images, `x.shape[1]`, as
+            scikit-learn counts; `transform` takes the fitted sample shape).
         dof_: The degrees of freedom used (learned with `"trainable"`).
         history_: The Keras `History` of the last `fit`.
 
@@ -352,7 +369,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         learning-rate schedule where they were (the batches are drawn afresh).
         """
         dof, hidden, exaggeration = self._check_params()
-        x = np.asarray(x, dtype="float32")
+        x = self._validate(x, reset=True)
         epochs = self.epochs if epochs is None else epochs
         batch_size = self.batch_size if batch_size is None else batch_size
         verbose = self.verbose if verbose is None else verbose
@@ -360,7 +377,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         validation.check_size("batch_size", batch_size, OWNER)
         batch_size = min(batch_size, len(x))
         tsne.check_perplexity(float(self.perplexity), batch_size, OWNER)
-        self.network = self._build_network(x, hidden)
+        self.network_ = self._build_network(x, hidden)
         population = None
         if self.affinities == "global":
             if batch_size < 4:
@@ -374,13 +391,14 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
                 x, self.perplexity, pca_components=self.pca_components, seed=self.seed
             )
             population = (len(x), float(np.sum(p.data * np.log(p.data))))
-            data = {"x": _NeighbourBatches(x, conditional, batch_size, self.seed)}
+            # Batch order is the sampler's own: Keras' shuffle would draw it from the global RNG.
+            data = {"x": _NeighbourBatches(x, conditional, batch_size, self.seed), "shuffle": False}
             steps = len(data["x"])
         else:
             data = {"x": x, "batch_size": batch_size, "shuffle": True}
             steps = math.ceil(len(x) / batch_size)
         trainer = _TSNETrainer(
-            self.network, float(self.perplexity), dof, population, name="tsne_trainer"
+            self.network_, float(self.perplexity), dof, population, name="tsne_trainer"
         )
         trainer(x[:1])  # built, so that `keras.callbacks.BackupAndRestore` can restore it
         rate = self._learning_rate(batch_size, dof, epochs * steps)
@@ -392,14 +410,53 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         )
         self.history_ = dict(run.history)
         self.dof_ = float(np.exp(ops.convert_to_numpy(trainer.log_dof)))
-        self.n_features_in_ = int(np.prod(x.shape[1:]))
         return self
 
-    def transform(self, x, batch_size=4096):
-        """Embeds `x` (`(n, ...)`, seen or unseen) with the trained network: `(n, n_components)`."""
-        check_is_fitted(self, "network")
-        x = np.asarray(x, dtype="float32")
-        return self.network.predict(x, batch_size=batch_size, verbose=0)
+    @property
+    def network(self):
+        """The Keras embedding model, `network_` (after `fit`)."""
+        check_is_fitted(self, "network_")
+        return self.network_
+
+    def _validate(self, x, reset):
+        """`x` as a float32 array of at least 2-D, checked as scikit-learn does (finite, real,
+        dense, the fitted features)."""
+        x = validate_data(
+            self,
+            x,
+            reset=reset,
+            dtype=np.float32,
+            allow_nd=True,
+            ensure_min_samples=2 if reset else 1,
+        )
+        if reset:
+            self._sample_shape = x.shape[1:]
+        elif x.shape[1:] != self._sample_shape:
+            raise ValueError(
+                f"`{OWNER}` was fitted on samples of shape {self._sample_shape}. Received: "
+                f"x of shape {x.shape}"
+            )
+        return x
+
+    def transform(self, x, batch_size=TRANSFORM_BATCH):
+        """Embeds `x` (`(n, ...)`, seen or unseen) with the trained network: `(n, n_components)`
+        float32, `batch_size` rows at a time. For a given `batch_size`, each row's
+        embedding is the same whatever other rows come with it: the last batch is padded
+        to the full size, so every row takes the same arithmetic path."""
+        check_is_fitted(self, "network_")
+        batch_size = validation.check_size("batch_size", batch_size, OWNER)
+        x = self._validate(x, reset=False)
+        n = len(x)
+        padded = np.concatenate([x, np.zeros((-n % batch_size, *x.shape[1:]), x.dtype)])
+        # Each fit's network traces its own predict function: expected, not a retracing
+        # problem for TensorFlow to warn of after a few fits.
+        with _runtime.quiet_retracing():
+            return self.network_.predict(padded, batch_size=batch_size, verbose=0)[:n]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
 
     def fit_transform(self, x, y=None, **fit_params):
         """`fit(x)` then `transform(x)`."""

@@ -5,11 +5,13 @@ import os
 import keras
 import numpy as np
 import pytest
+from scipy.sparse import csr_matrix as sparse_matrix
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
 from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import keras_sparse_moe as ksm
 from keras_sparse_moe.manifold import knn_affinities
@@ -98,6 +100,45 @@ def test_normalization_follows_each_hidden_layer(normalization):
     follows = [kinds[i + 1] == "LayerNormalization" for i in dense[:-1]]
     assert follows == [normalization == "layer"] * 2
     assert kinds.count("LayerNormalization") == (2 if normalization else 0)
+
+
+@parametrize_with_checks(
+    [ksm.ParametricTSNE(perplexity=5.0, hidden=(4,), epochs=1, batch_size=32, seed=0, verbose=0)]
+)
+def test_scikit_learn_estimator_checks(estimator, check):
+    """scikit-learn's own estimator suite, every check, on each backend."""
+    check(estimator)
+
+
+def test_same_seed_same_map_and_rows_embed_alone():
+    x = X[:300].astype("float64")  # any float dtype; the map computes in float32
+    first = ksm.ParametricTSNE(**SMALL).fit(x)
+    again = ksm.ParametricTSNE(**SMALL).fit(x)
+    embedded = first.transform(x)
+    assert embedded.dtype == np.float32
+    np.testing.assert_array_equal(again.transform(x), embedded)
+    # A row's embedding does not depend on the rows around it: subsets, orders, one row.
+    order = np.random.default_rng(0).permutation(300)
+    np.testing.assert_array_equal(first.transform(x[order]), embedded[order])
+    np.testing.assert_array_equal(first.transform(x[7:8]), embedded[7:8])
+    small_batches = first.transform(x, batch_size=64)  # within float32 rounding of the above
+    np.testing.assert_allclose(small_batches, embedded, atol=1e-5)
+    np.testing.assert_array_equal(first.transform(x[:257], batch_size=64), small_batches[:257])
+    assert first.network is first.network_ and first.n_features_in_ == 64
+
+
+def test_transform_refuses_other_samples_clearly():
+    model = ksm.ParametricTSNE(**{**SMALL, "epochs": 1}).fit(X[:100])
+    with pytest.raises(ValueError, match="X has 63 features, but ParametricTSNE is expecting 64"):
+        model.transform(X[:5, :63])
+    with pytest.raises(ValueError, match="NaN"):
+        model.transform(np.full((2, 64), np.nan))
+    with pytest.raises(TypeError, match="[Ss]parse"):
+        model.transform(sparse_matrix(X[:5]))
+    images = ksm.ParametricTSNE(**{**SMALL, "epochs": 1}).fit(X[:100].reshape(100, 8, 8))
+    with pytest.raises(ValueError, match=r"samples of shape \(8, 8\). Received: x of shape"):
+        images.transform(X[:5].reshape(5, 8, 4, 2))
+    assert images.transform(X[:5].reshape(5, 8, 8)).shape == (5, 2)
 
 
 def test_sklearn_conventions():

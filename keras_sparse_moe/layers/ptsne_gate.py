@@ -63,7 +63,7 @@ class PTSNEGate(Gate):
     A batch of a hundred random samples holds few true neighbours, so a map
     trained by the per-batch loss alone stays coarse. For a fine map, start
     the embedding from a `keras_sparse_moe.ParametricTSNE` fitted on the
-    training set (`embedding=ParametricTSNE(...).fit(x).network`; its
+    training set (`embedding=ParametricTSNE(...).fit(x).network_`; its
     affinities are global) and keep `tsne_weight` small (e.g. 0.1), or set
     `task_gradient=False` to keep the task from reshaping it.
 
