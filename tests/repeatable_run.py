@@ -1,8 +1,8 @@
 """Builds and trains the five models of the repeatability test, with no seed but
 Keras' global one; prints one digest of all their weights (and of a
-ParametricTSNE map) per line. Run in a fresh process:
+ParametricTSNE map) per line, for each global seed in turn. Run in a fresh process:
 
-    python -m tests.repeatable_run GLOBAL_SEED
+    python -m tests.repeatable_run GLOBAL_SEED [GLOBAL_SEED ...]
 """
 
 import hashlib
@@ -72,8 +72,9 @@ def main(seed):
     tsne = ksm.ParametricTSNE(perplexity=5.0, hidden=(16,), epochs=2, batch_size=64, verbose=0)
     digests["ParametricTSNE"] = digest([tsne.fit_transform(x)])
     for name, value in digests.items():
-        print(f"{name}: {value}")
+        print(f"{seed} {name}: {value}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    for seed in sys.argv[1:]:
+        main(int(seed))
