@@ -66,6 +66,7 @@ VARIANTS = {
     "batch": {"affinities": "batch"},
     "exaggeration": {"early_exaggeration": 4.0, "exaggeration_epochs": 5},
     "small": {"hidden": (256, 256)},
+    "narrow": {"hidden": (256, 256, 256)},
     "dropout": {"dropout": 0.1},
 }
 
