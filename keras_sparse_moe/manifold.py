@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import keras
 import numpy as np
@@ -386,10 +387,13 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
                     f"(2 anchors and a neighbour of each). Received: batch_size={batch_size}"
                 )
             if verbose:
-                print(f"{OWNER}: nearest-neighbour affinities of {len(x)} points ...")
+                print(f"{OWNER}: nearest-neighbour affinities of {len(x)} points ...", flush=True)
+            start = time.perf_counter()
             p, conditional = knn_affinities(
                 x, self.perplexity, pca_components=self.pca_components, seed=self.seed
             )
+            if verbose:
+                print(f"{OWNER}: affinities found in {time.perf_counter() - start:.1f} s")
             population = (len(x), float(np.sum(p.data * np.log(p.data))))
             # Batch order is the sampler's own: Keras' shuffle would draw it from the global RNG.
             data = {"x": _NeighbourBatches(x, conditional, batch_size, self.seed), "shuffle": False}

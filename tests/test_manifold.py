@@ -253,3 +253,13 @@ def test_network_saved_model_export(tmp_path):
 def test_invalid_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         ksm.ParametricTSNE(**{**SMALL, **kwargs}).fit(X[:300])
+
+
+def test_verbose_fit_reports_the_neighbour_stage_and_each_epoch(capsys):
+    ksm.ParametricTSNE(**{**SMALL, "epochs": 2, "verbose": 2}).fit(X[:200])
+    printed = capsys.readouterr().out
+    assert "nearest-neighbour affinities of 200 points" in printed
+    assert "affinities found in" in printed
+    assert printed.count("loss:") == 2  # Keras' line per epoch
+    ksm.ParametricTSNE(**SMALL).fit(X[:200])  # verbose=0: silent
+    assert capsys.readouterr().out == ""
