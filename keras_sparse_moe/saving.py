@@ -97,16 +97,13 @@ def upgrade_file(path, output=None) -> str:
         weights = io.BytesIO(source.read(_WEIGHTS))
         with h5py.File(weights, "r+") as h5:
             mixtures = []
-            h5.visititems(
-                lambda name, item: (
-                    mixtures.append(name)
-                    if isinstance(item, h5py.Group)
-                    and "gate" in item
-                    and "expert_bank" not in item
-                    and any(part in item for part in _BANK_PARTS)
-                    else None
-                )
-            )
+
+            def find(name, item):  # a mixture's group, its experts beside its gate
+                if isinstance(item, h5py.Group) and "gate" in item and "expert_bank" not in item:
+                    if any(part in item for part in _BANK_PARTS):
+                        mixtures.append(name)
+
+            h5.visititems(find)
             if not mixtures:
                 raise ValueError(
                     "`upgrade_file` found no mixture with its experts' weights beside its gate: "
