@@ -14,6 +14,8 @@ Parts (each prints a markdown table; times are medians of rounds run in turns):
 - `rewiring`: one SET and one RigL update of a 1024 x 1024 layer at epsilon
   20, and of a 600k x 600k layer (24 M connections), sparse storage; RigL's
   growth scores (a forward/backward with probe connections) are timed apart.
+- `set_profile`: where one SET evolution's time goes, pass by pass, beside
+  two floors (an empty compiled call, one read of the stored entries).
 - `rigl_sampling`: how close RigL's sampled growth comes to exact RigL.
 - `scale`: `3312-H-H-H-5` at epsilon 20 on synthetic data of the Lung data's
   shape (203 samples, 3312 features, 5 classes), SET after every epoch; epoch
@@ -26,6 +28,7 @@ Parts (each prints a markdown table; times are medians of rounds run in turns):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import resource
@@ -187,6 +190,14 @@ def _callback(model, callback, steps=1000):
     return callback
 
 
+def _evolve(callback):
+    """One SET evolution at the next optimizer step, as in `fit` (regrowth is drawn from
+    (seed, step): a second evolution at the same step would redraw the candidates the
+    first took, and redo itself with more)."""
+    callback._step += 1
+    callback.evolve()
+
+
 def _timed_after(fn, before, repeats):
     """Median seconds of `fn()`, each call after an untimed `before()`."""
     fn()  # compiles
@@ -219,7 +230,7 @@ def part_rewiring(args):
                 model.train_on_batch(x, y)
 
             set_cb = _callback(model, ksm.callbacks.SETEvolution(zeta=0.3, seed=0))
-            seconds = _timed_after(set_cb.evolve, train_step, repeats)
+            seconds = _timed_after(functools.partial(_evolve, set_cb), train_step, repeats)
             print(
                 f"| {label} | {implementation} | SET zeta 0.3 | {seconds * 1e3:.2f} | "
                 f"{layer.num_connections} |",
@@ -250,6 +261,112 @@ def part_rewiring(args):
             del model, layer, set_cb, rigl, grads
             keras.backend.clear_session()
     print(f"peak resident memory {_peak_gb():.2f} GB")
+
+
+def _set_passes(model, layer, shape):
+    """`(name, compiled function, arguments)` for each pass of one SET step of `layer`,
+    on its arrays as they are (the writes in place on copies of them)."""
+    from keras_sparse_moe import _runtime
+    from keras_sparse_moe.callbacks.set_evolution import _set_step
+    from keras_sparse_moe.ops import rewiring
+
+    storage = layer.storage
+    optimizer_slots = _runtime.optimizer_slots(model.optimizer, storage.variables[0])
+    variables = [*storage.variables, *optimizer_slots]
+    # Copies: the evolutions timed beside these donate (JAX) the layer's own buffers.
+    flat = [ops.convert_to_tensor(np.array(ops.convert_to_numpy(v)).ravel()) for v in variables]
+    positions = None
+    if storage.stores_dense:
+        positions = ops.convert_to_tensor(np.array(storage.connection_positions()))
+    size, nnz = int(np.prod(shape)), layer.num_connections
+    k_max = int(0.3 * nnz)
+    n_candidates = min(int(k_max * 1.3 / (1 - nnz / size) + 1024), size)
+    if not storage.stores_dense:  # as `SETEvolution` draws them
+        n_candidates = int(n_candidates / rewiring.acceptance(shape, nnz + n_candidates))
+    seed = np.array([1, 2], "int32")
+
+    def step(flat, positions, seed):
+        state = storage.state(flat)
+        return _set_step(0.3, k_max, n_candidates, storage, state, positions, seed)[2]
+
+    def drop(flat, positions):
+        values, active = storage.weights(storage.state(flat), positions)
+        return rewiring.set_drop(values, 0.3, active)
+
+    def growth(flat, positions, drop, seed):
+        count = ops.sum(ops.cast(drop, "int32"))
+        state = storage.state(flat)
+        return storage.random_growth(state, positions, drop, count, k_max, n_candidates, seed)
+
+    def write(state, drop, grown):
+        new_state, _ = storage.replace(storage.state(state), positions, drop, grown)
+        return storage.flat(new_state), ops.sum(ops.cast(drop, "int32"))
+
+    dropped = _runtime.compile_function(drop)(flat, positions)
+    grown = _runtime.compile_function(growth)(flat, positions, dropped, seed)[0]
+    copies = [keras.Variable(np.array(ops.convert_to_numpy(v))) for v in variables]
+    compiled = _runtime.compile_function
+    return [
+        (
+            "the compiled step alone (`_set_step`, writes not in place)",
+            compiled(step),
+            (flat, positions, seed),
+        ),
+        (
+            "drop selection (`set_drop`: bisections over the weights)",
+            compiled(drop),
+            (flat, positions),
+        ),
+        (
+            "regrowth candidates and membership test (`random_growth`)",
+            compiled(growth),
+            (flat, positions, dropped, seed),
+        ),
+        (
+            "writes in place (`replace`: weights, mask or slots, optimizer moments)",
+            _runtime.compile_update(write, copies),
+            (dropped, grown),
+        ),
+        ("floor: an empty compiled call", compiled(lambda s: s + 1), (np.int32(0),)),
+        (
+            f"floor: one read of every stored entry ({int(flat[0].shape[0]):,})",
+            compiled(ops.sum),
+            (flat[0],),
+        ),
+    ]
+
+
+def part_set_profile(args):
+    """Where one SET evolution's time goes: each pass of the compiled step timed alone
+    (compiled on its own, after an untimed training step), beside the whole evolution
+    and two floors (an empty compiled call, one read of every stored entry)."""
+    _header(repeats=args.repeats)
+    print("| layer | storage | pass | median (ms) |\n|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    shapes = [((1024, 1024), "masked"), ((1024, 1024), "sparse")]
+    if args.wide[0] * args.wide[1] > 1024**2:
+        shapes.append((tuple(args.wide), "sparse"))
+    for shape, implementation in shapes:
+        repeats = args.repeats if shape[0] <= 4096 else max(3, args.repeats // 5)
+        batch = 128 if shape[0] <= 4096 else 8
+        x = rng.random((batch, shape[0]), dtype=np.float32)
+        y = rng.random((batch, shape[1]), dtype=np.float32)
+        model, layer = _evolution_model(shape, 20.0, implementation)
+        model.train_on_batch(x, y)
+        set_cb = _callback(model, ksm.callbacks.SETEvolution(zeta=0.3, seed=0))
+
+        def train_step(model=model, x=x, y=y):
+            model.train_on_batch(x, y)
+
+        rows = [("whole evolution (`SETEvolution.evolve`)", functools.partial(_evolve, set_cb))]
+        for name, fn, arguments in _set_passes(model, layer, shape):
+            rows.append((name, lambda call=(fn, arguments): _time(*call, 1)))
+        for name, fn in rows:
+            seconds = _timed_after(fn, train_step, repeats)
+            label = f"{shape[0]}x{shape[1]}"
+            print(f"| {label} | {implementation} | {name} | {seconds * 1e3:.2f} |", flush=True)
+        del model, layer, set_cb, rows
+        keras.backend.clear_session()
 
 
 def part_rigl_sampling(args):
@@ -382,7 +499,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--part",
-        choices=("step", "formulations", "rewiring", "rigl_sampling", "scale"),
+        choices=("step", "formulations", "rewiring", "set_profile", "rigl_sampling", "scale"),
         default="step",
     )
     parser.add_argument("--data", default=None, help="rigl_sampling: an .npz (MNIST)")
@@ -404,6 +521,7 @@ def main():
         "step": part_step,
         "formulations": part_formulations,
         "rewiring": part_rewiring,
+        "set_profile": part_set_profile,
         "rigl_sampling": part_rigl_sampling,
         "scale": part_scale,
     }[args.part](args)

@@ -261,7 +261,7 @@ def parse_args(argv=None):
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--capacity-factor", type=float, default=1.5)
     parser.add_argument("--perplexity", type=float, default=30.0)
-    parser.add_argument("--gate-hidden", type=int, nargs="+", default=[128])
+    parser.add_argument("--gate-hidden", type=int, nargs="+", default=[128, 128])
     parser.add_argument(
         "--map-epochs", type=int, default=5, help="ParametricTSNE epochs of the gate's map; 0: none"
     )

@@ -8,6 +8,7 @@ import pytest
 from scipy.sparse import csr_matrix as sparse_matrix
 from sklearn.base import clone
 from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier
@@ -94,12 +95,34 @@ def test_default_learning_rate_shrinks_for_small_batches_and_heavy_tails():
 def test_normalization_follows_each_hidden_layer(normalization):
     x = X[:64]
     model = ksm.ParametricTSNE(hidden=(16, 8), normalization=normalization, seed=0)
-    kinds = [type(layer).__name__ for layer in model._build_network(x, (16, 8)).layers]
+    network, trained, _ = model._build_network(x, (16, 8))
+    kinds = [type(layer).__name__ for layer in trained.layers]
+    assert network.layers[-len(trained.layers) :] == trained.layers  # the trained part, shared
     dense = [i for i, kind in enumerate(kinds) if kind == "Dense"]
     assert len(dense) == 3  # two hidden layers and the linear embedding
     follows = [kinds[i + 1] == "LayerNormalization" for i in dense[:-1]]
     assert follows == [normalization == "layer"] * 2
     assert kinds.count("LayerNormalization") == (2 if normalization else 0)
+
+
+def test_the_network_reads_the_principal_components_through_a_frozen_layer():
+    """`network_input="pca"`: a frozen `pca` layer computes scikit-learn's PCA projection
+    (scaled to unit overall variance) and training leaves it unchanged; `"raw"`, and rows no
+    wider than `pca_components`, are standardised instead."""
+    x = X[:300]
+    model = ksm.ParametricTSNE(**{**SMALL, "pca_components": 12}).fit(x)
+    layer = model.network_.get_layer("pca")
+    assert not layer.trainable and layer.units == 12
+    reference = PCA(12, random_state=0).fit_transform(x)
+    projected = to_numpy(layer(x))
+    np.testing.assert_allclose(projected, reference / reference.std(), atol=1e-4)
+    fresh, _, _ = model._build_network(x, (64, 64))  # before any training
+    for trained, untrained in zip(layer.get_weights(), fresh.get_layer("pca").get_weights()):
+        np.testing.assert_array_equal(trained, untrained)
+    for option in ({"network_input": "raw"}, {"pca_components": 64}, {"pca_components": None}):
+        fitted = ksm.ParametricTSNE(**{**SMALL, **option}).fit(x, epochs=1)
+        names = [layer.name for layer in fitted.network_.layers]
+        assert "standardise" in names and "pca" not in names, option
 
 
 @parametrize_with_checks(
@@ -245,6 +268,7 @@ def test_network_saved_model_export(tmp_path):
         ({"learning_rate_decay": "linear"}, ValueError, "learning_rate_decay='linear'"),
         ({"normalization": "batch"}, ValueError, "normalization='batch'"),
         ({"pca_components": 0}, ValueError, "pca_components=0"),
+        ({"network_input": "pixels"}, ValueError, "network_input='pixels'"),
         ({"hidden": (64, 0)}, ValueError, "hidden=0"),
         ({"perplexity": 300.0, "batch_size": 256}, ValueError, "batch_size=256"),
         ({"perplexity": 1.0, "batch_size": 3}, ValueError, "batch_size=3"),
