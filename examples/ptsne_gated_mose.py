@@ -231,10 +231,12 @@ def report_ptsne(extras, args):
         lines.append("no pictures: matplotlib is missing (pip install keras-sparse-moe[plots])")
     gate, whole = gate_share(model, data.x_test, INFERENCE_BATCH)
     (mixture,) = [lay for lay in model.layers if isinstance(lay, ksm.layers.SparseExpertMixture)]
-    gate_weights = sum(int(np.prod(v.shape)) for v in mixture.gate.trainable_weights)
+    trained = sum(int(np.prod(v.shape)) for v in mixture.gate.trainable_weights)
+    frozen = sum(int(np.prod(v.shape)) for v in mixture.gate.non_trainable_weights)
     lines.append(
         f"PTSNE gate at inference: {gate * 1e6:.1f} of {whole * 1e6:.1f} µs per example "
-        f"({100 * gate / whole:.0f} %); its map network holds {gate_weights:,} weights"
+        f"({100 * gate / whole:.0f} %); its map network holds {trained:,} trained weights "
+        f"(and {frozen:,} frozen: the principal-component projection, running statistics)"
     )
     lines += check_saving(model, data.x_test[:256], args.out, f"ptsne_mose_{tag}")
     print("\n".join(lines))
