@@ -457,7 +457,9 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         else:
             data = {"x": features, "batch_size": batch_size, "shuffle": True}
             steps = math.ceil(len(x) / batch_size)
-        trainer = _TSNETrainer(trained, float(self.perplexity), dof, population, name="tsne_trainer")
+        trainer = _TSNETrainer(
+            trained, float(self.perplexity), dof, population, name="tsne_trainer"
+        )
         trainer(features[:1])  # built, so that `keras.callbacks.BackupAndRestore` can restore it
         rate = self._learning_rate(batch_size, dof, epochs * steps)
         trainer.compile(optimizer=keras.optimizers.Adam(rate))
