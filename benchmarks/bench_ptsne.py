@@ -70,6 +70,7 @@ VARIANTS = {
     "paper": {"hidden": (500, 500, 2000), "network_input": "raw"},
     "raw": {"network_input": "raw"},
     "batch512": {"batch_size": 512},
+    "batch2048": {"batch_size": 2048},
     # The demo's gate map (`examples/ptsne_gated_mose.py`, --epochs 5), on the PCA and the pixels.
     "gate": {"hidden": (128,)},
     "gate_raw": {"hidden": (128,), "network_input": "raw"},

@@ -263,11 +263,11 @@ def part_rewiring(args):
     print(f"peak resident memory {_peak_gb():.2f} GB")
 
 
-def _set_passes(model, layer, shape):
+def _set_passes(model, layer):
     """`(name, compiled function, arguments)` for each pass of one SET step of `layer`,
     on its arrays as they are (the writes in place on copies of them)."""
     from keras_sparse_moe import _runtime
-    from keras_sparse_moe.callbacks.set_evolution import _set_step
+    from keras_sparse_moe.callbacks.set_evolution import _set_step, regrowth_sizes
     from keras_sparse_moe.ops import rewiring
 
     storage = layer.storage
@@ -278,11 +278,7 @@ def _set_passes(model, layer, shape):
     positions = None
     if storage.stores_dense:
         positions = ops.convert_to_tensor(np.array(storage.connection_positions()))
-    size, nnz = int(np.prod(shape)), layer.num_connections
-    k_max = int(0.3 * nnz)
-    n_candidates = min(int(k_max * 1.3 / (1 - nnz / size) + 1024), size)
-    if not storage.stores_dense:  # as `SETEvolution` draws them
-        n_candidates = int(n_candidates / rewiring.acceptance(shape, nnz + n_candidates))
+    k_max, n_candidates = regrowth_sizes(layer, 0.3)  # as `SETEvolution` draws them
     seed = np.array([1, 2], "int32")
 
     def step(flat, positions, seed):
@@ -359,7 +355,7 @@ def part_set_profile(args):
             model.train_on_batch(x, y)
 
         rows = [("whole evolution (`SETEvolution.evolve`)", functools.partial(_evolve, set_cb))]
-        for name, fn, arguments in _set_passes(model, layer, shape):
+        for name, fn, arguments in _set_passes(model, layer):
             rows.append((name, lambda call=(fn, arguments): _time(*call, 1)))
         for name, fn in rows:
             seconds = _timed_after(fn, train_step, repeats)

@@ -203,9 +203,9 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
             `exaggeration_epochs` epochs (1 or None: off).
         exaggeration_epochs: Epochs of early exaggeration.
         epochs: Default number of training epochs for `fit` (270). An epoch
-            is `len(x)` points through the network: 1.3-2 s for 60,000 MNIST
+            is `len(x)` points through the network: 1.3-2.3 s for 60,000 MNIST
             images on the 2-core CPUs measured (JAX), 6-9 minutes in all with
-            the neighbours, about 3x openTSNE's time. More epochs keep
+            the neighbours, 2.9-3.7x openTSNE's time. More epochs keep
             sharpening the finest scale, which is where the training map's
             trustworthiness trails openTSNE's (0.986 on MNIST): the recipe
             for that level is `hidden=(500, 500, 2000), network_input="raw",
@@ -229,7 +229,8 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
             trained layer is `pca_components` wide instead of the rows'
             width, and training reads the projected rows once computed: the
             standard first step of t-SNE pipelines. `"raw"`: it reads the
-            standardised rows. A single narrow hidden layer learns less from
+            standardised rows. Affinities, in both modes, come from what the
+            network reads. A single narrow hidden layer learns less from
             the components than from the pixels (MNIST, 5 epochs, `(128,)`:
             test 1-NN 0.63 against 0.76); two, `(128, 128)`, do better than
             either (0.80).

@@ -190,23 +190,7 @@ class SETEvolution(SparseTrainingCallback):
         return int(ops.convert_to_numpy(removed))
 
     def _evolve_layer(self, layer, stream, attempt=0):
-        size = int(np.prod(layer.kernel_shape))
-        nnz = layer.num_connections
-        k_max = max(1, min(nnz, math.floor(self.zeta * nnz)))
-        # Random candidates for regrowth; about (allowed - nnz) / size of them land
-        # on empty allowed positions. The margin makes a redraw (`enough` False)
-        # very unlikely.
-        free = max((layer.num_allowed - nnz) / size, 1.0 / size)
-        needed = k_max / free * 1.3 + 1024
-        if not layer.storage.stores_dense:
-            # Its hashed membership test also refuses candidates sharing a bucket:
-            # a fifth at a quarter load, more once the table reaches its cap.
-            accept = rewiring.acceptance(layer.kernel_shape, nnz + needed)
-            needed = k_max / (free * accept) * 1.3 + 1024
-        n_candidates = int(needed * (2**attempt))
-        # Repeated candidates are rejected, so drawing about as many as there are
-        # positions would waste most of them: small layers use a permutation.
-        n_candidates = min(n_candidates, size)
+        k_max, n_candidates = regrowth_sizes(layer, self.zeta, attempt)
         extra = []
         if not self._regrow_zeros:
             # With the kernel's fans, so fan-based initializers scale right; no
@@ -228,6 +212,26 @@ class SETEvolution(SparseTrainingCallback):
                 raise RuntimeError(f"SETEvolution found too few empty positions in {layer.name}.")
             return self._evolve_layer(layer, stream, attempt + 1)
         return count
+
+
+def regrowth_sizes(layer, zeta, attempt=0):
+    """`(k_max, n_candidates)` of one SET evolution of `layer`: the most connections
+    replaced, and the random candidates drawn to regrow them (doubled per `attempt`)."""
+    size = int(np.prod(layer.kernel_shape))
+    nnz = layer.num_connections
+    k_max = max(1, min(nnz, math.floor(zeta * nnz)))
+    # About (allowed - nnz) / size of the candidates land on empty allowed
+    # positions. The margin makes a redraw (`enough` False) very unlikely.
+    free = max((layer.num_allowed - nnz) / size, 1.0 / size)
+    needed = k_max / free * 1.3 + 1024
+    if not layer.storage.stores_dense:
+        # Its hashed membership test also refuses candidates sharing a bucket:
+        # a fifth at a quarter load, more once the table reaches its cap.
+        accept = rewiring.acceptance(layer.kernel_shape, nnz + needed)
+        needed = k_max / (free * accept) * 1.3 + 1024
+    # Repeated candidates are rejected, so drawing about as many as there are
+    # positions would waste most of them: small layers use a permutation.
+    return k_max, min(int(needed * (2**attempt)), size)
 
 
 def _set_step(zeta, k_max, n_candidates, storage, state, positions, seed, grown_values=None):
