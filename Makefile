@@ -21,7 +21,7 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml | $(BIN)/python
 # tensorflow-cpu that would be a second copy, so the interop tests install it
 # without dependencies, at the TensorFlow minor version already installed.
 $(VENV)/.test-installed: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test,jax,plots,docs]"
+	$(BIN)/python -m pip install --quiet -e ".[test,jax,plots,docs,export]"
 	$(BIN)/python -m pip install --quiet dm-tree
 	$(BIN)/python -m pip install --quiet --no-deps "tensorflow-model-optimization>=0.8" \
 	  "tf-keras~=$$(TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -c 'import tensorflow as t; print(t.__version__.rsplit(".", 1)[0])').0"

@@ -367,7 +367,7 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         bank = self.expert_bank
         tokens = bank.tokens(inputs)
         routing, weights, index = self._route(tokens, gate_inputs, training)
-        path = self.dispatch_path(training)
+        path = self.dispatch_path(training, tokens.shape[0])
         if path == "grouped":
             plan = dispatch_ops.group_plan(
                 index,
@@ -391,16 +391,26 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             self._add_losses(routing, index)
         return bank.outputs(outputs, inputs)
 
-    def dispatch_path(self, training=False) -> str:
+    def dispatch_path(self, training=False, num_tokens=None) -> str:
         """How a call computes the experts: `"grouped"` (with `top_k`, each
         expert computes exactly its tokens' rows: dropless), `"capacity"` (in
         training with `capacity_factor`: fixed-size expert buffers) or `"all"`
         (every expert on every token: no `top_k`, `dispatch="all"`, user
-        experts, or sparse storage)."""
+        experts, or sparse storage).
+
+        `num_tokens` is the token count as traced. On JAX a symbolic one (an
+        export with a free batch size) also gives `"all"`: jax2onnx cannot
+        sort a symbolic number of assignments. The outputs are the same (an
+        unselected expert has weight zero); the exported model computes every
+        expert. TensorFlow exports keep the grouped path.
+        """
         if self.top_k is None or self.dispatch == "all":
             return "all"
         if training and self.capacity_factor is not None:
             return "capacity"
+        symbolic = num_tokens is not None and not isinstance(num_tokens, (int, np.integer))
+        if symbolic and keras.backend.backend() == "jax":
+            return "all"
         return "grouped" if self.expert_bank.groups else "all"
 
     def _add_losses(self, routing, index):

@@ -68,20 +68,26 @@ class DispatchPlan(NamedTuple):
 def top_k(values, k: int):
     """`(values, indices)` of the `k` largest entries of the last axis, largest first.
 
-    Ties go to the lower index, as `ops.top_k`. Written as `k` rounds of
-    argmax over the (small) expert axis rather than `ops.top_k`: on JAX,
-    `top_k` lowers to a StableHLO composite that TensorFlow cannot load from
-    an exported SavedModel, while argmax exports everywhere.
+    Ties go to the lower index, as `ops.top_k`. Written as `k` rounds of a
+    max, an equality and an integer argmax over the (small) expert axis,
+    which export everywhere: `ops.top_k` lowers on JAX to a StableHLO
+    composite that TensorFlow cannot load from a SavedModel, and a float
+    `ops.argmax` carries a sign-bit test (bitcast, bitwise and) that neither
+    ONNX nor LiteRT's builtins nor OpenVINO have. A picked entry is set
+    below the row's minimum, not to -inf: tf2onnx writes a select as
+    `c * a + (1 - c) * b`, where an infinity would make NaN.
     """
     n = values.shape[-1]
     picked_values, picked_index = [], []
     remaining = values
+    floor = ops.min(values, axis=-1, keepdims=True) - 1.0
     for _ in range(k):
-        index = ops.cast(ops.argmax(remaining, axis=-1), "int32")
+        largest = ops.max(remaining, axis=-1, keepdims=True)
+        index = ops.cast(ops.argmax(ops.cast(remaining == largest, "int32"), axis=-1), "int32")
         hit = ops.one_hot(index, n) > 0
         picked_values.append(ops.sum(ops.where(hit, values, ops.zeros_like(values)), axis=-1))
         picked_index.append(index)
-        remaining = ops.where(hit, ops.full_like(remaining, float("-inf")), remaining)
+        remaining = ops.where(hit, floor, remaining)
     return ops.stack(picked_values, axis=-1), ops.stack(picked_index, axis=-1)
 
 
@@ -149,17 +155,10 @@ def _sort_by_expert(flat, num_experts: int):
     # One sort of the unique keys (expert, assignment) is a stable sort by expert.
     order = ops.cast(ops.argsort(flat * count + ops.arange(count, dtype="int32")), "int32")
     rank = ops.cast(ops.argsort(order), "int32")  # the inverse permutation
-    if isinstance(count, int):
-        # Group bounds by binary search in the sorted ids: no scatter, no E-wide one-hot.
-        experts = ops.arange(num_experts, dtype="int32")
-        sorted_ids = ops.take(flat, order)
-        start = ops.cast(ops.searchsorted(sorted_ids, experts, side="left"), "int32")
-        sizes = ops.cast(ops.searchsorted(sorted_ids, experts, side="right"), "int32") - start
-    else:
-        # A symbolic length (JAX export with a free batch size): searchsorted needs a
-        # static one, a one-hot count does not.
-        sizes = ops.sum(ops.one_hot(flat, num_experts, dtype="int32"), axis=0)
-        start = ops.cumsum(sizes) - sizes
+    # Group sizes by a one-hot count (a reduction: no scatter, and no binary
+    # search, which ONNX, LiteRT's builtins and OpenVINO lack).
+    sizes = ops.sum(ops.one_hot(flat, num_experts, dtype="int32"), axis=0)
+    start = ops.cumsum(sizes) - sizes
     return order, rank, sizes, start
 
 
@@ -268,7 +267,7 @@ def group_plan(index, num_experts: int, block: int) -> GroupPlan:
     num_rows = _num_rows(count, num_experts, block)
     block_start = ops.arange(num_rows // block, dtype="int32") * block
     # Trailing unused blocks (past the last group) count as the last expert's.
-    expert_of_block = ops.cast(ops.searchsorted(padded_end, block_start, side="right"), "int32")
+    expert_of_block = _count_at_most(padded_end, block_start)
     expert_of_block = ops.minimum(expert_of_block, num_experts - 1)
     row_expert = ops.repeat(expert_of_block, block)
     rank = ops.arange(num_rows, dtype="int32") - ops.take(padded_start, row_expert)
@@ -283,6 +282,13 @@ def group_plan(index, num_experts: int, block: int) -> GroupPlan:
         expert_of_block,
         block,
     )
+
+
+def _count_at_most(sorted_values, queries):
+    """`searchsorted(sorted_values, queries, side="right")` for short `sorted_values`:
+    a comparison count, which every export target has."""
+    below = ops.expand_dims(sorted_values, 0) <= ops.expand_dims(queries, -1)
+    return ops.sum(ops.cast(below, "int32"), axis=-1)
 
 
 def _num_rows(count, num_experts: int, block: int):
@@ -302,7 +308,7 @@ def grouped_matmul(rows, kernel, plan: GroupPlan, expert_axis: int = 0):
     if expert_axis not in (0, 1):
         raise ValueError(f"`expert_axis` must be 0 or 1. Received: expert_axis={expert_axis!r}")
     experts = ops.cast(plan.expert_of_block, "int32")
-    form = grouped_form()
+    form = _form_for(rows)
     if form == "ragged_dot":
         import jax
 
@@ -322,7 +328,7 @@ def tiled_matmul(rows, matrix, plan: GroupPlan, tile: int):
     Never `jax.lax.ragged_dot`: its gradient materialises `groups x rows x tile`
     (64 GiB for 64 experts' 4,096 tiles at 16,384 tokens on an H200)."""
     groups = ops.cast(plan.expert_of_block, "int32")
-    blocks = _batched_blocks if grouped_form() == "batched" else _blocks
+    blocks = _batched_blocks if _form_for(rows) != "loop" else _blocks
     return blocks(rows, matrix, groups, plan.block, ("tiles", int(tile)))
 
 
@@ -341,6 +347,10 @@ def grouped_form() -> str:
       `blocks * n_in * n_out` weights, which accelerators do at full bandwidth;
       the default on JAX GPUs and TPUs.
     - `"ragged_dot"`: `jax.lax.ragged_dot` (JAX only).
+
+    Where the rows' count is unknown when traced (an exported model's free
+    batch size) and `GROUPED_FORM` is None, `"batched"` is used: it has no
+    loop, so it runs in every export format.
     """
     if GROUPED_FORM is not None:
         if GROUPED_FORM not in GROUPED_FORMS:
@@ -359,6 +369,17 @@ def grouped_form() -> str:
     import jax
 
     return "loop" if jax.default_backend() == "cpu" else "batched"
+
+
+def _form_for(rows):
+    """`grouped_form()`, except that rows of unknown count (a serving signature's
+    free batch size) take the loop-free `"batched"` form unless `GROUPED_FORM`
+    says otherwise: a loop over a symbolic number of blocks becomes a
+    TensorList loop that LiteRT's builtins and OpenVINO cannot run, while a
+    gather and a batched matmul export everywhere."""
+    if GROUPED_FORM is None and not isinstance(rows.shape[0], (int, np.integer)):
+        return "batched"
+    return grouped_form()
 
 
 def _stacked_matrices(kernel, layout):

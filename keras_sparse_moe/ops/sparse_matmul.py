@@ -64,6 +64,8 @@ def _padded_rows(x_t):
 
 def _matmul(x, values, rows, cols, n_out: int):
     n_in = x.shape[1]
+    if not isinstance(x.shape[0], (int, np.integer)):
+        return _serving_matmul(x, values, rows, cols, n_out)
     chunk = chunk_size(x.shape[0], values.shape[0])
     x_t = _padded_rows(ops.transpose(x))
     v, count = _chunks(values, chunk, 0.0)
@@ -76,6 +78,16 @@ def _matmul(x, values, rows, cols, n_out: int):
 
     y_t = ops.fori_loop(0, count, body, ops.zeros((n_out, ops.shape(x)[0]), x.dtype))
     return ops.transpose(y_t)
+
+
+def _serving_matmul(x, values, rows, cols, n_out: int):
+    """`_matmul` for a batch size unknown when traced (an exported model's
+    signature): one gather and one segment sum over all connections, no loop
+    and no scatter-add, which ONNX and OpenVINO cannot run. Still
+    O(batch * nnz) work; it holds all `(nnz, batch)` products at once."""
+    x_t = _padded_rows(ops.transpose(x))
+    products = ops.take(x_t, rows, axis=0) * ops.expand_dims(values, -1)
+    return ops.transpose(ops.segment_sum(products, cols, num_segments=n_out))
 
 
 def _matmul_gradients(x, values, rows, cols, upstream):

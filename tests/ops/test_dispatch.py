@@ -304,3 +304,41 @@ def test_tiled_matmul_reads_each_rows_tile():
     choice = to_numpy(plan.choice_of_row)
     real = choice < n * k
     np.testing.assert_array_equal(np.sort(choice[real]), np.arange(n * k))
+
+
+@pytest.mark.tensorflow_only
+def test_an_unknown_token_count_gives_a_loop_free_graph_with_equal_outputs():
+    """A serving signature (free batch size) traces the plan, the grouped matmul
+    and the top-k with ops every export target has: no loop, no binary search,
+    no bitcast (the ops ONNX, LiteRT's builtins or OpenVINO lacked)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    num_experts, k, block = 5, 2, 4
+    kernels = rng.standard_normal((num_experts, 6, 3)).astype("float32")
+    gates = rng.random((37, num_experts)).astype("float32")
+    x = rng.standard_normal((37, 6)).astype("float32")
+
+    def mixture(x, gates):
+        weights, index = dispatch.top_k_weights(gates, k)
+        plan = dispatch.group_plan(index, num_experts, block)
+        rows = keras.ops.take(x, plan.token_of_row, axis=0)
+        return dispatch.combine_rows(dispatch.grouped_matmul(rows, kernels, plan), plan, weights)
+
+    spec = [tf.TensorSpec((None, 6)), tf.TensorSpec((None, num_experts))]
+    graph = tf.function(mixture).get_concrete_function(*spec).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert not op_types & {"While", "StatelessWhile", "UpperBound", "LowerBound", "Bitcast"}
+    got = to_numpy(tf.function(mixture, input_signature=spec)(x, gates))
+    weights, index = (to_numpy(t) for t in dispatch.top_k_weights(gates, k))
+    every = np.einsum("nd,edu->neu", x, kernels)
+    expected = np.einsum("nk,nku->nu", weights, np.take_along_axis(every, index[..., None], 1))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_count_at_most_is_searchsorted_right():
+    rng = np.random.default_rng(4)
+    sorted_values = np.sort(rng.integers(0, 20, 9)).astype("int32")
+    queries = rng.integers(-2, 23, 30).astype("int32")
+    got = to_numpy(dispatch._count_at_most(sorted_values, queries))
+    np.testing.assert_array_equal(got, np.searchsorted(sorted_values, queries, side="right"))

@@ -64,3 +64,26 @@ def test_chunks_cover_about_a_megabyte():
     assert chunk_size(None, 10**6) == chunk_size(128, 10**6)  # unknown batch: 128 assumed
     assert chunk_size(1, 10**7) == 262144
     assert chunk_size(128, 300) == 512  # never more than the connections, in 256s
+
+
+@pytest.mark.tensorflow_only
+def test_an_unknown_batch_size_traces_without_loop_or_scatter_add():
+    """A serving signature's free batch size takes the gather + segment-sum form
+    (ONNX and OpenVINO have no TensorScatterAdd); outputs equal numpy's."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    n_in, n_out, nnz = 9, 7, 30
+    values = rng.standard_normal(nnz).astype("float32")
+    rows = rng.integers(0, n_in + 1, nnz).astype("int32")  # some slots parked (row n_in)
+    cols = rng.integers(0, n_out, nnz).astype("int32")
+    x = rng.standard_normal((4, n_in)).astype("float32")
+    fn = tf.function(
+        lambda x: sparse_matmul(x, values, rows, cols, n_out),
+        input_signature=[tf.TensorSpec((None, n_in))],
+    )
+    op_types = {op.type for op in fn.get_concrete_function().graph.get_operations()}
+    assert not op_types & {"While", "StatelessWhile", "TensorScatterAdd"}
+    dense = np.zeros((n_in + 1, n_out), "float32")
+    np.add.at(dense, (rows, cols), values)
+    np.testing.assert_allclose(to_numpy(fn(x)), x @ dense[:n_in], rtol=1e-5, atol=1e-5)
