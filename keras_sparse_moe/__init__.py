@@ -17,7 +17,7 @@ from keras_sparse_moe import (
     topologies,
     validation,
 )
-from keras_sparse_moe.conversion import convert_implementation, sparsify
+from keras_sparse_moe.conversion import convert_implementation, sparsify, strip
 from keras_sparse_moe.layers import SparseDense, SparseExpertMixture
 from keras_sparse_moe.manifold import ParametricTSNE
 from keras_sparse_moe.reporting import summary
@@ -46,6 +46,7 @@ __all__ = [
     "routing",
     "schedules",
     "sparsify",
+    "strip",
     "summary",
     "topologies",
     "validation",

@@ -13,7 +13,7 @@ from keras_sparse_moe.layers import SparseConv1D, SparseConv2D, SparseDense, Spa
 from keras_sparse_moe.layers.sparse_kernel import KERAS_POSITIONAL
 from keras_sparse_moe.walk import find_layers, own_trainable_weights
 
-__all__ = ["convert_implementation", "sparsify"]
+__all__ = ["convert_implementation", "sparsify", "strip"]
 
 # Keras layer type -> the sparse layer standing for it (exact types: subclasses
 # may compute something else with their kernel).
@@ -38,6 +38,8 @@ _SHARED = (
     "trainable",
 )
 DISTRIBUTIONS = ("uniform", "erk")
+# Sparse layer type -> the Keras built-in layer `strip` puts in its place.
+BUILT_IN = {sparse: dense for dense, sparse in CONVERTIBLE.items()}
 
 
 def sparsify(
@@ -258,6 +260,62 @@ def convert_implementation(model, implementation):
     return _clone(model, convert)
 
 
+def strip(model):
+    """Returns a copy of `model` made of Keras' built-in layers only, for serving.
+
+    Each `SparseDense` becomes a `keras.layers.Dense` and each `SparseConv1D`
+    or `SparseConv2D` a `Conv1D` or `Conv2D` holding the masked kernel
+    (zeros off the connections; checked equal after the copy), the bias and
+    the activation; every other layer keeps its weights. The copy can be
+    saved, loaded and exported where this package is not installed, like
+    tfmot's `strip_pruning`. Regularizers, constraints and initializers of
+    this package are left out (they act in training only). Top-level layers
+    of Sequential and Functional models are converted.
+
+    A `SparseExpertMixture` (or a gate) has no built-in equivalent: `strip`
+    raises for it. Export such a model as it is (`model.export(path,
+    format=...)`, every format), or save it as `.keras` and load it where
+    this package is installed.
+
+    Examples:
+        >>> import keras, numpy as np, keras_sparse_moe
+        >>> sparse = keras.Sequential([keras.Input((8,)),
+        ...     keras_sparse_moe.layers.SparseDense(4, density=0.25, seed=0)])
+        >>> plain = keras_sparse_moe.strip(sparse)
+        >>> x = np.ones((2, 8), "float32")
+        >>> type(plain.layers[0]).__name__, bool(np.allclose(plain(x), sparse(x), atol=1e-6))
+        ('Dense', True)
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`strip` expects a Keras 3 model. Received: model of type {type(model).__name__}"
+        )
+    reachable = set(map(id, _reachable(model)))
+    for layer in find_layers(model):
+        own = type(layer).__module__.startswith("keras_sparse_moe")
+        if own and not (type(layer) in BUILT_IN and id(layer) in reachable):
+            raise ValueError(
+                f"`strip` cannot turn layer '{layer.name}' ({type(layer).__name__}) of model "
+                f"'{model.name}' into Keras built-in layers: it turns SparseDense, SparseConv1D "
+                "and SparseConv2D of Sequential and Functional models into Dense and Conv. "
+                "Export a mixture as it is: model.export(path, format='tf_saved_model', "
+                "'onnx', 'litert' or 'openvino')."
+            )
+
+    def convert(layer):
+        if type(layer) not in BUILT_IN:
+            return layer.__class__.from_config(layer.get_config())
+        config = layer.get_config()
+        kwargs = {
+            k: config[k]
+            for k in _SHARED
+            if k in config and "keras_sparse_moe" not in repr(config[k])
+        }
+        return BUILT_IN[type(layer)](**kwargs)
+
+    return _clone(model, convert)
+
+
 def _clone(model, clone_function):
     """`model` cloned by `clone_function`, every layer's weights copied over: a
     sparse layer's connections (or a dense kernel's entries at the new sparse
@@ -279,6 +337,13 @@ def _clone(model, clone_function):
                 )
             else:
                 new.assign_dense_kernel(ops.convert_to_numpy(old.kernel))
+            if old.use_bias:
+                new.bias.assign(ops.convert_to_numpy(old.bias))
+        elif isinstance(old, SparseKernelLayer):  # `strip`: a built-in layer
+            kernel = np.asarray(ops.convert_to_numpy(old.dense_kernel()))
+            new.kernel.assign(kernel)
+            if not np.array_equal(np.asarray(ops.convert_to_numpy(new.kernel)), kernel):
+                raise RuntimeError(f"`strip` could not copy the kernel of layer '{old.name}'.")
             if old.use_bias:
                 new.bias.assign(ops.convert_to_numpy(old.bias))
         elif old.weights:
