@@ -80,11 +80,30 @@ def _matmul(x, values, rows, cols, n_out: int):
     return ops.transpose(y_t)
 
 
+SERVING_DENSE_LIMIT = 1 << 24  # kernel entries up to which JAX's serving form densifies
+
+
 def _serving_matmul(x, values, rows, cols, n_out: int):
     """`_matmul` for a batch size unknown when traced (an exported model's
-    signature): one gather and one segment sum over all connections, no loop
-    and no scatter-add, which ONNX and OpenVINO cannot run. Still
-    O(batch * nnz) work; it holds all `(nnz, batch)` products at once."""
+    signature), without the loop and the scatter-add that ONNX and OpenVINO
+    cannot run. Every form keeps the exported file O(nnz).
+
+    - TensorFlow: one gather and one segment sum over all connections
+      (O(batch * nnz), all products held at once). A kernel densified from
+      the connections would be folded into a dense constant by tf2onnx and
+      OpenVINO's converter (a file of the kernel's dense size).
+    - JAX, up to `SERVING_DENSE_LIMIT` kernel entries: the connections are
+      scattered into a zero kernel that is multiplied densely. Both forms
+      become ONNX's ScatterND with reduction "add", which onnxruntime runs
+      with races between threads on repeated indices: a segment sum repeats
+      every output column (wrong sums at 784 x 1024), the kernel only the
+      parked slots' row, which is cut off. Larger kernels take the segment sum.
+    """
+    n_in = x.shape[1]
+    if keras.backend.backend() == "jax" and (n_in + 1) * n_out <= SERVING_DENSE_LIMIT:
+        flat = rows * n_out + cols  # parked slots land in the extra row n_in
+        dense = ops.scatter(flat[:, None], values, ((n_in + 1) * n_out,))
+        return ops.matmul(x, ops.reshape(dense, (n_in + 1, n_out))[:n_in])
     x_t = _padded_rows(ops.transpose(x))
     products = ops.take(x_t, rows, axis=0) * ops.expand_dims(values, -1)
     return ops.transpose(ops.segment_sum(products, cols, num_segments=n_out))

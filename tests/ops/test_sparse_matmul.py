@@ -87,3 +87,20 @@ def test_an_unknown_batch_size_traces_without_loop_or_scatter_add():
     dense = np.zeros((n_in + 1, n_out), "float32")
     np.add.at(dense, (rows, cols), values)
     np.testing.assert_allclose(to_numpy(fn(x)), x @ dense[:n_in], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in, n_out, nnz", [(9, 7, 30), (300, 200, 3000)])
+def test_serving_form_matches_numpy_with_parked_and_repeated_slots(n_in, n_out, nnz):
+    """The exported (free batch size) form of either backend sums repeated
+    positions and ignores parked slots, as the compiled loop does."""
+    from keras_sparse_moe.ops import sparse_matmul as module
+
+    rng = np.random.default_rng(n_in)
+    values = rng.standard_normal(nnz).astype("float32")
+    rows = rng.integers(0, n_in + 1, nnz).astype("int32")
+    cols = rng.integers(0, n_out, nnz).astype("int32")
+    x = rng.standard_normal((5, n_in)).astype("float32")
+    got = to_numpy(module._serving_matmul(x, values, rows, cols, n_out))
+    dense = np.zeros((n_in + 1, n_out), "float32")
+    np.add.at(dense, (rows, cols), values)
+    np.testing.assert_allclose(got, x @ dense[:n_in], rtol=1e-4, atol=1e-4)
