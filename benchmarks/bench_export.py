@@ -13,7 +13,7 @@ saves once compressed). `B/conn`: bytes of the file per stored weight
 Models: `mlp` 784-1024-1024-10 at 5 % (masked, sparse storage, and the
 masked one after `ksm.strip`), `mlp_sparse_10` the sparse one at 10 % (its
 size over `mlp_sparse`'s gives the bytes per added connection), `cnn` a
-3-conv CNN at 10 % (masked), `mixture` the demo's mixture (784 -> 10, 10
+3-conv CNN at 10 % (masked; strided, no pooling), `mixture` the demo's mixture (784 -> 10, 10
 experts of 64, 20 % inside, 2 % routes, top-2) and `ptsne_mixture` the same
 with a `PTSNEGate`.
 
@@ -56,10 +56,9 @@ def _cnn():
         [
             keras.Input((32, 32, 3)),
             SparseConv2D(32, 3, padding="same", activation="relu", density=0.1, seed=0),
-            keras.layers.MaxPooling2D(),
-            SparseConv2D(64, 3, padding="same", activation="relu", density=0.1, seed=1),
-            keras.layers.MaxPooling2D(),
-            SparseConv2D(64, 3, padding="same", activation="relu", density=0.1, seed=2),
+            # Strides, not pooling: jax2onnx writes a MaxPool onnxruntime refuses.
+            SparseConv2D(64, 3, 2, padding="same", activation="relu", density=0.1, seed=1),
+            SparseConv2D(64, 3, 2, padding="same", activation="relu", density=0.1, seed=2),
             keras.layers.GlobalAveragePooling2D(),
             keras.layers.Dense(10),
         ]
@@ -105,15 +104,14 @@ def stored_weights(model):
 
 
 def size_of(path):
-    if os.path.isdir(path):
-        return sum(
-            os.path.getsize(os.path.join(root, name))
-            for root, _, names in os.walk(path)
-            for name in names
-        )
-    if path.endswith(".xml"):  # OpenVINO: the graph and its weights
-        return os.path.getsize(path) + os.path.getsize(path[:-4] + ".bin")
-    return os.path.getsize(path)
+    """Bytes of every file in `path`'s folder (an export gets a folder of its own:
+    OpenVINO's `.bin`, jax2onnx's external weights and a SavedModel's files count)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
 
 
 class SavedModelRunner:
@@ -186,15 +184,17 @@ def measure(name, build, repeats, folder):
     shape = (None,) + tuple(model.input_shape[1:])
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b,) + shape[1:]).astype("float32") for b in BATCHES}
-    keras_path = os.path.join(folder, f"{name}.keras")
+    os.makedirs(os.path.join(folder, name, "keras"))
+    keras_path = os.path.join(folder, name, "keras", "model.keras")
     model.save(keras_path)
     with open(keras_path, "rb") as f:
         gzipped = len(gzip.compress(f.read(), 9))
     rows = [("Keras (.keras)", size_of(keras_path), gzipped, model.predict_on_batch)]
     exported = {}
     for label, fmt, file_name, runner in formats():
-        path = os.path.join(folder, f"{name}_{fmt}_{file_name}")
+        path = os.path.join(folder, name, fmt, file_name)
         if path not in exported:
+            os.makedirs(os.path.dirname(path))
             model.export(path, format=fmt, verbose=False)
             exported[path] = True
         run = runner(path)
