@@ -68,26 +68,37 @@ class DispatchPlan(NamedTuple):
 def top_k(values, k: int):
     """`(values, indices)` of the `k` largest entries of the last axis, largest first.
 
-    Ties go to the lower index, as `ops.top_k`. Written as `k` rounds of a
-    max, an equality and an integer argmax over the (small) expert axis,
-    which export everywhere: `ops.top_k` lowers on JAX to a StableHLO
-    composite that TensorFlow cannot load from a SavedModel, and a float
-    `ops.argmax` carries a sign-bit test (bitcast, bitwise and) that neither
-    ONNX nor LiteRT's builtins nor OpenVINO have. A picked entry is set
-    below the row's minimum, not to -inf: tf2onnx writes a select as
-    `c * a + (1 - c) * b`, where an infinity would make NaN.
+    Ties go to the lower index, as `ops.top_k`. Written as `k` rounds of
+    argmax over the (small) expert axis rather than `ops.top_k`: on JAX,
+    `top_k` lowers to a StableHLO composite that TensorFlow cannot load from
+    an exported SavedModel. Where the row count is unknown when traced (an
+    export's free batch size), each round is a max, an equality and an
+    integer argmax instead: a float `ops.argmax` carries a sign-bit test
+    (bitcast, bitwise and) that neither ONNX nor LiteRT's builtins nor
+    OpenVINO have, and a picked entry is set below the row's minimum, not to
+    -inf (tf2onnx writes a select as `c * a + (1 - c) * b`, where an infinity
+    makes NaN). Static shapes keep the float argmax: the portable rounds
+    compiled 4 s slower under TensorFlow's XLA at 4,096 tokens.
     """
     n = values.shape[-1]
+    portable = not isinstance(values.shape[0], (int, np.integer))
     picked_values, picked_index = [], []
     remaining = values
-    floor = ops.min(values, axis=-1, keepdims=True) - 1.0
+    if portable:
+        replacement = ops.min(values, axis=-1, keepdims=True) - 1.0
+    else:
+        replacement = ops.full_like(values, float("-inf"))
     for _ in range(k):
-        largest = ops.max(remaining, axis=-1, keepdims=True)
-        index = ops.cast(ops.argmax(ops.cast(remaining == largest, "int32"), axis=-1), "int32")
+        if portable:
+            largest = ops.max(remaining, axis=-1, keepdims=True)
+            index = ops.argmax(ops.cast(remaining == largest, "int32"), axis=-1)
+        else:
+            index = ops.argmax(remaining, axis=-1)
+        index = ops.cast(index, "int32")
         hit = ops.one_hot(index, n) > 0
         picked_values.append(ops.sum(ops.where(hit, values, ops.zeros_like(values)), axis=-1))
         picked_index.append(index)
-        remaining = ops.where(hit, floor, remaining)
+        remaining = ops.where(hit, replacement, remaining)
     return ops.stack(picked_values, axis=-1), ops.stack(picked_index, axis=-1)
 
 
@@ -155,10 +166,20 @@ def _sort_by_expert(flat, num_experts: int):
     # One sort of the unique keys (expert, assignment) is a stable sort by expert.
     order = ops.cast(ops.argsort(flat * count + ops.arange(count, dtype="int32")), "int32")
     rank = ops.cast(ops.argsort(order), "int32")  # the inverse permutation
-    # Group sizes by a one-hot count (a reduction: no scatter, and no binary
-    # search, which ONNX, LiteRT's builtins and OpenVINO lack).
-    sizes = ops.sum(ops.one_hot(flat, num_experts, dtype="int32"), axis=0)
-    start = ops.cumsum(sizes) - sizes
+    if isinstance(count, int):
+        # Group bounds by binary search in the sorted ids: no scatter, no E-wide
+        # one-hot (the one-hot count compiled 4 s slower under TensorFlow's XLA
+        # at 4,096 tokens).
+        experts = ops.arange(num_experts, dtype="int32")
+        sorted_ids = ops.take(flat, order)
+        start = ops.cast(ops.searchsorted(sorted_ids, experts, side="left"), "int32")
+        sizes = ops.cast(ops.searchsorted(sorted_ids, experts, side="right"), "int32") - start
+    else:
+        # A length unknown when traced (an export's free batch size): a one-hot
+        # count, since searchsorted needs a static length on JAX and ONNX,
+        # LiteRT's builtins and OpenVINO have no binary search.
+        sizes = ops.sum(ops.one_hot(flat, num_experts, dtype="int32"), axis=0)
+        start = ops.cumsum(sizes) - sizes
     return order, rank, sizes, start
 
 
@@ -267,7 +288,11 @@ def group_plan(index, num_experts: int, block: int) -> GroupPlan:
     num_rows = _num_rows(count, num_experts, block)
     block_start = ops.arange(num_rows // block, dtype="int32") * block
     # Trailing unused blocks (past the last group) count as the last expert's.
-    expert_of_block = _count_at_most(padded_end, block_start)
+    if isinstance(count, int):
+        expert_of_block = ops.searchsorted(padded_end, block_start, side="right")
+    else:  # no binary search in the export formats (see `_sort_by_expert`)
+        expert_of_block = _count_at_most(padded_end, block_start)
+    expert_of_block = ops.cast(expert_of_block, "int32")
     expert_of_block = ops.minimum(expert_of_block, num_experts - 1)
     row_expert = ops.repeat(expert_of_block, block)
     rank = ops.arange(num_rows, dtype="int32") - ops.take(padded_start, row_expert)
