@@ -353,7 +353,7 @@ def tiled_matmul(rows, matrix, plan: GroupPlan, tile: int):
     Never `jax.lax.ragged_dot`: its gradient materialises `groups x rows x tile`
     (64 GiB for 64 experts' 4,096 tiles at 16,384 tokens on an H200)."""
     groups = ops.cast(plan.expert_of_block, "int32")
-    blocks = _batched_blocks if _form_for(rows) != "loop" else _blocks
+    blocks = _batched_blocks if _form_for(rows) == "batched" else _blocks
     return blocks(rows, matrix, groups, plan.block, ("tiles", int(tile)))
 
 
