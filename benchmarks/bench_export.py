@@ -15,10 +15,12 @@ masked one after `ksm.strip`), `mlp_sparse_10` the sparse one at 10 % (its
 size over `mlp_sparse`'s gives the bytes per added connection), `cnn` a
 3-conv CNN at 10 % (masked; strided, no pooling), `mixture` the demo's mixture (784 -> 10, 10
 experts of 64, 20 % inside, 2 % routes, top-2) and `ptsne_mixture` the same
-with a `PTSNEGate`.
+with a `PTSNEGate`. `--compact` exports with
+`keras_sparse_moe.ops.sparse_matmul.COMPACT_EXPORTS = True` (TensorFlow's
+converters keep sparse storage at 8 bytes a connection, at a cost in latency).
 
     python benchmarks/bench_export.py [--models mlp_masked mixture ...] [--repeats 7] \\
-        [--markdown docs/export_BACKEND.md]
+        [--compact] [--markdown docs/export_BACKEND.md]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 
 import keras_sparse_moe as ksm
 from keras_sparse_moe.layers import PTSNEGate, SparseConv2D, SparseDense, SparseExpertMixture
+from keras_sparse_moe.ops import sparse_matmul
 
 BATCHES = (1, 64)
 
@@ -234,10 +237,14 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument(
+        "--compact", action="store_true", help="export with sparse_matmul.COMPACT_EXPORTS = True"
+    )
     args = parser.parse_args()
+    sparse_matmul.COMPACT_EXPORTS = args.compact
     header = (
         f"backend={keras.backend.backend()} machine={platform.machine()} cpus={os.cpu_count()} "
-        f"date={time.strftime('%Y-%m-%d')}"
+        f"date={time.strftime('%Y-%m-%d')} compact_exports={args.compact}"
     )
     lines = [
         header,

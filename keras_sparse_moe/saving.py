@@ -8,7 +8,11 @@ Files from before versioning have no `format_version` and read as format 0.
 Format 0 configs are migrated on loading (`NoisyTopKGate`'s early `k` reads as
 `top_k`). Format 0 mixtures saved before the expert bank became a layer of its
 own (before 2026-11-29) keep the bank's weights one level up in the file;
-loading one names `upgrade_file`, which moves them once.
+loading one names `upgrade_file`, which moves them once. Format 2
+(2026-12-05) keeps one int32 position per connection of a sparse-storage
+layer where formats 0 and 1 kept a row and a column: those are packed on
+loading (`SlotStorage.read_store`), and a format 1 reader refuses a format 2
+file instead of failing on its variable count.
 
 Examples:
     >>> import keras_sparse_moe as ksm
@@ -27,7 +31,7 @@ import zipfile
 
 __all__ = ["FORMAT_VERSION", "VersionedConfig", "read_config", "upgrade_file"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Format 0 arguments renamed since: owner -> {old name: new name}.
 _FORMAT_0_RENAMES = {"NoisyTopKGate": {"k": "top_k"}}

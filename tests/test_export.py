@@ -21,6 +21,7 @@ from keras_sparse_moe.layers import (
     SparseDense,
     SparseExpertMixture,
 )
+from keras_sparse_moe.ops import sparse_matmul
 from tests.test_case import to_numpy
 
 RNG = np.random.default_rng(0)
@@ -69,6 +70,11 @@ MODELS = {
     ),
     "softmax_routes_capacity": lambda: _sequential(
         SparseExpertMixture(top_k=2, capacity_factor=1.0, route_density=0.2, **MIXTURE)
+    ),
+    "sparse_experts_routes": lambda: _sequential(
+        SparseExpertMixture(
+            top_k=2, capacity_factor=1.0, route_density=0.2, implementation="sparse", **MIXTURE
+        )
     ),
     "noisy_top_k_capacity": lambda: _sequential(
         SparseExpertMixture(gate=NoisyTopKGate(4, top_k=2, seed=0), capacity_factor=1.25, **MIXTURE)
@@ -187,3 +193,67 @@ def test_export_runs_in_the_formats_runtime_with_equal_outputs(name, fmt, tmp_pa
         np.testing.assert_allclose(
             np.asarray(run(path, inputs)), _expected(model, inputs), rtol=1e-4, atol=1e-4
         )
+
+
+def _size(path):
+    """Bytes of a file or of a folder's files (a SavedModel)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _bytes_per_connection(fmt, tmp_path):
+    """Bytes a sparse-storage connection adds to the `fmt` file (or export)."""
+    exported = "onnx" if fmt == "openvino" and keras.backend.backend() == "jax" else fmt
+    names = {"keras": "model.keras", "tf_saved_model": "saved_model"}
+    name = names.get(exported) or EXPORTS[exported][0]
+    sizes, counts = [], []
+    for density in (0.1, 0.3):
+        layer = SparseDense(200, density=density, seed=0, implementation="sparse")
+        model = _sequential(layer, dim=300)
+        model(np.zeros((1, 300), "float32"))  # the ONNX export wants a called model
+        path = os.path.join(tmp_path, f"{density}_{name}")
+        if fmt == "keras":
+            model.save(path)
+        else:
+            model.export(path, format=exported, verbose=False)
+        sizes.append(_size(path) + (_size(path[:-4] + ".bin") if path.endswith(".xml") else 0))
+        counts.append(layer.num_connections)
+    return (sizes[1] - sizes[0]) / (counts[1] - counts[0])
+
+
+def _skip_without(fmt):
+    if fmt in EXPORTS:
+        pytest.importorskip(EXPORTS[fmt][1], reason=f"the {fmt} runtime is in the `export` extra")
+    if fmt == "tf_saved_model":
+        pytest.importorskip("tensorflow", reason="SavedModel export needs TensorFlow")
+
+
+# Formats whose converter folds computed indices into constants (TensorFlow's).
+FOLDING = {"onnx", "litert", "openvino"} if keras.backend.backend() == "tensorflow" else set()
+
+
+@pytest.mark.parametrize("fmt", ["keras", "tf_saved_model", *_formats()])
+def test_sparse_storage_files_grow_by_8_bytes_a_connection(fmt, tmp_path, monkeypatch):
+    """A float32 value and one int32 position a connection. TensorFlow's converters
+    keep that with `COMPACT_EXPORTS` (and their unpacked, faster indices without it:
+    O(nnz) still)."""
+    _skip_without(fmt)
+    if fmt in FOLDING:
+        (tmp_path / "default").mkdir()
+        assert 8 < _bytes_per_connection(fmt, tmp_path / "default") < 4 * 8
+        monkeypatch.setattr(sparse_matmul, "COMPACT_EXPORTS", True)
+    per_connection = _bytes_per_connection(fmt, tmp_path)
+    # Keras' TensorFlow SavedModel writes every variable twice (a plain Dense layer's too).
+    copies = 2 if fmt == "tf_saved_model" and keras.backend.backend() == "tensorflow" else 1
+    assert 7.5 * copies <= per_connection <= 1.3 * 8 * copies  # (names vary by a byte or two)
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("fmt", ["onnx", "litert", "openvino"])
+@pytest.mark.parametrize("name", ["sparse_conv2d_sparse_storage", "sparse_experts_routes"])
+def test_compact_exports_run_with_equal_outputs(name, fmt, tmp_path, monkeypatch):
+    """`COMPACT_EXPORTS` changes TensorFlow's serving graphs only (JAX's keep the
+    stored positions anyway)."""
+    monkeypatch.setattr(sparse_matmul, "COMPACT_EXPORTS", True)
+    test_export_runs_in_the_formats_runtime_with_equal_outputs(name, fmt, tmp_path)

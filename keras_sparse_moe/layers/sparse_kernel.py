@@ -314,7 +314,8 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
     @property
     def storage_variables(self) -> list:
         """The variables holding the connections: masked `[kernel, mask]`, sparse
-        `[values, rows, cols]`. The first is the trainable one."""
+        `[values, positions]` (int32 `row * n_out + col`; `[values, rows, cols]`
+        for kernels of `2**31` entries or more). The first is the trainable one."""
         self._require_built("storage_variables")
         return self.storage.variables
 
@@ -456,7 +457,7 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
                 "one level up: convert the file once with "
                 "`keras_sparse_moe.saving.upgrade_file(path)` and load the file it writes."
             )
-        super().load_own_variables(store)
+        super().load_own_variables(self.storage.read_store(store))
         self.apply_mask()
 
     # ------------------------------------------------------------------ #

@@ -18,9 +18,13 @@ Each storage answers three kinds of question:
 
 Masked storage keeps the kernel and a binary mask in the kernel's own shape
 (fast for small layers and on accelerators). Slot storage keeps one slot per
-connection: its value (trainable) and its int32 row and column; a slot
+connection: its value (trainable) and its int32 position `row * n_out + col`
+(8 bytes a connection, in memory and in saved or exported files); a slot
 whose row is `fan_in` is parked (holds no connection), so memory and time
-grow with the number of connections, not with the kernel's size.
+grow with the number of connections, not with the kernel's size. A kernel
+too large for int32 positions (`(fan_in + 1) * n_out >= 2**31`) keeps an
+int32 row and column per slot instead. Compiled steps see rows and columns
+either way (`SlotState`).
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ from keras import initializers, ops
 
 from keras_sparse_moe.ops import rewiring
 from keras_sparse_moe.ops.masking import mask_gradient
-from keras_sparse_moe.ops.sparse_matmul import sparse_matmul
+from keras_sparse_moe.ops.sparse_matmul import (
+    packed_sparse_matmul,
+    serving_indices,
+    sparse_matmul,
+    unpack_positions,
+)
 
 __all__ = [
     "DEFAULT_STORAGE",
+    "INT32_MAX",
     "STORAGES",
     "MaskedState",
     "MaskedStorage",
@@ -53,8 +63,12 @@ class MaskedState(NamedTuple):
     slots: tuple = ()  # optimizer slots shaped like the kernel (momenta, moments)
 
 
+INT32_MAX = 2**31 - 1
+
+
 class SlotState(NamedTuple):
-    """A slot layer's arrays inside a compiled rewiring step."""
+    """A slot layer's arrays inside a compiled rewiring step (rows and columns,
+    whichever way the variables keep them)."""
 
     values: Any
     rows: Any
@@ -79,7 +93,7 @@ class _Storage:
 
     @property
     def shape(self):
-        return self.layer.kernel_shape
+        return self.layer._kernel_shape  # set before the storage builds
 
     def refresh(self):
         """Forgets the cached connection list (after the storage changed elsewhere)."""
@@ -94,6 +108,18 @@ class _Storage:
     @staticmethod
     def flat(state):
         return [*state[:-1], *state.slots]
+
+    def read_store(self, store):
+        """`store` (a saved layer's variables) in this storage's layout."""
+        return store
+
+    def state_of_variables(self, flat):
+        """The typed state of `[self.variables..., optimizer slots...]`."""
+        return self.state(flat)
+
+    def variables_of_state(self, state):
+        """The inverse of `state_of_variables`: the values to write back."""
+        return self.flat(state)
 
     def rewire(self, step, optimizer, key, *args):
         """Runs the compiled `step(storage, state, positions, *args) -> (new_state,
@@ -114,8 +140,9 @@ class _Storage:
                 positions = None
                 if listed:
                     positions, call_args = call_args[0], call_args[1:]
-                new_state, new_positions, aux = step(self, self.state(flat), positions, *call_args)
-                return self.flat(new_state), (new_positions if listed else None, aux)
+                state = self.state_of_variables(flat)
+                new_state, new_positions, aux = step(self, state, positions, *call_args)
+                return self.variables_of_state(new_state), (new_positions if listed else None, aux)
 
             function = _runtime.compile_update(update, variables)
             self._rewire_functions[cache_key] = function
@@ -319,11 +346,17 @@ class SlotStorage(_Storage):
     def __init__(self, layer):
         super().__init__(layer)
         self._probe = None
+        # True: each slot keeps one int32 position `row * n_out + col` (decided
+        # when built: every position, a parked slot's row `n_in` too, fits in
+        # int32); False: an int32 row and column.
+        self.packed = None
 
     def build(self, rows, cols, scale):
         from keras_sparse_moe.layers.sparse_kernel import initial_values
 
         layer = self.layer
+        n_in, n_out = self.shape
+        self.packed = (int(n_in) + 1) * int(n_out) <= INT32_MAX
         count = len(rows)
         layer.values = layer.add_weight(
             name="values",
@@ -332,7 +365,8 @@ class SlotStorage(_Storage):
             regularizer=layer.kernel_regularizer,
             constraint=layer.kernel_constraint,
         )
-        for name, array in (("rows", rows), ("cols", cols)):
+        names = ("positions",) if self.packed else ("rows", "cols")
+        for name, array in zip(names, self._pack(np.asarray(rows), np.asarray(cols))):
             variable = layer.add_weight(
                 name=name,
                 shape=(count,),
@@ -344,28 +378,82 @@ class SlotStorage(_Storage):
 
     @property
     def variables(self):
-        return [self.layer.values, self.layer.rows, self.layer.cols]
+        layer = self.layer
+        if self.packed:
+            return [layer.values, layer.positions]
+        return [layer.values, layer.rows, layer.cols]
 
     @property
     def macs_per_row(self) -> int:
         """Multiply-adds `matmul` executes per input row: one per slot (parked ones too)."""
         return int(self.layer.values.shape[0])
 
+    # Slot positions: one packed array or rows and columns --------------- #
+    def _pack(self, rows, cols):
+        """The index variables' values for `rows`, `cols` (numpy or tensors)."""
+        if not self.packed:
+            return [rows, cols]
+        n_out = self.shape[1]
+        if isinstance(rows, np.ndarray):
+            return [(rows.astype(np.int64) * n_out + cols).astype(np.int32)]
+        return [ops.cast(rows, "int32") * n_out + ops.cast(cols, "int32")]
+
+    def _unpack(self, indices):
+        """`(rows, cols)` of the index variables' values `indices` (numpy or tensors)."""
+        if not self.packed:
+            return tuple(indices)
+        (positions,) = indices
+        n_out = self.shape[1]
+        if isinstance(positions, np.ndarray):
+            return positions // n_out, positions % n_out
+        return unpack_positions(positions, n_out)
+
+    def slot_indices(self):
+        """numpy `(rows, cols)` of every slot in slot order, parked ones (row
+        `n_in`) included."""
+        arrays = [np.asarray(ops.convert_to_numpy(v)) for v in self.variables[1:]]
+        return self._unpack(arrays)
+
+    def state_of_variables(self, flat):
+        if not self.packed:
+            return self.state(flat)
+        values, positions, *slots = flat
+        return SlotState(values, *self._unpack([positions]), tuple(slots))
+
+    def read_store(self, store):
+        """`store` (a saved layer's variables, `"0"`, `"1"`, ...) in this layout.
+        Files of layer format 1 and earlier keep a row and a column per slot (the
+        last two entries) where a packed layer keeps one position: they are packed
+        here, so old files load unchanged."""
+        count = len(self.layer.variables)
+        if not self.packed or len(store) != count + 1:
+            return store
+        entries = [np.asarray(store[str(i)]) for i in range(count + 1)]
+        *kept, rows, cols = entries
+        if rows.dtype.kind != "i" or cols.dtype.kind != "i":
+            return store  # not the old layout: Keras' own error follows
+        return {str(i): entry for i, entry in enumerate([*kept, *self._pack(rows, cols)])}
+
+    def variables_of_state(self, state):
+        if not self.packed:
+            return self.flat(state)
+        return [state.values, *self._pack(state.rows, state.cols), *state.slots]
+
     # Host side ---------------------------------------------------------- #
     def apply_mask(self):
         layer = self.layer
-        active = ops.convert_to_tensor(layer.rows) < self.shape[0]
+        active = self.slot_indices()[0] < self.shape[0]
         layer.values.assign(ops.where(active, ops.convert_to_tensor(layer.values), 0.0))
         self.refresh()
 
     def _active_slots(self):
         """numpy indices of the occupied (not parked) slots."""
-        return np.flatnonzero(np.asarray(ops.convert_to_numpy(self.layer.rows)) < self.shape[0])
+        return np.flatnonzero(self.slot_indices()[0] < self.shape[0])
 
     def connection_indices(self):
         slots = self._active_slots()
-        rows = np.asarray(ops.convert_to_numpy(self.layer.rows))[slots]
-        return rows, np.asarray(ops.convert_to_numpy(self.layer.cols))[slots]
+        rows, cols = self.slot_indices()
+        return rows[slots].astype(np.int32), cols[slots].astype(np.int32)
 
     def connection_positions(self):
         if self._positions is None:
@@ -398,8 +486,7 @@ class SlotStorage(_Storage):
     def assign_dense_kernel(self, values):
         values = values.reshape(self.shape)
         n_in = self.shape[0]
-        rows = np.asarray(ops.convert_to_numpy(self.layer.rows))
-        cols = np.asarray(ops.convert_to_numpy(self.layer.cols))
+        rows, cols = self.slot_indices()
         kept = np.where(rows < n_in, values[np.minimum(rows, n_in - 1), cols], 0)
         self.layer.values.assign(kept.astype(self.layer.values.dtype))
 
@@ -412,8 +499,10 @@ class SlotStorage(_Storage):
                 f"{rows.size} connections: build it with a higher density."
             )
         pad = slots - rows.size
-        layer.rows.assign(np.pad(rows, (0, pad), constant_values=self.shape[0]))
-        layer.cols.assign(np.pad(cols, (0, pad)))
+        rows = np.pad(np.asarray(rows, np.int32), (0, pad), constant_values=self.shape[0])
+        cols = np.pad(np.asarray(cols, np.int32), (0, pad))
+        for variable, array in zip(self.variables[1:], self._pack(rows, cols)):
+            variable.assign(array)
         layer.values.assign(np.pad(values, (0, pad)).astype(layer.values.dtype))
         self.refresh()
 
@@ -434,10 +523,18 @@ class SlotStorage(_Storage):
         finally:
             self._probe = None
 
-    def arrays(self):
-        """`(values, rows, cols)` of the slots, with the growth probe's appended."""
+    def arrays(self, x=None):
+        """`(values, rows, cols)` of the slots, with the growth probe's appended.
+
+        The stored positions are read through `serving_indices(..., x)`: with
+        `sparse_matmul.COMPACT_EXPORTS`, TensorFlow's converters then keep them
+        as stored in an exported file (8 bytes a connection), instead of the
+        rows and columns they would fold out of them."""
         layer = self.layer
-        values, rows, cols = layer.values, layer.rows, layer.cols
+        indices = [ops.convert_to_tensor(v) for v in self.variables[1:]]
+        if x is not None:
+            indices = serving_indices(indices, x)
+        values, (rows, cols) = layer.values, self._unpack(indices)
         if self._probe is not None:
             values, rows, cols = (
                 ops.concatenate([ops.cast(a, b.dtype), b])
@@ -456,7 +553,11 @@ class SlotStorage(_Storage):
         return ops.reshape(dense[: n_in * n_out], self.layer.weight_shape)
 
     def matmul(self, x):
-        return sparse_matmul(x, *self.arrays(), self.shape[1])
+        if self.packed and self._probe is None:  # unpacked chunk by chunk, in the loop
+            layer = self.layer
+            (positions,) = serving_indices([ops.convert_to_tensor(layer.positions)], x)
+            return packed_sparse_matmul(x, layer.values, positions, self.shape[1])
+        return sparse_matmul(x, *self.arrays(x), self.shape[1])
 
     def block_matmul(self, x, num_blocks, per_block_inputs, sum_blocks):
         """`x @ W` where W's columns are `num_blocks` blocks of `width`.
@@ -468,7 +569,7 @@ class SlotStorage(_Storage):
         `(n, num_blocks * width)`."""
         k, n_out = self.shape
         width = n_out // num_blocks
-        values, rows, cols = self.arrays()
+        values, rows, cols = self.arrays(x)
         rows, cols = ops.cast(rows, "int32"), ops.cast(cols, "int32")
         n_in = x.shape[-1]
         shifted = rows + k * (cols // width) if per_block_inputs else rows

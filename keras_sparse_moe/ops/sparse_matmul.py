@@ -4,7 +4,9 @@
 `n_in * n_out` is ever made. A row equal to `n_in` marks a parked slot: it
 reads a zero input row, so it adds nothing and its value's gradient is
 exactly zero (storage keeps a fixed number of slots; a pruned connection is
-parked, not removed).
+parked, not removed). `packed_sparse_matmul` takes one int32 position
+`row * n_out + col` a connection instead (what sparse storage keeps), and
+unpacks it chunk by chunk inside the loop.
 
 The products are accumulated in chunks of connections inside a compiled
 loop: each chunk gathers `(chunk, batch)` inputs, scales them and adds them
@@ -22,7 +24,14 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["chunk_size", "sparse_matmul"]
+__all__ = [
+    "COMPACT_EXPORTS",
+    "chunk_size",
+    "packed_sparse_matmul",
+    "serving_indices",
+    "sparse_matmul",
+    "unpack_positions",
+]
 
 _CHUNK_BYTES = 1 << 20  # one chunk's gathered inputs: about 1 MB
 _DEFAULT_BATCH = 128  # assumed where the batch size is unknown when traced
@@ -49,9 +58,9 @@ def _scatter_add(target, index, updates):
     raise NotImplementedError(f"sparse_matmul supports TensorFlow and JAX, not {backend}.")
 
 
-def _chunks(array, chunk: int, fill):
-    """`array` (nnz,) padded with `fill` to whole chunks, as `(num_chunks, chunk)`."""
-    nnz = array.shape[0]
+def _chunks(array, chunk: int, fill, nnz: int):
+    """`array` (nnz,) padded with `fill` to whole chunks, as `(num_chunks, chunk)`
+    (`nnz` given: the positions' length may be known only at run time)."""
     count = -(-nnz // chunk)
     padded = ops.pad(array, [(0, count * chunk - nnz)], constant_values=fill)
     return ops.reshape(padded, (count, chunk)), count
@@ -62,19 +71,45 @@ def _padded_rows(x_t):
     return ops.concatenate([x_t, ops.zeros_like(x_t[:1])], axis=0)
 
 
-def _matmul(x, values, rows, cols, n_out: int):
+def unpack_positions(positions, n_out: int):
+    """`(rows, cols)` of int32 packed positions `row * n_out + col`."""
+    positions = ops.cast(positions, "int32")
+    rows = positions // n_out
+    return rows, positions - rows * n_out
+
+
+def _index_chunks(indices, chunk: int, nnz: int, n_in: int, n_out: int):
+    """`indices` (`(rows, cols)` or packed `(positions,)`) cut into chunks; the
+    padding is parked (row `n_in`)."""
+    if len(indices) == 1:
+        return (_chunks(indices[0], chunk, n_in * n_out, nnz)[0],)
+    rows, cols = indices
+    return _chunks(rows, chunk, n_in, nnz)[0], _chunks(cols, chunk, 0, nnz)[0]
+
+
+def _chunk_rows_cols(index_chunks, i, n_out: int):
+    """Rows and columns of chunk `i`: packed positions are unpacked here, inside
+    the loop, so no array of all the rows or columns is made (a call on 100k
+    packed connections took 0.2 ms longer with them unpacked beforehand)."""
+    if len(index_chunks) == 1:
+        return unpack_positions(index_chunks[0][i], n_out)
+    return index_chunks[0][i], index_chunks[1][i]
+
+
+def _matmul(x, values, indices, n_out: int):
     n_in = x.shape[1]
     if not isinstance(x.shape[0], (int, np.integer)):
-        return _serving_matmul(x, values, rows, cols, n_out)
-    chunk = chunk_size(x.shape[0], values.shape[0])
+        return _serving_matmul(x, values, indices, n_out)
+    nnz = values.shape[0]
+    chunk = chunk_size(x.shape[0], nnz)
     x_t = _padded_rows(ops.transpose(x))
-    v, count = _chunks(values, chunk, 0.0)
-    r, _ = _chunks(rows, chunk, n_in)
-    c, _ = _chunks(cols, chunk, 0)
+    v, count = _chunks(values, chunk, 0.0, nnz)
+    index_chunks = _index_chunks(indices, chunk, nnz, n_in, n_out)
 
     def body(i, y_t):
-        products = ops.take(x_t, r[i], axis=0) * ops.expand_dims(v[i], -1)
-        return _scatter_add(y_t, c[i], products)
+        r, c = _chunk_rows_cols(index_chunks, i, n_out)
+        products = ops.take(x_t, r, axis=0) * ops.expand_dims(v[i], -1)
+        return _scatter_add(y_t, c, products)
 
     y_t = ops.fori_loop(0, count, body, ops.zeros((n_out, ops.shape(x)[0]), x.dtype))
     return ops.transpose(y_t)
@@ -83,7 +118,7 @@ def _matmul(x, values, rows, cols, n_out: int):
 SERVING_DENSE_LIMIT = 1 << 24  # kernel entries up to which JAX's serving form densifies
 
 
-def _serving_matmul(x, values, rows, cols, n_out: int):
+def _serving_matmul(x, values, indices, n_out: int):
     """`_matmul` for a batch size unknown when traced (an exported model's
     signature), without the loop and the scatter-add that ONNX and OpenVINO
     cannot run. Every form keeps the exported file O(nnz).
@@ -100,6 +135,7 @@ def _serving_matmul(x, values, rows, cols, n_out: int):
       parked slots' row, which is cut off. Larger kernels take the segment sum.
     """
     n_in = x.shape[1]
+    rows, cols = unpack_positions(indices[0], n_out) if len(indices) == 1 else indices
     if keras.backend.backend() == "jax" and (n_in + 1) * n_out <= SERVING_DENSE_LIMIT:
         flat = rows * n_out + cols  # parked slots land in the extra row n_in
         dense = ops.scatter(flat[:, None], values, ((n_in + 1) * n_out,))
@@ -109,21 +145,56 @@ def _serving_matmul(x, values, rows, cols, n_out: int):
     return ops.transpose(ops.segment_sum(products, cols, num_segments=n_out))
 
 
-def _matmul_gradients(x, values, rows, cols, upstream):
+COMPACT_EXPORTS = False  # True: TensorFlow exports keep 8 bytes a connection (see below)
+
+
+def serving_indices(indices, x):
+    """`indices` (int32 `(nnz,)` tensors) as they are, except on TensorFlow with
+    `COMPACT_EXPORTS` where `x`'s batch size is unknown when traced (an exported
+    model's signature): then cut to their own length plus a zero known only at
+    run time.
+
+    TensorFlow's converters turn variables into constants and fold what is
+    computed from constants alone: tf2onnx, TFLite's and OpenVINO's store the
+    rows and columns unpacked from the int32 positions (and int64 copies, and
+    OpenVINO an int64 range over the connections): 16, 12 and 24 bytes a
+    connection. That is also what makes those runtimes fast: onnxruntime and
+    LiteRT sort the constant columns for their segment sum once, when loading.
+    With `COMPACT_EXPORTS = True` the files keep the stored 8 bytes a connection
+    and the runtimes unpack and sort every call: at 784 x 1024 x 5-10 %, ONNX
+    Runtime 9-12x and LiteRT 3.5x slower at batch 1 (`benchmarks/bench_export.py`).
+    Traces with a static batch (Keras' own) and JAX (jax2onnx writes the arrays
+    as they are: 8 bytes) are unaffected.
+
+    Examples:
+        >>> import numpy as np
+        >>> from keras_sparse_moe.ops import sparse_matmul as module
+        >>> positions = [np.array([3, 1], "int32")]
+        >>> [p.tolist() for p in module.serving_indices(positions, np.ones((2, 4)))]
+        [[3, 1]]
+    """
+    static = isinstance(x.shape[0], (int, np.integer))
+    if static or not COMPACT_EXPORTS or keras.backend.backend() != "tensorflow":
+        return list(indices)
+    zero = ops.minimum(ops.shape(x)[0], 0)  # a batch is never negative
+    return [index[: ops.shape(index)[0] + zero] for index in indices]
+
+
+def _matmul_gradients(x, values, indices, upstream, n_out: int):
     """`(dL/dx, dL/dvalues)` of `_matmul` given `dL/dy`: one loop, both gathers shared."""
     n_in, nnz = x.shape[1], values.shape[0]
     chunk = chunk_size(x.shape[0], nnz)
     x_t = _padded_rows(ops.transpose(x))
     dy_t = ops.transpose(upstream)
-    v, count = _chunks(values, chunk, 0.0)
-    r, _ = _chunks(rows, chunk, n_in)
-    c, _ = _chunks(cols, chunk, 0)
+    v, count = _chunks(values, chunk, 0.0, nnz)
+    index_chunks = _index_chunks(indices, chunk, nnz, n_in, n_out)
 
     def body(i, state):
         dx_t, dv = state
-        dy_rows = ops.take(dy_t, c[i], axis=0)
-        dx_t = _scatter_add(dx_t, r[i], dy_rows * ops.expand_dims(v[i], -1))
-        grads = ops.sum(ops.take(x_t, r[i], axis=0) * dy_rows, axis=1)
+        r, c = _chunk_rows_cols(index_chunks, i, n_out)
+        dy_rows = ops.take(dy_t, c, axis=0)
+        dx_t = _scatter_add(dx_t, r, dy_rows * ops.expand_dims(v[i], -1))
+        grads = ops.sum(ops.take(x_t, r, axis=0) * dy_rows, axis=1)
         dv = ops.slice_update(dv, (i, 0), ops.expand_dims(grads, 0))
         return dx_t, dv
 
@@ -155,25 +226,44 @@ def sparse_matmul(x, values, rows, cols, n_out: int):
         >>> ops.convert_to_numpy(y).tolist()
         [[0.0, 3.0], [0.0, 3.0]]
     """
+    return _product(x, values, (rows, cols), n_out)
+
+
+def packed_sparse_matmul(x, values, positions, n_out: int):
+    """`sparse_matmul` with each connection's int32 position `row * n_out + col`
+    (a position of `n_in * n_out` or more is a parked slot).
+
+    Examples:
+        >>> import numpy as np
+        >>> from keras import ops
+        >>> y = packed_sparse_matmul(np.ones((2, 3), "float32"), np.array([1.0, 2.0], "float32"),
+        ...                          np.array([1, 5], "int32"), 2)
+        >>> ops.convert_to_numpy(y).tolist()
+        [[0.0, 3.0], [0.0, 3.0]]
+    """
+    return _product(x, values, (positions,), n_out)
+
+
+def _product(x, values, indices, n_out):
     dtype = x.dtype if hasattr(x, "dtype") else "float32"
     x = ops.cast(x, "float32")
     values = ops.cast(values, "float32")
-    rows = ops.cast(rows, "int32")
-    cols = ops.cast(cols, "int32")
-    return ops.cast(_differentiable(x, values, rows, cols, int(n_out)), dtype)
+    indices = tuple(ops.cast(index, "int32") for index in indices)
+    return ops.cast(_differentiable(x, values, indices, int(n_out)), dtype)
 
 
-def _differentiable(x, values, rows, cols, n_out):
+def _differentiable(x, values, indices, n_out):
     # The positions are arguments, not closed over: exporters (jax2tf) trace the
     # gradient separately and cannot capture the forward pass's tracers.
     @ops.custom_gradient
-    def product(x, values, rows, cols):
+    def product(x, values, *indices):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            dx, dv = _matmul_gradients(x, values, rows, cols, ops.cast(upstream, "float32"))
-            return dx, dv, None, None
+            upstream = ops.cast(upstream, "float32")
+            dx, dv = _matmul_gradients(x, values, indices, upstream, n_out)
+            return (dx, dv, *(None for _ in indices))
 
-        return _matmul(x, values, rows, cols, n_out), grad
+        return _matmul(x, values, indices, n_out), grad
 
-    return product(x, values, rows, cols)
+    return product(x, values, *indices)

@@ -159,7 +159,7 @@ def _assert_storage_invariant(layer):
         kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
         assert np.all(kernel[mask == 0] == 0)
     else:
-        rows, values = to_numpy(layer.rows), to_numpy(layer.values)
+        rows, values = layer.storage.slot_indices()[0], to_numpy(layer.values)
         assert np.all(values[rows >= layer.kernel_shape[0]] == 0)
 
 

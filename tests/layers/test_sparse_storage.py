@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keras_sparse_moe import _runtime, callbacks, schedules, topologies
-from keras_sparse_moe.layers import SparseDense, sparse_kernel
+from keras_sparse_moe.layers import SparseDense, sparse_kernel, storage
 from tests.test_case import assert_config_covers_init, masked_layers, to_numpy
 
 RNG = np.random.default_rng(0)
@@ -68,8 +68,29 @@ def test_same_arguments_draw_the_same_connections():
         sparse.build((None, 50))
         assert (masked.dense_mask() == sparse.dense_mask()).all()
         assert sparse.num_connections == masked.num_connections
-        assert [v.name for v in sparse.weights] == ["values", "bias", "rows", "cols"]
+        assert [v.name for v in sparse.weights] == ["values", "bias", "positions"]
         assert sparse.values.shape == (sparse.num_connections,)
+        # One int32 position per connection: row * n_out + col.
+        rows, cols = sparse.connection_indices()
+        positions = to_numpy(sparse.positions)
+        assert positions.dtype == np.int32
+        np.testing.assert_array_equal(positions, rows * 30 + cols)
+
+
+def test_kernels_too_large_for_int32_positions_keep_rows_and_columns(monkeypatch):
+    # (n_in + 1) * n_out must fit in int32 for one packed position (a parked slot's
+    # row is n_in); a lower limit stands in for a 50k x 50k kernel.
+    small = SparseDense(30, density=0.1, seed=3, implementation="sparse")
+    small.build((None, 50))
+    monkeypatch.setattr(storage, "INT32_MAX", 51 * 30 - 1)
+    pair = SparseDense(30, density=0.1, seed=3, implementation="sparse")
+    pair.build((None, 50))
+    assert [v.name for v in pair.weights] == ["values", "bias", "rows", "cols"]
+    for got, expected in zip(pair.connection_indices(), small.connection_indices()):
+        np.testing.assert_array_equal(got, expected)
+    pair.values.assign(small.values)
+    x = RNG.standard_normal((3, 50)).astype("float32")
+    np.testing.assert_allclose(to_numpy(pair(x)), to_numpy(small(x)), atol=1e-6)
 
 
 def test_density_aware_init_matches_the_masked_variance():
@@ -94,7 +115,7 @@ def test_rank_3_inputs_and_mixed_precision():
     model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
     model.fit(X, Y, epochs=2, verbose=0)
     layer = model.layers[1]
-    assert layer.values.dtype == "float32" and layer.rows.dtype == "int32"
+    assert layer.values.dtype == "float32" and layer.positions.dtype == "int32"
     assert keras.backend.standardize_dtype(model(X).dtype) == "float16"
     assert np.isfinite(to_numpy(layer.values)).all()
 
@@ -145,11 +166,15 @@ def _unique_positions(layer):
 def _slot_state(model, layer):
     """Per slot: (row, col, value, Adam moments) of a sparse layer."""
     slots = _runtime.optimizer_slots(model.optimizer, layer.values)
-    return [to_numpy(v) for v in (layer.rows, layer.cols, layer.values, *slots)]
+    rows, cols = layer.storage.slot_indices()
+    return [rows, cols, *(to_numpy(v) for v in (layer.values, *slots))]
 
 
+@pytest.mark.parametrize("layout", ["positions", "rows_and_cols"])
 @pytest.mark.parametrize("name", ["set", "rigl", "rigl_exact", "pruning"])
-def test_callbacks_keep_counts_and_reset_state_at_changed_slots(name):
+def test_callbacks_keep_counts_and_reset_state_at_changed_slots(name, layout, monkeypatch):
+    if layout == "rows_and_cols":  # as a kernel of 2**31 entries or more keeps them
+        monkeypatch.setattr(storage, "INT32_MAX", 0)
     model = _model("sparse")
     model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
     layers = masked_layers(model)
@@ -196,7 +221,7 @@ def test_callbacks_keep_counts_and_reset_state_at_changed_slots(name):
         np.testing.assert_array_equal(new[2][unchanged], old[2][unchanged])
     model.fit(X, Y, batch_size=16, epochs=1, verbose=0)  # trains on
     for layer in layers:
-        parked = to_numpy(layer.rows) == layer.kernel_shape[0]
+        parked = layer.storage.slot_indices()[0] == layer.kernel_shape[0]
         assert np.all(to_numpy(layer.values)[parked] == 0)
 
 

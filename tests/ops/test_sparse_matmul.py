@@ -5,18 +5,25 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_sparse_moe.ops.sparse_matmul import chunk_size, sparse_matmul
+from keras_sparse_moe.ops.sparse_matmul import chunk_size, packed_sparse_matmul, sparse_matmul
 from tests.test_case import to_numpy
 
 
-def _value_and_grads(x, values, rows, cols, n_out, upstream, jit):
-    """`(y, dL/dx, dL/dvalues)` for `L = sum(y * upstream)`, eager or compiled."""
+def _value_and_grads(x, values, rows, cols, n_out, upstream, jit, packed=False):
+    """`(y, dL/dx, dL/dvalues)` for `L = sum(y * upstream)`, eager or compiled; with
+    `packed`, through `packed_sparse_matmul` on the positions `rows * n_out + cols`."""
     backend = keras.backend.backend()
+
+    def matmul(x, v):
+        if packed:
+            return packed_sparse_matmul(x, v, rows * n_out + cols, n_out)
+        return sparse_matmul(x, v, rows, cols, n_out)
+
     if backend == "jax":
         import jax
 
         def loss(x, v):
-            y = sparse_matmul(x, v, rows, cols, n_out)
+            y = matmul(x, v)
             return ops.sum(y * upstream), y
 
         fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
@@ -28,7 +35,7 @@ def _value_and_grads(x, values, rows, cols, n_out, upstream, jit):
     def run(x, v):
         with tf.GradientTape() as tape:
             tape.watch([x, v])
-            y = sparse_matmul(x, v, rows, cols, n_out)
+            y = matmul(x, v)
             loss = tf.reduce_sum(y * upstream)
         return (y, *tape.gradient(loss, [x, v]))
 
@@ -36,9 +43,10 @@ def _value_and_grads(x, values, rows, cols, n_out, upstream, jit):
     return fn(tf.constant(x), tf.constant(values))
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("batch, n_in, n_out, nnz", [(5, 7, 6, 20), (3, 300, 200, 3000)])
-def test_matches_dense_reference(jit, batch, n_in, n_out, nnz):
+def test_matches_dense_reference(jit, batch, n_in, n_out, nnz, packed):
     rng = np.random.default_rng(nnz)
     flat = rng.choice(n_in * n_out, nnz, replace=False)
     rows, cols = (flat // n_out).astype("int32"), (flat % n_out).astype("int32")
@@ -51,7 +59,7 @@ def test_matches_dense_reference(jit, batch, n_in, n_out, nnz):
     np.add.at(kernel, (rows, cols), values)
     kernel = kernel[:n_in]
     padded = np.concatenate([x, np.zeros((batch, 1), "float32")], axis=1)
-    y, gx, gv = _value_and_grads(x, values, rows, cols, n_out, upstream, jit)
+    y, gx, gv = _value_and_grads(x, values, rows, cols, n_out, upstream, jit, packed)
     np.testing.assert_allclose(to_numpy(y), x @ kernel, atol=1e-5)
     np.testing.assert_allclose(to_numpy(gx), upstream @ kernel.T, atol=1e-5)
     expected = np.einsum("bc,bc->c", padded[:, rows], upstream[:, cols])
@@ -89,8 +97,9 @@ def test_an_unknown_batch_size_traces_without_loop_or_scatter_add():
     np.testing.assert_allclose(to_numpy(fn(x)), x @ dense[:n_in], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("n_in, n_out, nnz", [(9, 7, 30), (300, 200, 3000)])
-def test_serving_form_matches_numpy_with_parked_and_repeated_slots(n_in, n_out, nnz):
+def test_serving_form_matches_numpy_with_parked_and_repeated_slots(n_in, n_out, nnz, packed):
     """The exported (free batch size) form of either backend sums repeated
     positions and ignores parked slots, as the compiled loop does."""
     from keras_sparse_moe.ops import sparse_matmul as module
@@ -100,7 +109,8 @@ def test_serving_form_matches_numpy_with_parked_and_repeated_slots(n_in, n_out, 
     rows = rng.integers(0, n_in + 1, nnz).astype("int32")
     cols = rng.integers(0, n_out, nnz).astype("int32")
     x = rng.standard_normal((5, n_in)).astype("float32")
-    got = to_numpy(module._serving_matmul(x, values, rows, cols, n_out))
+    indices = (rows * n_out + cols,) if packed else (rows, cols)
+    got = to_numpy(module._serving_matmul(x, values, indices, n_out))
     dense = np.zeros((n_in + 1, n_out), "float32")
     np.add.at(dense, (rows, cols), values)
     np.testing.assert_allclose(got, x @ dense[:n_in], rtol=1e-4, atol=1e-4)
