@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import keras
@@ -80,7 +81,9 @@ def sparsify(
         distribution: `"uniform"` (every layer at `density`) or `"erk"`:
             `density` is the global fraction of the converted layers'
             weights, spread by RigL's Erdős–Rényi-Kernel rule (kernel
-            dimensions count; see `topologies.erk_densities`).
+            dimensions count; layers it would make denser than 1 are dense
+            and the rest shared by the others; the connection counts add up
+            to the global density exactly, see `topologies.erk_counts`).
         seed: Optional int; layer `i` uses `seed + i`.
 
     Examples:
@@ -133,9 +136,12 @@ def sparsify(
             f"{_names(exclude)}). It converts `keras.layers.Dense`, `Conv1D` and `Conv2D`."
         )
     densities = {x.name: density for x in chosen}
-    if distribution == "erk":
+    if distribution == "erk":  # whole counts that add up to the global density exactly
         shapes = [tuple(x.kernel.shape) for x in chosen]
-        densities = dict(zip([x.name for x in chosen], topologies.erk_densities(shapes, density)))
+        counts = topologies.erk_counts(shapes, density)
+        densities = {
+            x.name: count / math.prod(shape) for x, shape, count in zip(chosen, shapes, counts)
+        }
     index = {x.name: i for i, x in enumerate(chosen)}
 
     def make(layer):

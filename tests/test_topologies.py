@@ -147,6 +147,25 @@ def test_erk_densities_budget_and_saturation():
     assert conv[0] > conv[1]
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    dims=st.lists(st.integers(min_value=1, max_value=60), min_size=3, max_size=6),
+    kernel=st.sampled_from([(), (3, 3)]),
+    density=st.floats(min_value=0.01, max_value=1.0),
+)
+def test_erk_counts_hit_the_global_target_exactly(dims, kernel, density):
+    shapes = [(*kernel, a, b) for a, b in zip(dims, dims[1:])]
+    sizes = [int(np.prod(s)) for s in shapes]
+    counts = T.erk_counts(shapes, density)
+    target = round(density * sum(sizes))
+    if target >= len(shapes):  # below one connection a layer, each still keeps one
+        assert sum(counts) == target
+    assert all(1 <= c <= n for c, n in zip(counts, sizes))
+    # Each count is within one connection of its ERK share.
+    for count, d, n in zip(counts, T.erk_densities(shapes, density), sizes):
+        assert abs(count - d * n) < 1 + 1e-9 or (count == 1 and d * n < 1)
+
+
 def test_algebraic_connectivity_reference_graphs():
     # Complete bipartite K_{a,b}: Laplacian spectrum {0, a, b, a+b}: lambda_2 = min(a, b).
     assert T.algebraic_connectivity(np.ones((3, 5))) == pytest.approx(3.0)

@@ -4,13 +4,13 @@ allocation and spectral metrics.
 - `builders`: `erdos_renyi`, `random_regular`, `structured_regular`,
   `fibonacci`, `pseudo_random_regular`, `small_world`, and `get(name)`.
 - `blocks`: `BlockPattern`, where connections may exist.
-- `allocation`: `density_from_epsilon` (SET), `erk_densities` (RigL's ERK).
+- `allocation`: `density_from_epsilon` (SET), `erk_densities` and `erk_counts` (RigL's ERK).
 - `spectra`: `algebraic_connectivity`, `spectral_gap`.
 
 Every name is also importable from `keras_sparse_moe.topologies` itself.
 """
 
-from keras_sparse_moe.topologies.allocation import density_from_epsilon, erk_densities
+from keras_sparse_moe.topologies.allocation import density_from_epsilon, erk_counts, erk_densities
 from keras_sparse_moe.topologies.blocks import BlockPattern, cluster_ids
 from keras_sparse_moe.topologies.builders import (
     TOPOLOGIES,
@@ -33,6 +33,7 @@ __all__ = [
     "density_from_epsilon",
     "erdos_renyi",
     "erdos_renyi_positions",
+    "erk_counts",
     "erk_densities",
     "fibonacci",
     "get",

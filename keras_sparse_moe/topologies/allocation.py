@@ -9,7 +9,7 @@ import numpy as np
 
 from keras_sparse_moe.validation import check_density, check_epsilon
 
-__all__ = ["density_from_epsilon", "erk_densities"]
+__all__ = ["density_from_epsilon", "erk_counts", "erk_densities"]
 
 
 def density_from_epsilon(epsilon: float, n_in: int, n_out: int, kernel_dims=()) -> float:
@@ -71,3 +71,42 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
         if not newly_dense.any():
             return [float(d) for d in result]
         dense |= newly_dense
+
+
+def erk_counts(shapes: Sequence[Sequence[int]], density: float) -> list[int]:
+    """`erk_densities` as whole connection counts that add up to the global target.
+
+    Each layer gets the whole part of its ERK share (at least one connection,
+    at most its size); the connections left over go one each to the layers
+    with the largest fractional parts (largest-remainder rounding), so the
+    total is `round(density * sum(prod(shape)))` exactly, capped layers and
+    all. (Rounding each layer on its own misses by up to half a connection a
+    layer.) Only when the target is below one connection a layer is the total
+    larger: every layer keeps at least one.
+
+    Examples:
+        A small first layer, capped at dense; rounding each layer would give 595:
+
+        >>> shapes = [(2, 19), (19, 30), (30, 21)]
+        >>> counts = erk_counts(shapes, 0.48)
+        >>> counts, sum(counts), round(0.48 * (38 + 570 + 630))
+        ([38, 272, 284], 594, 594)
+    """
+    densities = erk_densities(shapes, density)
+    sizes = [math.prod(int(d) for d in s) for s in shapes]
+    shares = [d * n for d, n in zip(densities, sizes)]
+    counts = [min(n, max(1, math.floor(share))) for share, n in zip(shares, sizes)]
+    left = round(density * sum(sizes)) - sum(counts)
+    by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - counts[i], reverse=True)
+    while left != 0:
+        step = 1 if left > 0 else -1
+        # Give to the largest remainders below their size; take (only after a floor
+        # of one raised some layer) from the smallest remainders above one.
+        order = by_remainder if step > 0 else by_remainder[::-1]
+        movable = [i for i in order if (counts[i] < sizes[i] if step > 0 else counts[i] > 1)]
+        if not movable:
+            break
+        for i in movable[: abs(left)]:
+            counts[i] += step
+        left -= step * min(abs(left), len(movable))
+    return counts
