@@ -8,6 +8,7 @@ gates, perfectly balanced gates), where `log` and `std` are not.
 
 from __future__ import annotations
 
+import numpy as np
 from keras import ops
 
 __all__ = [
@@ -52,17 +53,23 @@ def _entropy(p, axis=-1):
 
 
 def batch_entropy(gates):
-    """`-H(mean_x G(x))`: minimising it spreads usage over all experts.
+    """`ln E - H(mean_x G(x))`: minimising it spreads usage over all `E` experts.
 
-    The batch term of the `"entropy"` preset (weight 0.1 there). Ranges from `-ln E`
-    (perfectly balanced usage) to 0 (one expert takes everything).
+    The batch term of the `"entropy"` preset (weight 0.1 there). The offset
+    `ln E` (the entropy of perfectly balanced usage) makes it non-negative, as
+    the other balancing losses are, without changing its gradient: it ranges
+    from 0 (balanced usage) to `ln E` (one expert takes everything).
 
     Examples:
         >>> import numpy as np
         >>> round(float(batch_entropy(np.full((4, 2), 0.5))), 4)
-        -0.6931
+        0.0
+        >>> round(float(batch_entropy(np.array([[1.0, 0.0], [1.0, 0.0]]))), 4)  # ln 2
+        0.6931
     """
-    return -_entropy(ops.mean(_gates(gates, "batch_entropy"), axis=0))
+    gates = _gates(gates, "batch_entropy")
+    balanced = float(np.log(gates.shape[-1]))
+    return balanced - _entropy(ops.mean(gates, axis=0))
 
 
 def sample_entropy(gates):
@@ -89,13 +96,25 @@ def batch_variance(gates):
 
 
 def sample_variance(gates):
-    """`-mean_x Var_e(G(x)_e)`: the variance form of `sample_entropy`.
+    """`(E - 1) / E^2 - mean_x Var_e(G(x)_e)`: the variance form of `sample_entropy`.
 
     Minimising it pushes each sample's gate vector towards one-hot, as
     minimising `sample_entropy` does; hence the minus sign (a literal
     `+mean Var` would reward uniform, undecided gates; see `batch_variance`).
+    The offset `(E - 1) / E^2`, the variance of a one-hot gate vector over `E`
+    experts (the largest on the simplex), makes it non-negative without
+    changing its gradient: 0 for one-hot gates, `(E - 1) / E^2` for uniform ones.
+
+    Examples:
+        >>> import numpy as np
+        >>> round(float(sample_variance(np.array([[1.0, 0.0, 0.0, 0.0]]))), 4)
+        0.0
+        >>> round(float(sample_variance(np.full((2, 4), 0.25))), 4)  # 3 / 16
+        0.1875
     """
-    return -ops.mean(ops.var(_gates(gates, "sample_variance"), axis=-1))
+    gates = _gates(gates, "sample_variance")
+    experts = gates.shape[-1]
+    return (experts - 1) / experts**2 - ops.mean(ops.var(gates, axis=-1))
 
 
 def coefficient_of_variation_squared(values):

@@ -22,10 +22,33 @@ def _h(p):
 
 def test_entropy_and_variance_losses_match_numpy():
     g = _gates()
-    assert float(losses.batch_entropy(g)) == pytest.approx(-_h(g.mean(0)), rel=1e-5)
+    e = g.shape[-1]
+    # The negative terms carry the offset that makes them >= 0: ln E and (E - 1) / E^2.
+    assert float(losses.batch_entropy(g)) == pytest.approx(np.log(e) - _h(g.mean(0)), rel=1e-5)
     assert float(losses.sample_entropy(g)) == pytest.approx(_h(g).mean(), rel=1e-5)
     assert float(losses.batch_variance(g)) == pytest.approx(g.mean(0).var(), rel=1e-5)
-    assert float(losses.sample_variance(g)) == pytest.approx(-g.var(-1).mean(), rel=1e-5)
+    expected = (e - 1) / e**2 - g.var(-1).mean()
+    assert float(losses.sample_variance(g)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("experts", [2, 5])
+def test_balancing_losses_are_zero_at_their_optimum_and_never_negative(experts):
+    """The logged total loss stays >= 0: each term's minimum is 0, reached where it
+    pulls (balanced use for batch terms, one-hot gates for sample terms)."""
+    balanced = np.full((6, experts), 1.0 / experts, "float32")
+    one_hot = np.eye(experts, dtype="float32")[np.arange(6) % experts]  # also balanced use
+    collapsed = np.eye(experts, dtype="float32")[np.zeros(6, int)]
+    for fn in (losses.batch_entropy, losses.batch_variance):
+        assert float(fn(balanced)) == pytest.approx(0.0, abs=1e-6)
+        assert float(fn(collapsed)) > 0
+    for fn in (losses.sample_entropy, losses.sample_variance):
+        assert float(fn(one_hot)) == pytest.approx(0.0, abs=1e-6)
+        assert float(fn(balanced)) > 0
+    assert float(losses.batch_entropy(collapsed)) == pytest.approx(np.log(experts), rel=1e-5)
+    for gates in (_gates(), balanced, one_hot, collapsed):
+        gates = gates[:, :experts] / gates[:, :experts].sum(-1, keepdims=True)
+        for fn in (losses.batch_entropy, losses.sample_variance):
+            assert float(fn(gates)) >= -1e-6
 
 
 @pytest.mark.parametrize(
