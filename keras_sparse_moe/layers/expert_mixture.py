@@ -101,7 +101,8 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
 
     Output `y(x) = sum_e G_e(x) * expert_e(x)`, where `G` is the gate's output.
     With `top_k`, each token keeps only its `top_k` largest gate values
-    (renormalised to sum to one) and only those experts contribute.
+    (renormalised to sum to one, unless `normalize_top_k=False`) and only
+    those experts contribute.
 
     **Built-in experts** (`num_experts=E`): expert `e` is a one-hidden-layer
     sparse network `input -> expert_units -> units`; both layers are
@@ -178,6 +179,14 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             `k` (`NoisyTopKGate`) or None (every expert).
         capacity_factor: Positive float; with `top_k`, training uses the
             capacity dispatch with this slack (1.0 = exactly the average load).
+        normalize_top_k: With `top_k`, whether the selected experts' gate
+            values are renormalised to sum to one (default True, as GShard and
+            Mixtral) or mix as they are (False, as Switch: a token's output
+            is scaled by its router probability).
+        router_jitter: Float in `[0, 1)`: in training, the gate reads its input
+            multiplied by noise uniform in `[1 - jitter, 1 + jitter]`
+            (Switch's and Mixtral's router jitter; the experts read the input
+            as it is). Default 0: none.
         dispatch: `"auto"` (default: with `top_k`, each expert computes only
             its tokens) or `"all"` (every expert computes every token and the
             unselected ones are weighted by zero: the same output, the
@@ -237,6 +246,8 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         seed=None,
         implementation=None,
         dispatch="auto",
+        normalize_top_k=True,
+        router_jitter=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -271,6 +282,20 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             capacity_factor=capacity_factor,
         )
         self.dispatch = validation.check_choice("dispatch", dispatch, OWNER, DISPATCH_MODES)
+        self.normalize_top_k = validation.check_bool("normalize_top_k", normalize_top_k, OWNER)
+        self.router_jitter = validation.check_float(
+            "router_jitter", router_jitter, OWNER, "a float in [0, 1)", lambda j: 0 <= j < 1
+        )
+        if self.router_jitter > 0 and self.gate.requires_gate_inputs:
+            raise ValueError(
+                f"`{OWNER}`: `{type(self.gate).__name__}` routes by a separate input (an "
+                "index), which `router_jitter` cannot scale. Received: "
+                f"router_jitter={self.router_jitter}"
+            )
+        # Only a jittering mixture holds a generator (a variable): others save as before.
+        self.jitter_seed_generator = (
+            keras.random.SeedGenerator(self.seed) if self.router_jitter > 0 else None
+        )
         self.balance_losses = balance_losses
         self.balance_weights = _check_balance_losses(balance_losses, self.gate)
 
@@ -325,10 +350,18 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     def _route(self, tokens, gate_inputs, training):
         """Gate routing, plus the top-k `(weights, index)` (index None without top-k)."""
         source = tokens if gate_inputs is None else gate_inputs
+        if training and self.jitter_seed_generator is not None:
+            jitter = self.router_jitter
+            noise = keras.random.uniform(
+                ops.shape(source), 1.0 - jitter, 1.0 + jitter, seed=self.jitter_seed_generator
+            )
+            source = ops.multiply(source, ops.cast(noise, source.dtype))
         routing = self.gate.route(source, training=training)
         if self.top_k is None:
             return routing, routing.gates, None
-        weights, index = dispatch_ops.top_k_weights(routing.gates, self.top_k)
+        weights, index = dispatch_ops.top_k_weights(
+            routing.gates, self.top_k, normalize=self.normalize_top_k
+        )
         return routing, weights, index
 
     def _dense_weights(self, weights, index):
@@ -341,7 +374,8 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         """The `(tokens, num_experts)` mixing weights for `inputs` (inference mode).
 
         Without `top_k` these are the gate's values; with `top_k`, the selected
-        experts' renormalised values and zeros elsewhere.
+        experts' values (renormalised, unless `normalize_top_k=False`) and
+        zeros elsewhere.
         """
         return self._dense_weights(*self._inference_route(inputs, gate_inputs)[1:])
 
@@ -490,6 +524,8 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             "seed": self.seed,
             "implementation": self.implementation,
             "dispatch": self.dispatch,
+            "normalize_top_k": self.normalize_top_k,
+            "router_jitter": self.router_jitter,
         }
 
     @classmethod

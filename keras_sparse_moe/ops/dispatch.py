@@ -102,13 +102,16 @@ def top_k(values, k: int):
     return ops.stack(picked_values, axis=-1), ops.stack(picked_index, axis=-1)
 
 
-def top_k_weights(gates, k: int):
-    """The `k` largest gate values per row, renormalised to sum to one.
+def top_k_weights(gates, k: int, normalize: bool = True):
+    """The `k` largest gate values per row, renormalised to sum to one (or, with
+    `normalize=False`, as they are: Switch's weighting).
 
     Returns `(weights, index)`, both `(tokens, k)`; `index` is int32. A row whose
     top-k values are all zero keeps zero weights.
     """
     values, index = top_k(gates, k)
+    if not normalize:
+        return values, ops.cast(index, "int32")
     total = ops.sum(values, axis=-1, keepdims=True)
     weights = ops.where(total > 0, values / ops.where(total > 0, total, 1.0), 0.0)
     return weights, ops.cast(index, "int32")

@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from keras import ops
 from scipy.special import softmax
 
 import keras_sparse_moe as ksm
@@ -341,7 +342,13 @@ def _conv_expert():
 def test_keras_save_and_load(tmp_path, kind):
     if kind == "builtin":
         mixture = SparseExpertMixture(
-            top_k=2, capacity_factor=1.0, route_density=0.2, balance_losses="entropy", **BUILTIN
+            top_k=2,
+            capacity_factor=1.0,
+            route_density=0.2,
+            balance_losses="entropy",
+            normalize_top_k=False,
+            router_jitter=0.1,
+            **BUILTIN,
         )
         x, shape = X, (10,)
     else:
@@ -398,6 +405,11 @@ def _gate_of_width(width):
         ({**BUILTIN, "gate": NoisyTopKGate(4, top_k=1), "top_k": 2}, ValueError, "top_k=1"),
         ({**BUILTIN, "route_density": 1.0}, ValueError, "route_density=1.0"),
         ({**BUILTIN, "expert_density": 0.0}, ValueError, "expert_density"),
+        ({**BUILTIN, "router_jitter": 1.0}, ValueError, "router_jitter=1.0"),
+        ({**BUILTIN, "router_jitter": -0.1}, ValueError, "router_jitter=-0.1"),
+        ({**BUILTIN, "router_jitter": "0.1"}, TypeError, "router_jitter='0.1'"),
+        ({**BUILTIN, "normalize_top_k": "yes"}, TypeError, "normalize_top_k='yes'"),
+        ({**BUILTIN, "gate": OracleGate(4), "router_jitter": 0.1}, ValueError, "router_jitter"),
         ({"experts": _user_experts(), "expert_units": 4}, ValueError, "expert_units"),
         ({"experts": []}, TypeError, "non-empty list"),
         ({"experts": [keras.layers.Dense(3), "dense"]}, TypeError, "dense"),
@@ -537,3 +549,53 @@ def test_implementation_defaults_to_the_default_storage_and_user_experts_take_no
     old = {**user.get_config(), "implementation": DEFAULT_STORAGE}
     restored = SparseExpertMixture.from_config(old)
     assert restored.implementation is None and restored.num_experts == 2
+
+
+@pytest.mark.parametrize("route_density", [0.0, 0.2])
+def test_unnormalized_top_k_mixes_the_raw_gate_values(route_density):
+    """Switch's weighting: the selected experts' gate values as they are, so each
+    token's output is its renormalised output scaled by the sum of its top-k values."""
+    kwargs = dict(top_k=2, route_density=route_density, **BUILTIN)
+    normalized, raw = (
+        SparseExpertMixture(**kwargs),
+        SparseExpertMixture(normalize_top_k=False, **kwargs),
+    )
+    normalized(X)
+    raw(X)
+    raw.set_weights(normalized.get_weights())
+    gates = to_numpy(normalized.gate(X))
+    top = np.sort(gates, axis=-1)[:, -2:]
+    chosen = to_numpy(raw.gate_values(X))
+    np.testing.assert_allclose(np.sort(chosen, axis=-1)[:, -2:], top, rtol=1e-6)
+    assert np.count_nonzero(chosen, axis=-1).max() == 2
+    np.testing.assert_allclose(to_numpy(normalized.gate_values(X)).sum(-1), 1.0, rtol=1e-6)
+    scale = top.sum(-1, keepdims=True)
+    np.testing.assert_allclose(to_numpy(raw(X)), scale * to_numpy(normalized(X)), atol=1e-5)
+
+
+def test_router_jitter_scales_the_gate_input_in_training_only():
+    kwargs = dict(top_k=2, **BUILTIN)
+    plain, jittered = (
+        SparseExpertMixture(**kwargs),
+        SparseExpertMixture(router_jitter=0.5, **kwargs),
+    )
+    plain(X)
+    jittered(X)
+    own = [v for v in jittered.weights if "seed_generator" not in v.path]
+    assert len(own) == len(plain.weights)
+    for mine, theirs in zip(own, plain.weights):  # the same weights, the generator aside
+        assert mine.shape == theirs.shape
+        mine.assign(theirs)
+    # Inference: no noise, identical to the mixture without jitter.
+    np.testing.assert_allclose(to_numpy(jittered(X)), to_numpy(plain(X)), atol=1e-6)
+    tokens = ops.convert_to_tensor(X)
+    clean = to_numpy(plain._route(tokens, None, training=True)[0].gates)
+    noisy = to_numpy(jittered._route(tokens, None, training=True)[0].gates)
+    assert not np.allclose(noisy, clean, atol=1e-4)  # the gate read a jittered input
+    # Within the jitter's reach: the gate's logits are linear in its input, so each
+    # logit moves by at most 50 % of the largest |w_ij x_j| sum.
+    kernel = to_numpy(plain.gate.network.kernel)
+    bound = 0.5 * np.abs(X) @ np.abs(kernel)
+    logits = np.log(noisy) - np.log(clean)
+    spread = logits - logits.mean(-1, keepdims=True)
+    assert np.all(np.abs(spread) <= 2 * bound.max(-1, keepdims=True) + 1e-4)
