@@ -5,11 +5,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_sparse_moe import schedules
+from keras_sparse_moe import schedules, validation
 from keras_sparse_moe.callbacks.base import SparseTrainingCallback
 from keras_sparse_moe.ops import rewiring
 
 __all__ = ["MagnitudePruning"]
+
+SCOPES = ("layer", "global")
 
 
 def _is_tfmot_schedule(schedule):
@@ -26,7 +28,10 @@ class MagnitudePruning(SparseTrainingCallback):
 
     Whenever `schedule(step)` says so, each layer keeps its
     `round(density * n_in * n_out)` largest-magnitude connections and drops the
-    rest (never regrows). Start from dense layers (`SparseDense(..., density=1.0)`
+    rest (never regrows). With `scope="global"` one threshold serves all the
+    layers instead: the `round(density * total weights)` largest magnitudes of
+    the whole model are kept, wherever they are (each layer keeps at least one
+    connection). Start from dense layers (`SparseDense(..., density=1.0)`
     or `keras_sparse_moe.sparsify(model, density=1.0)`) for classic gradual
     pruning. Optimizer state is zeroed at pruned positions.
 
@@ -34,7 +39,10 @@ class MagnitudePruning(SparseTrainingCallback):
         schedule: A `keras_sparse_moe.schedules.PolynomialDecay` /
             `ConstantSparsity`, or a tfmot `PruningSchedule` (with the `[tfmot]`
             extra installed).
-        exclude: Layers (or names) left unchanged.
+        exclude: Layers (or names) left unchanged and outside a global budget,
+            e.g. the first layer, which RigL's paper keeps dense.
+        scope: `"layer"` (default: every layer at the scheduled density) or
+            `"global"` (the model at the scheduled density, one threshold).
 
     Logs: `density/<layer>` and `pruning/rewired` (connections removed).
 
@@ -53,8 +61,9 @@ class MagnitudePruning(SparseTrainingCallback):
 
     name = "pruning"
 
-    def __init__(self, schedule, exclude=None):
+    def __init__(self, schedule, exclude=None, scope="layer"):
         super().__init__(exclude=exclude)
+        self.scope = validation.check_choice("scope", scope, "MagnitudePruning", SCOPES)
         if not isinstance(schedule, schedules.PruningSchedule) and not _is_tfmot_schedule(schedule):
             raise TypeError(
                 "`MagnitudePruning` got an invalid `schedule`. Expected a "
@@ -68,6 +77,7 @@ class MagnitudePruning(SparseTrainingCallback):
         return {
             "schedule": keras.saving.serialize_keras_object(self.schedule),
             "exclude": [x if isinstance(x, str) else x.name for x in self.exclude],
+            "scope": self.scope,
         }
 
     @classmethod
@@ -103,10 +113,14 @@ class MagnitudePruning(SparseTrainingCallback):
                 f"schedule. Received: density={density}"
             )
         self._sync_model_state()
+        layers = list(self.sparse_layers)
+        if self.scope == "global":
+            targets = _global_targets(layers, density)
+        else:
+            targets = [max(1, int(round(density * np.prod(x.kernel_shape)))) for x in layers]
         removed = 0
-        for layer in self.sparse_layers:
-            size = int(np.prod(layer.kernel_shape))
-            count = layer.num_connections - max(1, int(round(density * size)))
+        for layer, target in zip(layers, targets):
+            count = layer.num_connections - target
             if count <= 0:
                 continue
             layer.rewire(_prune, self.model.optimizer, (), np.asarray(count, np.int32))
@@ -120,3 +134,17 @@ def _prune(storage, state, positions, count):
     values, active = storage.all_weights(state)
     drop = rewiring.select_smallest(rewiring.magnitude_keys(values), active, count)
     return storage.remove(state, drop), None, count  # None: the layer rebuilds its list
+
+
+def _global_targets(layers, density):
+    """Connections each layer keeps so that the model keeps the `round(density *
+    total weights)` largest magnitudes over all `layers` (at least one a layer)."""
+    magnitudes = [
+        np.abs(np.asarray(keras.ops.convert_to_numpy(x.connection_values()))) for x in layers
+    ]
+    owner = np.concatenate([np.full(m.size, i) for i, m in enumerate(magnitudes)])
+    budget = int(round(density * sum(int(np.prod(x.kernel_shape)) for x in layers)))
+    # The largest first; ties keep the earlier layer's (a stable order).
+    kept = owner[np.argsort(-np.concatenate(magnitudes), kind="stable")[:budget]]
+    counts = np.bincount(kept, minlength=len(layers))
+    return [max(1, min(int(c), x.num_connections)) for c, x in zip(counts, layers)]

@@ -417,6 +417,44 @@ def test_magnitude_pruning_reaches_target_and_keeps_largest():
     np.testing.assert_array_equal(to_numpy(layer.mask).ravel(), expected)
 
 
+@pytest.mark.parametrize("implementation", ["masked", "sparse"])
+def test_global_magnitude_pruning_keeps_the_model_wide_largest(implementation):
+    """One threshold over all layers: the layer of smaller weights loses more, the
+    model keeps exactly round(density * total weights), and every kept magnitude is
+    at least every removed one, across layers."""
+    model = keras.Sequential(
+        [
+            keras.Input((24,)),
+            ksm.layers.SparseDense(32, density=1.0, seed=0, implementation=implementation),
+            ksm.layers.SparseDense(16, density=1.0, seed=1, implementation=implementation),
+            ksm.layers.SparseDense(8, density=1.0, seed=2, implementation=implementation),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile("sgd", "mse")
+    model(X[:1])
+    first, second, third = model.layers[:3]
+    weights = second.storage_variables[0]  # the kernel, or the connections' values
+    weights.assign(to_numpy(weights) * 0.5)
+    before = {x.name: np.abs(to_numpy(x.dense_kernel())) for x in (first, second, third)}
+    callback = MagnitudePruning(ConstantSparsity(0.5), scope="global", exclude=[third.name])
+    callback.set_model(model)
+    callback.set_params({"epochs": 1, "steps": 1})
+    callback.on_train_begin()
+    callback.prune(0.3)
+    sizes = {first.name: 24 * 32, second.name: 32 * 16}
+    assert first.num_connections + second.num_connections == round(0.3 * sum(sizes.values()))
+    assert second.actual_density < 0.3 < first.actual_density  # smaller weights go first
+    assert third.num_connections == 16 * 8  # excluded: unchanged, outside the budget
+    kept, removed = [], []
+    for layer in (first, second):
+        mask = np.asarray(layer.dense_mask(), bool).reshape(before[layer.name].shape)
+        kept.append(before[layer.name][mask])
+        removed.append(before[layer.name][~mask])
+        assert np.all(to_numpy(layer.dense_kernel()).reshape(mask.shape)[~mask] == 0)
+    assert np.concatenate(kept).min() >= np.concatenate(removed).max()
+
+
 @pytest.mark.tensorflow_only
 def test_magnitude_pruning_accepts_tfmot_schedules():
     tfmot = pytest.importorskip(
@@ -482,7 +520,7 @@ def test_callback_configs_cover_init():
     for callback in (
         SETEvolution(zeta=0.2, update_every=5, seed=1, exclude=["a"]),
         RigL(data=(X, Y), update_every=10, end_step=100),
-        MagnitudePruning(ConstantSparsity(0.5)),
+        MagnitudePruning(ConstantSparsity(0.5), scope="global", exclude=["h1"]),
         ksm.callbacks.ActivationRateLogger(layer="mixture", every=2, batch_size=64, verbose=0),
     ):
         arrays = {"data", "by_class"}  # arrays, not configuration
@@ -522,6 +560,11 @@ def test_callbacks_need_a_sparse_layer():
         (lambda: RigL(data=(X, Y), decay="linear"), ValueError, "decay='linear'"),
         (lambda: RigL(data=(X, Y), update_every=-2), ValueError, "update_every=-2"),
         (lambda: MagnitudePruning(0.5), TypeError, "schedule=0.5"),
+        (
+            lambda: MagnitudePruning(ConstantSparsity(0.5), scope="model"),
+            ValueError,
+            "scope='model'",
+        ),
         (lambda: ConstantSparsity(1.0), ValueError, "target_sparsity=1.0"),
         (lambda: ConstantSparsity(0.5, frequency=0), ValueError, "frequency=0"),
         (lambda: PolynomialDecay(0.0, 1.2, 0, 10), ValueError, "final_sparsity=1.2"),
