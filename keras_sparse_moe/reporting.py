@@ -89,7 +89,9 @@ def weights_used(model) -> int:
 
 def summary(model, print_fn=None):
     """Prints, for every sparse layer of `model`, its connections, density and
-    the dense parameter count it replaces, then the model's totals.
+    the dense parameter count it replaces, then the model's totals: the global
+    density of its sparse kernels, the FLOPs per example its inference code runs
+    (`executed_flops`: a masked kernel is a dense matmul), and the weights used.
 
     The totals add the other trainable parameters (biases, dense layers) to
     the connections: "weights used" is what a sparse model trains, "dense
@@ -109,6 +111,7 @@ def summary(model, print_fn=None):
         Sparse layers of 'mlp'
         layer   type         kernel    storage  connections  density  dense params
         hidden  SparseDense  (32, 64)  masked           205   0.1001         2,048
+        Global density 0.1001 (205 of 2,048 kernel entries); 4,352 FLOPs per example
         Weights used: 205 connections + 194 other = 399, 17.8 % of the dense equivalent (2,242)
     """
     print_fn = print if print_fn is None else print_fn
@@ -141,7 +144,13 @@ def summary(model, print_fn=None):
             print_fn("  ".join(cells).rstrip())
     connections = sum(row["connections"] for row in rows)
     used = connections + other
-    dense = sum(row["dense"] for row in rows) + other
+    kernels_dense = sum(row["dense"] for row in rows)
+    dense = kernels_dense + other
+    flops = executed_flops(model)["total"]
+    print_fn(
+        f"Global density {connections / max(kernels_dense, 1):.4g} ({connections:,} of "
+        f"{kernels_dense:,} kernel entries); {flops:,} FLOPs per example"
+    )
     print_fn(
         f"Weights used: {connections:,} connections + {other:,} other = {used:,}, "
         f"{100 * used / max(dense, 1):.3g} % of the dense equivalent ({dense:,})"

@@ -115,6 +115,12 @@ def test_summary_counts_connections_not_masked_kernels():
     used = 36 + 4 + 32 + other
     assert lines[-1].startswith(f"Weights used: 72 connections + {other} other = {used},")
     assert f"({144 + 32 + 320 + other})" in lines[-1]
+    flops = ksm.reporting.executed_flops(model)["total"]
+    density = 72 / (144 + 32 + 320)
+    expected = (
+        f"Global density {density:.4g} (72 of 496 kernel entries); {flops:,} FLOPs per example"
+    )
+    assert lines[-2] == expected
     assert math.isclose(rows[0]["density"], 0.25)
     assert set(rows[0]) == {"layer", "type", "shape", "storage", "connections", "dense", "density"}
     with pytest.raises(ValueError, match="needs a built model"):
