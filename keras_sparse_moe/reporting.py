@@ -146,10 +146,13 @@ def summary(model, print_fn=None):
     used = connections + other
     kernels_dense = sum(row["dense"] for row in rows)
     dense = kernels_dense + other
-    flops = executed_flops(model)["total"]
+    try:
+        flops = f"{executed_flops(model)['total']:,} FLOPs per example"
+    except (AttributeError, ValueError):  # a conv never called symbolically has no output shape
+        flops = "FLOPs per example unknown (a layer without an output shape)"
     print_fn(
         f"Global density {connections / max(kernels_dense, 1):.4g} ({connections:,} of "
-        f"{kernels_dense:,} kernel entries); {flops:,} FLOPs per example"
+        f"{kernels_dense:,} kernel entries); {flops}"
     )
     print_fn(
         f"Weights used: {connections:,} connections + {other:,} other = {used:,}, "
