@@ -125,3 +125,22 @@ def test_summary_counts_connections_not_masked_kernels():
     assert set(rows[0]) == {"layer", "type", "shape", "storage", "connections", "dense", "density"}
     with pytest.raises(ValueError, match="needs a built model"):
         ksm.summary(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_summary_of_a_subclassed_conv_model_says_its_flops_are_unknown():
+    class Net(keras.Model):  # its convolution has no symbolic output shape
+        def __init__(self):
+            super().__init__()
+            self.conv = ksm.layers.SparseConv2D(4, 3, density=0.5, seed=0)
+
+        def call(self, x):
+            return self.conv(x)
+
+    net = Net()
+    net(np.zeros((1, 6, 6, 2), "float32"))
+    lines = []
+    ksm.summary(net, print_fn=lines.append)
+    assert lines[-2] == (
+        "Global density 0.5 (36 of 72 kernel entries); "
+        "FLOPs per example unknown (a layer without an output shape)"
+    )
