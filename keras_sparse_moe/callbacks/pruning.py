@@ -147,4 +147,4 @@ def _global_targets(layers, density):
     # The largest first; ties keep the earlier layer's (a stable order).
     kept = owner[np.argsort(-np.concatenate(magnitudes), kind="stable")[:budget]]
     counts = np.bincount(kept, minlength=len(layers))
-    return [max(1, min(int(c), x.num_connections)) for c, x in zip(counts, layers)]
+    return [max(1, int(c)) for c in counts]  # a layer's count never exceeds its own
