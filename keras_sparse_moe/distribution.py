@@ -24,7 +24,8 @@ OWNER = "expert_layout_map"
 # The built-in bank's variables, wherever the mixture sits and whatever it is
 # called: kernels and masks are (fan_in, E * width), biases (E * width,), and
 # expert e owns the e-th block of columns. Sharding the columns gives each
-# device whole experts.
+# device whole experts. Shared experts (`.../shared_experts/...`, which every
+# token visits) do not match (LayoutMap keys match whole paths): replicated.
 _BANK = r"(?:.*/)?experts/expert_(?:hidden|output|routes)/"
 _PATTERNS = {_BANK + r"(?:kernel|mask)": (None, EXPERT_AXIS), _BANK + r"bias": (EXPERT_AXIS,)}
 

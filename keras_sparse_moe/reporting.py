@@ -175,7 +175,9 @@ def executed_flops(model, batch_size: int = 1) -> dict:
       experts by the path inference takes (`dispatch_path(False)`): the grouped
       dispatch runs `k` experts a token plus the padding rows of its static
       layout (which depends on `batch_size`), and routes only between visited
-      experts; the all-experts path runs every expert and the whole route matrix.
+      experts; expert choice runs each expert on its `capacity` tokens of the
+      batch; the all-experts path runs every expert and the whole route
+      matrix. Shared experts run on every token.
     - Any other layer: the sum of its sublayers.
 
     Args:
@@ -277,11 +279,15 @@ def _mixture_flops(mixture, batch_size) -> int:
         counts = {}
         for expert in bank.expert_list:
             _count(expert, batch_size, counts)
-        return _gate_flops(mixture.gate) + sum(counts.values())
+        return _gate_flops(mixture.gate) + sum(counts.values()) + _shared_flops(mixture, 1)
     tokens = _positions(mixture)
     d, h, u = bank.input_dim, bank.hidden_units, bank.units
     layers = [bank.expert_hidden, bank.expert_output]
-    if path == "grouped":
+    if path == "expert_choice":  # each expert its `capacity` tokens of the batch
+        n = batch_size * tokens
+        capacity = dispatch.expert_capacity(n, e, mixture.top_k, mixture.capacity_factor or 1.0)
+        per_token = e * capacity / n * (2 * (d * h + h * u) + 2 * u)
+    elif path == "grouped":
         k = mixture.top_k
         count = batch_size * tokens * k
         rows = dispatch._num_rows(count, e, bank.group_block(batch_size * tokens, k))
@@ -297,4 +303,20 @@ def _mixture_flops(mixture, batch_size) -> int:
             layers.append(bank.expert_routes)
         per_token = sum(2 * layer.storage.macs_per_row for layer in layers)
         per_token += 2 * e * u  # the gate weighting of every expert's output
-    return _gate_flops(mixture.gate) * tokens + int(round(per_token * tokens))
+    flops = _gate_flops(mixture.gate) * tokens + int(round(per_token * tokens))
+    return flops + _shared_flops(mixture, tokens)
+
+
+def _shared_flops(mixture, tokens) -> int:
+    """Every shared expert on every token, their outputs summed."""
+    shared = mixture.shared_bank
+    if shared is None:
+        return 0
+    if not hasattr(shared, "expert_hidden"):  # user layers
+        counts = {}
+        for expert in shared.expert_list:
+            _count(expert, 1, counts)
+        return sum(counts.values())
+    layers = (shared.expert_hidden, shared.expert_output)
+    per_token = sum(2 * layer.storage.macs_per_row for layer in layers)
+    return tokens * (per_token + 2 * shared.num_experts * shared.units)

@@ -12,10 +12,17 @@ from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
 from keras_sparse_moe.ops import dispatch as dispatch_ops
 from keras_sparse_moe.saving import VersionedConfig, read_config
 
-__all__ = ["BALANCE_LOSSES", "BALANCE_PRESETS", "DISPATCH_MODES", "SparseExpertMixture"]
+__all__ = [
+    "BALANCE_LOSSES",
+    "BALANCE_PRESETS",
+    "DISPATCH_MODES",
+    "ROUTING_MODES",
+    "SparseExpertMixture",
+]
 
 OWNER = "SparseExpertMixture"
 DISPATCH_MODES = ("auto", "all")
+ROUTING_MODES = ("token_choice", "expert_choice")
 
 
 def _selected(routing, index, num_experts):
@@ -45,6 +52,21 @@ BALANCE_PRESETS = {
     "variance": {"batch_variance": 0.1, "sample_variance": 0.01},
     "switch": {"switch_load_balancing": 0.01, "router_z_loss": 1e-3},
 }
+
+
+def _check_expert_choice(gate, top_k):
+    if gate.top_k is not None:
+        raise ValueError(
+            f"`{OWNER}`: with routing='expert_choice' the experts pick their tokens, and "
+            f"`{type(gate).__name__}` already picks top_k={gate.top_k} experts per token. "
+            "Use a gate that scores every expert (`SoftmaxGate`, `PTSNEGate`)."
+        )
+    if top_k is None:
+        raise ValueError(
+            f"`{OWNER}`: routing='expert_choice' needs `top_k`, the mean number of experts "
+            "per token (each expert takes `ceil(capacity_factor * top_k * tokens / "
+            "num_experts)` tokens). Received: top_k=None"
+        )
 
 
 def _check_same_batch(inputs_shape, gate_inputs_shape):
@@ -151,6 +173,27 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     unselected ones are weighted by zero (`dispatch_path()` says which path a
     call takes).
 
+    **Expert choice** (`routing="expert_choice"`, Zhou et al., 2022): the
+    experts pick their tokens instead. Expert `e` takes the
+    `ceil(capacity_factor * top_k * tokens / E)` tokens of the batch with the
+    highest gate values `G_e` (`capacity_factor` defaults to 1), so `top_k` is
+    the mean number of experts per token and every expert computes exactly
+    as many tokens (balanced by construction); a token may get no expert, one,
+    or several, each weighted by its gate value. Training and inference
+    choose alike, so a token's output depends on the rest of its batch.
+
+    **Shared experts** (`num_shared_experts`, DeepSeekMoE): built-in experts
+    every token visits, their outputs added with weight one beside the routed
+    experts' mix; `shared_expert_density=1.0` makes them dense. The bank is
+    `mixture.shared_bank`, sparse like the routed one (the callbacks evolve it).
+    User layers go in `shared_experts=[...]`.
+
+    **Bias balancing** (`selection_bias=True`, DeepSeek-V3): each token's
+    `top_k` experts are chosen by `G + b`, `b` a per-expert bias
+    (`mixture.expert_bias`), and weighted by `G` alone. The callback
+    `keras_sparse_moe.callbacks.BiasBalancing` moves `b` against each
+    expert's observed load between training steps: balance with no loss term.
+
     **Balancing losses.** `balance_losses` names losses of
     `keras_sparse_moe.losses` with weights; in training each weighted loss, and
     each of the gate's own losses (`gate.loss_weights`, e.g. `PTSNEGate`'s
@@ -205,6 +248,18 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             memory grow with them, not with `input_dim * experts * width`);
             None (the default) is `"masked"`. User `experts` take none.
         seed: Optional int making the built-in experts' topology reproducible.
+        num_shared_experts: Int >= 0 (default 0): built-in experts, shaped like
+            the routed ones, that every token visits (built-in experts only).
+        shared_expert_density: Connection density of the shared experts, in
+            (0, 1] (default: `expert_density`; 1.0: dense).
+        shared_experts: List of Keras layers every token visits (instead of
+            `num_shared_experts`), with the routed experts' output shape.
+        routing: `"token_choice"` (default: each token picks its `top_k`
+            experts) or `"expert_choice"` (each expert picks its tokens; needs
+            `top_k` and a gate that scores every expert).
+        selection_bias: Bool (default False): choose the `top_k` experts by
+            the gates plus a per-expert bias set by the `BiasBalancing`
+            callback (needs `top_k`, token choice).
         **kwargs: Base layer arguments.
 
     Call arguments:
@@ -248,6 +303,11 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         dispatch="auto",
         normalize_top_k=True,
         router_jitter=0.0,
+        num_shared_experts=0,
+        shared_expert_density=None,
+        shared_experts=None,
+        routing="token_choice",
+        selection_bias=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -281,6 +341,16 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             num_experts=num_experts,
             capacity_factor=capacity_factor,
         )
+        self.routing = validation.check_choice("routing", routing, OWNER, ROUTING_MODES)
+        if self.routing == "expert_choice":
+            _check_expert_choice(self.gate, self.top_k)
+        self.selection_bias = validation.check_bool("selection_bias", selection_bias, OWNER)
+        if self.selection_bias and (self.top_k is None or self.routing == "expert_choice"):
+            raise ValueError(
+                f"`{OWNER}`: `selection_bias` biases each token's choice of its `top_k` "
+                "experts, so it needs `top_k` and routing='token_choice'. Received: "
+                f"top_k={self.top_k}, routing={self.routing!r}"
+            )
         self.dispatch = validation.check_choice("dispatch", dispatch, OWNER, DISPATCH_MODES)
         self.normalize_top_k = validation.check_bool("normalize_top_k", normalize_top_k, OWNER)
         self.router_jitter = validation.check_float(
@@ -317,6 +387,57 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             )
         else:
             self.expert_bank = LayerExperts(experts, units, name="experts")
+        self.num_shared_experts = validation.check_int(
+            "num_shared_experts", num_shared_experts, OWNER, minimum=0
+        )
+        self.shared_expert_density = shared_expert_density
+        self.shared_bank = self._shared_bank(experts, shared_experts, bank)
+
+    def _shared_bank(self, experts, shared_experts, bank):
+        """The experts every token visits (DeepSeekMoE's shared experts), or None:
+        `num_shared_experts` built-in ones beside built-in routed experts, or user
+        layers (`shared_experts`)."""
+        count, density = self.num_shared_experts, self.shared_expert_density
+        if shared_experts is not None:
+            if count or density is not None:
+                raise ValueError(
+                    f"`{OWNER}` takes either `num_shared_experts` (built-in, with "
+                    "`shared_expert_density`) or `shared_experts` (a list of layers). "
+                    f"Received: num_shared_experts={count}, shared_expert_density="
+                    f"{density!r} and shared_experts"
+                )
+            bad = not isinstance(shared_experts, (list, tuple)) or not shared_experts
+            if bad or not all(isinstance(e, keras.layers.Layer) for e in shared_experts):
+                raise TypeError(
+                    f"`{OWNER}` got an invalid `shared_experts`. Expected a non-empty list "
+                    f"of Keras layers. Received: shared_experts={shared_experts!r}"
+                )
+            return LayerExperts(shared_experts, self.units, name="shared_experts")
+        if not count and density is None:
+            return None
+        if experts is not None or not count:
+            raise ValueError(
+                f"`{OWNER}`: `num_shared_experts` (and `shared_expert_density`) make built-in "
+                "shared experts, beside built-in routed experts (`num_experts`); user layers "
+                "go in `shared_experts`. Received: "
+                f"num_shared_experts={count}, shared_expert_density={density!r}, "
+                f"experts={'None' if experts is None else 'a list'}"
+            )
+        density = bank["expert_density"] if density is None else density
+        return SparseExperts(
+            count,
+            self.units,
+            hidden_units=bank["expert_units"],
+            density=validation.check_density(density, OWNER, "shared_expert_density"),
+            route_density=0.0,
+            activation=self.expert_activation,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            seed=None if self.seed is None else self.seed + 3,
+            implementation=self.implementation,
+            dtype=self.dtype_policy,
+            name="shared_experts",
+        )
 
     # ------------------------------------------------------------------ #
     def build(self, inputs_shape, gate_inputs_shape=None):
@@ -332,6 +453,17 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             )
         _check_same_batch(inputs_shape, gate_inputs_shape)
         self.expert_bank.build(inputs_shape)
+        if self.shared_bank is not None:
+            token_shape = self.expert_bank.token_shape
+            self.shared_bank.build(token_shape)
+            shapes = [
+                bank.output_shape(token_shape) for bank in (self.expert_bank, self.shared_bank)
+            ]
+            if shapes[0] != shapes[1]:
+                raise ValueError(
+                    f"`{OWNER}` adds the shared experts' output to the routed experts', so "
+                    f"their shapes must agree. Received: routed {shapes[0]}, shared {shapes[1]}"
+                )
         token_shape = self.expert_bank.token_shape
         if not self.gate.built:
             self.gate.build(gate_inputs_shape if gate_inputs_shape is not None else token_shape)
@@ -341,7 +473,18 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
                 self, "balance_loss_sums", (len(self.loss_names),)
             )
             self.loss_steps = _runtime.add_statistic(self, "balance_loss_steps", ())
-        if self.capacity_factor is not None:
+        if self.selection_bias:
+            # Added to the gates for the choice of experts only; `BiasBalancing` sets it.
+            self.expert_bias = self.add_weight(
+                shape=(self.num_experts,),
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                name="expert_bias",
+            )
+            # (token, choice) assignments per expert in training, for `BiasBalancing`.
+            self.expert_load = _runtime.add_statistic(self, "expert_load", (self.num_experts,))
+        if self.capacity_factor is not None and self.routing == "token_choice":
             # [dropped assignments, all assignments] seen in training.
             self.overflow_counts = _runtime.add_statistic(self, "overflow_counts", (2,))
         self.built = True
@@ -357,12 +500,23 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             )
             source = ops.multiply(source, ops.cast(noise, source.dtype))
         routing = self.gate.route(source, training=training)
-        if self.top_k is None:
+        if self.top_k is None or self.routing == "expert_choice":
             return routing, routing.gates, None
+        scores = None
+        if self.selection_bias:
+            scores = routing.gates + ops.cast(self.expert_bias, routing.gates.dtype)
         weights, index = dispatch_ops.top_k_weights(
-            routing.gates, self.top_k, normalize=self.normalize_top_k
+            routing.gates, self.top_k, normalize=self.normalize_top_k, scores=scores
         )
         return routing, weights, index
+
+    def _expert_choice(self, gates):
+        """`(values, token_of_slot)`, `(E, capacity)`: each expert's chosen tokens."""
+        return dispatch_ops.expert_choice(gates, self.top_k, self.capacity_factor or 1.0)
+
+    def _num_tokens(self, tokens):
+        n = tokens.shape[0]
+        return n if isinstance(n, (int, np.integer)) else ops.shape(tokens)[0]
 
     def _dense_weights(self, weights, index):
         if index is None:
@@ -377,7 +531,11 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         experts' values (renormalised, unless `normalize_top_k=False`) and
         zeros elsewhere.
         """
-        return self._dense_weights(*self._inference_route(inputs, gate_inputs)[1:])
+        routing, weights, index = self._inference_route(inputs, gate_inputs)
+        if self.routing == "expert_choice":
+            chosen = self._expert_choice(routing.gates)
+            return dispatch_ops.expert_choice_weights(*chosen, self._num_tokens(routing.gates))
+        return self._dense_weights(weights, index)
 
     def gate_embedding(self, inputs, gate_inputs=None):
         """The gate's `(tokens, d)` embedding of `inputs` (inference mode), e.g.
@@ -402,7 +560,9 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         tokens = bank.tokens(inputs)
         routing, weights, index = self._route(tokens, gate_inputs, training)
         path = self.dispatch_path(training, tokens.shape[0])
-        if path == "grouped":
+        if self.routing == "expert_choice":
+            outputs = self._expert_choice_outputs(tokens, routing.gates, path, training)
+        elif path == "grouped":
             plan = dispatch_ops.group_plan(
                 index,
                 self.num_experts,
@@ -421,9 +581,29 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             if bank.has_routes and index is not None:
                 active = self._dense_weights(ops.ones_like(weights), index)
             outputs = bank.mix(tokens, self._dense_weights(weights, index), active, training)
+        if self.shared_bank is not None:
+            every = ops.ones((self._num_tokens(tokens), self.shared_bank.num_experts), "float32")
+            outputs = outputs + self.shared_bank.mix(tokens, every, None, training)
+        if training and self.selection_bias:
+            chosen = ops.one_hot(index, self.num_experts, dtype="float32")
+            self.expert_load.assign_add(ops.sum(chosen, axis=(0, 1)))
         if training and self.loss_names:
             self._add_losses(routing, index)
         return bank.outputs(outputs, inputs)
+
+    def _expert_choice_outputs(self, tokens, gates, path, training):
+        """Expert-choice routing: each expert computes the tokens it picked (path
+        `"expert_choice"`), or every expert every token, weighted by the picks."""
+        bank, num_tokens = self.expert_bank, self._num_tokens(tokens)
+        values, token_of_slot = self._expert_choice(gates)
+        if path == "all":
+            weights = dispatch_ops.expert_choice_weights(values, token_of_slot, num_tokens)
+            active = ops.cast(weights > 0, "float32") if bank.has_routes else None
+            return bank.mix(tokens, weights, active, training)
+        slots = ops.take(tokens, ops.reshape(token_of_slot, (-1,)), axis=0)
+        slots = ops.reshape(slots, (self.num_experts, -1) + tuple(slots.shape[1:]))
+        outs = bank.on_slots(slots, None, None, training)
+        return dispatch_ops.combine_expert_choice(outs, values, token_of_slot, num_tokens)
 
     def dispatch_path(self, training=False, num_tokens=None) -> str:
         """How a call computes the experts: `"grouped"` (with `top_k`, each
@@ -438,6 +618,10 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         unselected expert has weight zero); the exported model computes every
         expert. TensorFlow exports keep the grouped path.
         """
+        if self.routing == "expert_choice":
+            # Routes need every visited expert's hidden state: the all-experts path.
+            plain = self.dispatch == "auto" and not self.expert_bank.has_routes
+            return "expert_choice" if plain else "all"
         if self.top_k is None or self.dispatch == "all":
             return "all"
         if training and self.capacity_factor is not None:
@@ -491,14 +675,14 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     @property
     def overflow_fraction(self):
         """Fraction of (token, choice) assignments dropped for capacity since the last reset."""
-        if self.capacity_factor is None:
+        if getattr(self, "overflow_counts", None) is None:
             return None
         dropped, total = ops.convert_to_numpy(self.overflow_counts)
         return float(dropped) / max(1.0, float(total))
 
     def reset_statistics(self):
-        """Zeroes the running loss sums and overflow counts."""
-        for name in ("loss_sums", "loss_steps", "overflow_counts"):
+        """Zeroes the running loss sums, overflow counts and expert loads."""
+        for name in ("loss_sums", "loss_steps", "overflow_counts", "expert_load"):
             variable = getattr(self, name, None)
             if variable is not None:
                 variable.assign(np.zeros(variable.shape, dtype="float32"))
@@ -506,6 +690,7 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
         user_experts = getattr(self.expert_bank, "expert_list", None)
+        user_shared = getattr(self.shared_bank, "expert_list", None)
         return {
             **super().get_config(),
             "units": self.units,
@@ -526,6 +711,11 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             "dispatch": self.dispatch,
             "normalize_top_k": self.normalize_top_k,
             "router_jitter": self.router_jitter,
+            "num_shared_experts": self.num_shared_experts,
+            "shared_expert_density": self.shared_expert_density,
+            "shared_experts": None if user_shared is None else [serialize(e) for e in user_shared],
+            "routing": self.routing,
+            "selection_bias": self.selection_bias,
         }
 
     @classmethod
@@ -533,6 +723,8 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         config = read_config(config, cls.__name__)
         deserialize = keras.saving.deserialize_keras_object
         config["gate"] = deserialize(config["gate"])
+        if config.get("shared_experts") is not None:
+            config["shared_experts"] = [deserialize(e) for e in config["shared_experts"]]
         if config.get("experts") is not None:
             config["experts"] = [deserialize(e) for e in config["experts"]]
             # Files saved before `implementation=None` became the default hold the

@@ -32,9 +32,12 @@ __all__ = [
     "DispatchPlan",
     "GroupPlan",
     "combine",
+    "combine_expert_choice",
     "combine_rows",
     "dispatch_plan",
     "expert_capacity",
+    "expert_choice",
+    "expert_choice_weights",
     "expert_of_row",
     "gather_slots",
     "group_block",
@@ -102,14 +105,22 @@ def top_k(values, k: int):
     return ops.stack(picked_values, axis=-1), ops.stack(picked_index, axis=-1)
 
 
-def top_k_weights(gates, k: int, normalize: bool = True):
+def top_k_weights(gates, k: int, normalize: bool = True, scores=None):
     """The `k` largest gate values per row, renormalised to sum to one (or, with
     `normalize=False`, as they are: Switch's weighting).
+
+    With `scores` (`(tokens, E)`, e.g. the gates plus a per-expert bias), the
+    `k` experts are the ones with the largest scores, and they are weighted by
+    their gate values: the scores choose, the gates weigh.
 
     Returns `(weights, index)`, both `(tokens, k)`; `index` is int32. A row whose
     top-k values are all zero keeps zero weights.
     """
-    values, index = top_k(gates, k)
+    if scores is None:
+        values, index = top_k(gates, k)
+    else:
+        index = top_k(scores, k)[1]
+        values = ops.take_along_axis(gates, index, axis=-1)
     if not normalize:
         return values, ops.cast(index, "int32")
     total = ops.sum(values, axis=-1, keepdims=True)
@@ -129,6 +140,68 @@ def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: f
     tokens = ops.cast(num_tokens, "float32")
     wanted = ops.ceil(capacity_factor * top_k * tokens / num_experts)
     return ops.cast(ops.maximum(1.0, ops.minimum(tokens, wanted)), "int32")
+
+
+def expert_choice(gates, top_k: int, capacity_factor: float = 1.0):
+    """Expert-choice routing (Zhou et al., 2022): each expert picks its own tokens.
+
+    Expert `e` takes the `capacity = ceil(capacity_factor * top_k * tokens / E)`
+    tokens with the largest gate values `gates[:, e]`, so every expert
+    computes exactly `capacity` tokens (perfect balance by construction) and a
+    token is visited by `capacity_factor * top_k` experts on average: by none,
+    one, or several. Which tokens an expert takes depends on the whole batch.
+
+    Args:
+        gates: `(tokens, E)` gate values.
+        top_k: Mean experts per token.
+        capacity_factor: Slack on the mean (1.0: exactly `top_k`).
+
+    Returns:
+        `(values, token_of_slot)`, both `(E, capacity)`: each slot's gate value
+        and its token (int32), each expert's slots in decreasing gate value.
+
+    Examples:
+        >>> import numpy as np
+        >>> gates = np.array([[.9, .1], [.6, .4], [.2, .8], [.7, .3]], "float32")
+        >>> values, tokens = expert_choice(gates, top_k=1)  # 2 tokens an expert
+        >>> np.asarray(tokens).tolist()  # expert 0 takes tokens 0, 3; expert 1: 2, 1
+        [[0, 3], [2, 1]]
+    """
+    num_tokens = gates.shape[0]
+    if not isinstance(num_tokens, (int, np.integer)):
+        if keras.backend.backend() == "jax":
+            raise ValueError(
+                "Expert-choice routing needs a token count known when traced on JAX (its "
+                "top-k over the tokens has a static size): call or export the model with a "
+                f"fixed batch size. Received: gates of shape {tuple(gates.shape)}"
+            )
+        num_tokens = ops.shape(gates)[0]
+    capacity = expert_capacity(num_tokens, gates.shape[-1], top_k, capacity_factor)
+    values, token_of_slot = ops.top_k(ops.transpose(gates), capacity)
+    return values, ops.cast(token_of_slot, "int32")
+
+
+def _token_sum(rows, token_of_slot, num_tokens):
+    """`(tokens, ...)`: each token's sum of the `rows` (`(E * capacity, ...)`) of its slots."""
+    return ops.segment_sum(rows, ops.reshape(token_of_slot, (-1,)), num_segments=num_tokens)
+
+
+def expert_choice_weights(values, token_of_slot, num_tokens):
+    """The `(tokens, E)` mixing weights of an expert-choice selection: a token's gate
+    value for each expert that took it, zero elsewhere."""
+    num_experts, capacity = values.shape[0], ops.shape(values)[1]
+    expert_of_slot = ops.repeat(ops.arange(num_experts, dtype="int32"), capacity)
+    picked = ops.one_hot(expert_of_slot, num_experts, dtype=values.dtype)
+    rows = picked * ops.reshape(values, (-1, 1))
+    return _token_sum(rows, token_of_slot, num_tokens)
+
+
+def combine_expert_choice(slot_outputs, values, token_of_slot, num_tokens):
+    """`(tokens, ...)`: each token's sum over its slots of gate value times the
+    slot's output (`(E, capacity, ...)`); a token no expert took gets zeros."""
+    flat = ops.reshape(slot_outputs, (-1,) + tuple(slot_outputs.shape[2:]))
+    weights = ops.cast(ops.reshape(values, (-1,) + (1,) * (len(flat.shape) - 1)), flat.dtype)
+    return _token_sum(flat * weights, token_of_slot, num_tokens)
 
 
 def dispatch_plan(index, num_experts: int, capacity) -> DispatchPlan:

@@ -72,6 +72,20 @@ CALLBACKS = {
 }
 
 
+def bias_balanced_mixture():
+    """A top-1 mixture whose gate favours expert 0, balanced by `BiasBalancing`."""
+    model = mixture(top_k=1, selection_bias=True)
+    model.get_layer("moe").gate.network.bias.assign(np.array([1.0, 0, 0, 0], "float32"))
+    return model
+
+
+def fit_bias_balanced(model):
+    """`fit` with `BiasBalancing`; returns the history and the final bias."""
+    callback = ksm.callbacks.BiasBalancing(rate=0.05)
+    history = fit(model, callback)
+    return history, keras.ops.convert_to_numpy(model.get_layer("moe").expert_bias)
+
+
 def compile_model(model):
     model.compile(
         keras.optimizers.SGD(0.1, momentum=0.9),

@@ -54,9 +54,11 @@ def test_adds_to_a_given_layout_map_and_leaves_other_variables_alone():
     assert layout_map["head/kernel"].axes == (None, "model")
     assert layout_map["moe/experts/expert_routes/mask"].axes == (None, "model")
     assert layout_map["moe/experts/expert_output/bias"].axes == ("model",)
-    # The gate and anything else: no entry (replicated).
-    for variable in model.get_layer("moe").gate.variables:
+    # The gate, shared experts and anything else: no entry (replicated).
+    shared = common.mixture(num_shared_experts=1).get_layer("moe")
+    for variable in shared.gate.variables + shared.shared_bank.variables:
         assert layout_map[variable.path] is None
+    assert layout_map[shared.expert_bank.expert_hidden.kernel.path].axes == (None, "model")
     # A mixture nested in another model, under any name, matches too.
     outer = keras.Sequential(
         [keras.Input((20,)), ksm.layers.SparseExpertMixture(units=4, num_experts=2, name="inner")]

@@ -123,6 +123,23 @@ def test_mixtures_train_with_identical_replicas(build, strategy):
     _replicas_identical(model)
 
 
+def test_bias_balancing_is_replica_consistent_and_matches_one_device(strategy):
+    # Each replica counts its half batch; the callback reads the replicas'
+    # counts together and writes one bias to both.
+    reference = common.compile_model(common.bias_balanced_mixture())
+    weights = reference.get_weights()
+    single, single_bias = common.fit_bias_balanced(reference)
+    with strategy.scope():
+        model = common.compile_model(common.bias_balanced_mixture())
+        model.set_weights(weights)
+    history, bias = common.fit_bias_balanced(model)
+    assert np.abs(single_bias).max() > 0
+    np.testing.assert_allclose(bias, single_bias, atol=1e-7)
+    np.testing.assert_allclose(history["moe/max_violation"], single["moe/max_violation"])
+    _replicas_identical(model)
+    common.assert_same_training(model, reference)
+
+
 @pytest.mark.parametrize(
     "unsupported",
     [tf.distribute.ParameterServerStrategy, tf.distribute.TPUStrategy],
