@@ -13,6 +13,16 @@ each learned gate trained with no gate loss, with the entropy loss and with the
 variance loss (`balance_losses="entropy"` / `"variance"`: 0.1 * batch term +
 0.01 * sample term).
 
+Routing (`--routings`, two experts, the learned gates): `softmax` (default:
+every expert weighted by the gate), `top_k` (each image to its top-1 expert;
+in training each expert computes only its images, `capacity_factor=1.25`),
+`bias` (top-1 chosen by gate + a per-expert bias that
+`keras_sparse_moe.callbacks.BiasBalancing` moves against the load, no loss),
+`expert_choice` (each expert takes the half of the batch it scores highest,
+no loss) and `shared` (top-1 routed plus a third CNN expert every image
+visits, `shared_experts`). The table adds each expert's share of the training
+images (load) and the median training step time.
+
 Mixing (`--mixing`): `logits` (default, the seed's `softmax(sum_e G_e NN_e(x))`:
 the experts end in a linear layer, one softmax follows the mixture) or
 `probabilities` (each expert ends in a softmax and the mixture averages the
@@ -55,6 +65,8 @@ from common import load_named  # noqa: E402
 
 GATES = ("oracle", "conv", "dense")
 LOSSES = ("none", "entropy", "variance")
+ROUTINGS = ("softmax", "top_k", "bias", "expert_choice", "shared")
+BALANCED = ("bias", "expert_choice")  # balance without a gate loss
 MNIST, CIFAR = 0, 1
 
 
@@ -154,18 +166,27 @@ def build(
     mixing="logits",
     gate_size="seed",
     gate_lr_multiplier=1.0,
+    routing="softmax",
 ):
     image = keras.Input((32, 32, 1), name="image")
     activation = None if mixing == "logits" else "softmax"
     experts = [
         conv_expert(filters, f"expert_{i}", expert_density, seed + 10 * i, activation)
-        for i in (0, 1)
+        for i in ((0, 1, 2) if routing == "shared" else (0, 1))
     ]
+    routed = {
+        "softmax": {},
+        "top_k": {"top_k": 1, "capacity_factor": 1.25},
+        "bias": {"top_k": 1, "capacity_factor": 1.25, "selection_bias": True},
+        "expert_choice": {"top_k": 1, "routing": "expert_choice"},
+        "shared": {"top_k": 1, "capacity_factor": 1.25, "shared_experts": experts[2:]},
+    }[routing]
     mixture = ksm.layers.SparseExpertMixture(
-        experts=experts,
+        experts=experts[:2],
         gate=make_gate(gate_kind, gate_size),
         balance_losses=None if loss == "none" else loss,
         name="mixture",
+        **routed,
     )
     if gate_kind == "oracle":
         index = keras.Input((1,), dtype="int32", name="dataset")
@@ -188,6 +209,29 @@ def inputs_of(model, x, index):
     return [x, index] if len(model.inputs) == 2 else x
 
 
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every training step (`on_train_batch_begin` to `_end`)."""
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def expert_load(model, x, batch_size):
+    """Each expert's share of the images, as the mixture routes them at inference."""
+    mixture = model.get_layer("mixture")
+    chosen = [
+        ops.convert_to_numpy(mixture.gate_values(x[i : i + batch_size])) > 0
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(chosen).mean(axis=0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data"))
@@ -198,6 +242,16 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--gates", nargs="+", default=list(GATES), choices=GATES)
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument(
+        "--routings",
+        nargs="+",
+        default=["softmax"],
+        choices=ROUTINGS,
+        help="how the gate routes (bias and expert_choice run with no gate loss)",
+    )
+    parser.add_argument(
+        "--bias-rate", type=float, default=0.01, help="BiasBalancing's step (routing 'bias')"
+    )
     parser.add_argument(
         "--expert-density",
         type=float,
@@ -236,12 +290,18 @@ def main(argv=None):
         f"training images, {len(x_test)} test images, 32x32 grey, 20 classes"
     )
     os.makedirs(args.out, exist_ok=True)
-    runs = [
-        (g, loss) for g in args.gates for loss in args.losses if g != "oracle" or loss == "none"
-    ]
+    runs = []
+    for routing in args.routings:
+        for g in args.gates:
+            for loss in ("none",) if routing in BALANCED else args.losses:
+                oracle_ok = routing == "softmax" and loss == "none"
+                if g != "oracle" or oracle_ok:
+                    runs.append((routing, g, loss))
     results, histories, tables = [], {}, {}
-    for gate_kind, loss in runs:
+    for routing, gate_kind, loss in runs:
         name = f"{gate_kind} gate, {'no gate loss' if loss == 'none' else loss + ' loss'}"
+        if routing != "softmax":
+            name = f"{routing.replace('_', ' ')}: {name}"
         print(f"\n== {name}")
         keras.utils.set_random_seed(args.seed)
         model = build(
@@ -253,6 +313,7 @@ def main(argv=None):
             args.mixing,
             args.gate_size,
             args.gate_lr_multiplier,
+            routing,
         )
         # Activation rates on test images and on as many training images.
         seen = {code: np.flatnonzero(index == code)[: args.test_samples] for code in (MNIST, CIFAR)}
@@ -263,7 +324,10 @@ def main(argv=None):
             "cifar (train)": inputs_of(model, x[seen[CIFAR]], index[seen[CIFAR]]),
         }
         logger = ksm.callbacks.ActivationRateLogger(split, verbose=0)
-        callbacks = [logger]
+        timer = StepTimer()
+        callbacks = [logger, timer]
+        if routing == "bias":
+            callbacks.append(ksm.callbacks.BiasBalancing(rate=args.bias_rate))
         if args.expert_set and args.expert_density is not None:
             callbacks.append(ksm.callbacks.SETEvolution(zeta=0.3, seed=args.seed))
         start = time.perf_counter()
@@ -283,6 +347,9 @@ def main(argv=None):
             part: model.evaluate(split[part], y_test[index_test == code], verbose=0)[1]
             for part, code in (("mnist", MNIST), ("cifar", CIFAR))
         }
+        shares = (
+            expert_load(model, x, args.batch_size) if gate_kind != "oracle" else np.full(2, 0.5)
+        )
         histories[name], tables[name] = history.history, table
         results.append(
             (
@@ -293,6 +360,8 @@ def main(argv=None):
                 table,
                 seconds,
                 history.history["accuracy"][-1],
+                shares,
+                1000 * float(np.median(timer.times)),
             )
         )
 
@@ -306,20 +375,22 @@ def main(argv=None):
     print(
         f"\nResults after {args.epochs} epochs ({args.filters} filters per expert conv, "
         f"{experts}, {setup}); rates: mean gate value of expert 0, expert 1 on test images "
-        "(on training images):"
+        "(on training images); load: the share of training images each expert computes "
+        "at inference:"
     )
     lines = [
         "| gate | train acc | test acc | MNIST acc | CIFAR acc | MNIST → e0, e1 | "
-        "CIFAR → e0, e1 | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "CIFAR → e0, e1 | load e0, e1 | ms/step | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, acc, mnist, cifar, table, seconds, train_acc in results:
+    for name, acc, mnist, cifar, table, seconds, train_acc, shares, step_ms in results:
         rates = table.as_dict()
         m, c, m_train, c_train = (rates[k] for k in split)
         lines.append(
             f"| {name} | {train_acc:.4f} | {acc:.4f} | {mnist:.4f} | {cifar:.4f} | "
             f"{m[0]:.3f}, {m[1]:.3f} ({m_train[0]:.3f}, {m_train[1]:.3f}) | "
-            f"{c[0]:.3f}, {c[1]:.3f} ({c_train[0]:.3f}, {c_train[1]:.3f}) | {seconds:.0f} |"
+            f"{c[0]:.3f}, {c[1]:.3f} ({c_train[0]:.3f}, {c_train[1]:.3f}) | "
+            f"{shares[0]:.3f}, {shares[1]:.3f} | {step_ms:.0f} | {seconds:.0f} |"
         )
     summary = "\n".join(lines)
     print(summary)

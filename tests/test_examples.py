@@ -71,6 +71,26 @@ def test_moe_example_runs_every_gate_and_loss(tmp_path, capsys):
     assert "activation rates" in capsys.readouterr().out
 
 
+def test_moe_example_routing_modes(tmp_path):
+    _fake_data(tmp_path)
+    args = ["--data-dir", str(tmp_path), "--epochs", "1", "--filters", "2", "--batch-size", "16"]
+    args += ["--gates", "dense", "--losses", "entropy", "--out", str(tmp_path / "out")]
+    args += ["--routings", "top_k", "bias", "expert_choice", "shared"]
+    results = _example("moe_mnist_cifar").main(args)
+    assert [row[0] for row in results] == [
+        "top k: dense gate, entropy loss",
+        "bias: dense gate, no gate loss",
+        "expert choice: dense gate, no gate loss",
+        "shared: dense gate, entropy loss",
+    ]
+    loads = {row[0].split(":")[0]: row[7] for row in results}
+    for name in ("top k", "bias", "shared"):  # top-1: every image to exactly one expert
+        assert loads[name].sum() == pytest.approx(1.0)
+    # Expert choice: each expert takes exactly half of every batch of 16.
+    np.testing.assert_array_equal(loads["expert choice"], [0.5, 0.5])
+    assert all(row[8] > 0 for row in results)  # median ms per step
+
+
 def test_moe_example_with_sparse_experts_evolved_by_set(tmp_path, capsys):
     _fake_data(tmp_path)
     args = ["--data-dir", str(tmp_path), "--epochs", "2", "--filters", "2", "--batch-size", "16"]
