@@ -23,8 +23,8 @@ class BiasBalancing(keras.callbacks.Callback):
     which experts a token visits but no gradient (DeepSeek-V3's
     auxiliary-loss-free balancing). The mixture counts the assignments each
     expert receives in training (`expert_load`); after every `every`-th
-    training batch this callback moves the bias against the imbalance and
-    starts a new count:
+    training batch this callback moves the bias against the imbalance of the
+    assignments counted since its last update:
 
         b_e <- b_e + rate * sign(mean(load) - load_e)
 
@@ -86,10 +86,13 @@ class BiasBalancing(keras.callbacks.Callback):
                 f"'{self.model.name}'. Received mixtures: {[m.name for m in mixtures]}"
             )
         _runtime.sync_model_state(self.model)
-        for mixture in self.mixtures:
-            mixture.expert_load.assign(np.zeros(mixture.num_experts, "float32"))
         self._batches = 0
+        self._seen = {m.name: self._count(m) for m in self.mixtures}
         self._epoch_load = {m.name: 0.0 for m in self.mixtures}
+
+    @staticmethod
+    def _count(mixture):
+        return np.asarray(keras.ops.convert_to_numpy(mixture.expert_load), "float64")
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
@@ -97,13 +100,15 @@ class BiasBalancing(keras.callbacks.Callback):
             return
         _runtime.sync_model_state(self.model)
         for mixture in self.mixtures:
-            load = np.asarray(keras.ops.convert_to_numpy(mixture.expert_load), "float64")
+            # The count only grows, until something (`ActivationRateLogger`) resets it.
+            count, seen = self._count(mixture), self._seen[mixture.name]
+            load = count - seen if count.sum() >= seen.sum() else count
+            self._seen[mixture.name] = count
             if not load.sum():
                 continue
             step = self.rate * np.sign(load.mean() - load)
             bias = keras.ops.convert_to_numpy(mixture.expert_bias) + step.astype("float32")
             mixture.expert_bias.assign(bias)
-            mixture.expert_load.assign(np.zeros_like(load, dtype="float32"))
             self._epoch_load[mixture.name] = self._epoch_load[mixture.name] + load
 
     def on_epoch_end(self, epoch, logs=None):

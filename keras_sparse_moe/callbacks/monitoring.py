@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from keras_sparse_moe import _runtime, routing, validation
 from keras_sparse_moe.walk import find_layers
@@ -16,8 +17,11 @@ class ActivationRateLogger(keras.callbacks.Callback):
 
     At the end of every `every`-th epoch:
     - for every `SparseExpertMixture` of the model, the epoch mean of each of its
-      balancing losses (`"<layer>/<loss>"`, unweighted) and, with the capacity
-      dispatch, the fraction of assignments dropped (`"<layer>/overflow"`);
+      balancing losses (`"<layer>/<loss>"`, unweighted); with `top_k`, each
+      expert's share of the epoch's assignments (`"<layer>/load/<expert>"`)
+      and their entropy over `ln(num_experts)` (`"<layer>/load_entropy"`: 1
+      when balanced, 0 when one expert takes all); with the capacity dispatch,
+      the fraction of assignments dropped (`"<layer>/overflow"`);
     - with `data`, the activation-rate table of `keras_sparse_moe.routing.
       activation_rates` as scalars `"rate/<row>/<expert>"`, printed when
       `verbose`, kept in `self.tables` (one per logged epoch).
@@ -101,6 +105,12 @@ class ActivationRateLogger(keras.callbacks.Callback):
         for mixture in self.mixtures:
             for name, value in mixture.balance_loss_means.items():
                 logs[f"{mixture.name}/{name}"] = value
+            shares = mixture.load_fractions
+            if shares is not None and shares.sum():
+                for expert, share in enumerate(shares):
+                    logs[f"{mixture.name}/load/{expert}"] = float(share)
+                entropy = -np.sum(shares * np.log(np.where(shares > 0, shares, 1.0)))
+                logs[f"{mixture.name}/load_entropy"] = float(entropy / np.log(len(shares)))
             if mixture.overflow_fraction is not None:
                 logs[f"{mixture.name}/overflow"] = mixture.overflow_fraction
             mixture.reset_statistics()

@@ -197,8 +197,9 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     **Balancing losses.** `balance_losses` names losses of
     `keras_sparse_moe.losses` with weights; in training each weighted loss, and
     each of the gate's own losses (`gate.loss_weights`, e.g. `PTSNEGate`'s
-    t-SNE loss), is added with `add_loss`, and their running sums (and the dispatch overflow)
-    are kept in non-trainable variables that
+    t-SNE loss), is added with `add_loss`, and their running sums (with the
+    dispatch overflow and, with `top_k`, each expert's count of assignments,
+    `expert_load`) are kept in non-trainable variables that
     `keras_sparse_moe.callbacks.ActivationRateLogger` reports per epoch into
     `logs` (progress bar, `History`, TensorBoard). Router math is float32
     under mixed precision.
@@ -482,12 +483,29 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
                 autocast=False,
                 name="expert_bias",
             )
-            # (token, choice) assignments per expert in training, for `BiasBalancing`.
-            self.expert_load = _runtime.add_statistic(self, "expert_load", (self.num_experts,))
         if self.capacity_factor is not None and self.routing == "token_choice":
             # [dropped assignments, all assignments] seen in training.
             self.overflow_counts = _runtime.add_statistic(self, "overflow_counts", (2,))
+        if self.counts_load:
+            # (token, choice) assignments each expert received in training. Created
+            # last: files saved before it existed load with it at zero.
+            self.expert_load = _runtime.add_statistic(self, "expert_load", (self.num_experts,))
         self.built = True
+
+    @property
+    def counts_load(self) -> bool:
+        """True when training counts each expert's assignments (`expert_load`):
+        token-choice routing with `top_k`."""
+        return self.top_k is not None and self.routing == "token_choice"
+
+    def load_own_variables(self, store):
+        own = self._trainable_variables + self._non_trainable_variables
+        if self.counts_load and len(store.keys()) == len(own) - 1:
+            # Saved before top-k mixtures counted their experts' load: that count starts at zero.
+            for i, variable in enumerate(own[:-1]):
+                variable.assign(store[f"{i}"])
+            return
+        super().load_own_variables(store)
 
     # ------------------------------------------------------------------ #
     def _route(self, tokens, gate_inputs, training):
@@ -584,7 +602,7 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         if self.shared_bank is not None:
             every = ops.ones((self._num_tokens(tokens), self.shared_bank.num_experts), "float32")
             outputs = outputs + self.shared_bank.mix(tokens, every, None, training)
-        if training and self.selection_bias:
+        if training and self.counts_load:
             chosen = ops.one_hot(index, self.num_experts, dtype="float32")
             self.expert_load.assign_add(ops.sum(chosen, axis=(0, 1)))
         if training and self.loss_names:
@@ -679,6 +697,18 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             return None
         dropped, total = ops.convert_to_numpy(self.overflow_counts)
         return float(dropped) / max(1.0, float(total))
+
+    @property
+    def load_fractions(self):
+        """Each expert's share of the (token, choice) assignments in training since
+        the last reset (`(E,)` floats summing to one; zeros before any step), or
+        None without `top_k` or with expert choice (every expert takes the same).
+        Under `tf.distribute` the count reads as the replicas' mean, which
+        leaves the shares those of the global batch."""
+        if not self.counts_load:
+            return None
+        load = np.asarray(ops.convert_to_numpy(self.expert_load), "float64")
+        return load / load.sum() if load.sum() else load
 
     def reset_statistics(self):
         """Zeroes the running loss sums, overflow counts and expert loads."""

@@ -136,6 +136,11 @@ def test_bias_balancing_is_replica_consistent_and_matches_one_device(strategy):
     assert np.abs(single_bias).max() > 0
     np.testing.assert_allclose(bias, single_bias, atol=1e-7)
     np.testing.assert_allclose(history["moe/max_violation"], single["moe/max_violation"])
+    # The load count reads as the replicas' mean (half the global count): equal shares.
+    moe, single_moe = model.get_layer("moe"), reference.get_layer("moe")
+    np.testing.assert_allclose(moe.load_fractions, single_moe.load_fractions)
+    for layer in (moe, single_moe):
+        layer.reset_statistics()
     _replicas_identical(model)
     common.assert_same_training(model, reference)
 

@@ -253,7 +253,8 @@ def test_selection_bias_chooses_but_does_not_weigh(normalize):
     assert_config_covers_init(layer)
 
 
-def test_bias_balancing_follows_its_rule_and_balances():
+@pytest.mark.parametrize("with_logger", [False, True])
+def test_bias_balancing_follows_its_rule_and_balances(with_logger):
     layer = SparseExpertMixture(top_k=1, selection_bias=True, name="moe", **BUILTIN)
     model = keras.Sequential([keras.Input((10,)), layer])
     model.compile(keras.optimizers.SGD(0.0), "mse")  # fixed gates: only the bias moves
@@ -270,18 +271,20 @@ def test_bias_balancing_follows_its_rule_and_balances():
             loads.append(load)
         total = np.sum(loads, axis=0)
         expected.append(total.max() / total.mean() - 1)
+    # The logger resets the load count each epoch: the callback reads around it.
+    callbacks = [BiasBalancing(rate=rate)]
+    if with_logger:
+        callbacks.append(ksm.callbacks.ActivationRateLogger())
     history = model.fit(
-        X,
-        X[:, :3],
-        epochs=3,
-        batch_size=20,
-        shuffle=False,
-        verbose=0,
-        callbacks=[BiasBalancing(rate=rate)],
+        X, X[:, :3], epochs=3, batch_size=20, shuffle=False, verbose=0, callbacks=callbacks
     )
     np.testing.assert_allclose(to_numpy(layer.expert_bias), bias, atol=1e-6)
     np.testing.assert_allclose(history.history["moe/max_violation"], expected, rtol=1e-6)
     assert expected[0] > 1.0  # skewed to start with
+    if with_logger:  # the last epoch's share of each expert
+        np.testing.assert_allclose(
+            [history.history[f"moe/load/{e}"][-1] for e in range(4)], total / total.sum()
+        )
 
 
 def test_bias_balancing_config_and_errors():
@@ -296,3 +299,44 @@ def test_bias_balancing_config_and_errors():
     model = _model(SparseExpertMixture(top_k=1, **BUILTIN))
     with pytest.raises(ValueError, match="selection_bias=True"):
         model.fit(X, X[:, :3], epochs=1, verbose=0, callbacks=[BiasBalancing()])
+
+
+def test_logger_reports_each_experts_load_and_its_entropy():
+    layer = SparseExpertMixture(top_k=2, capacity_factor=1.0, name="moe", **BUILTIN)
+    model = keras.Sequential([keras.Input((10,)), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse")  # fixed gates
+    layer(X)
+    gates = _gates(layer, X)
+    count = (_top_k_weights(gates, gates, 2) > 0).sum(axis=0)
+    shares = count / count.sum()
+    logs = model.fit(
+        X,
+        X[:, :3],
+        epochs=2,
+        batch_size=20,
+        verbose=0,
+        callbacks=[ksm.callbacks.ActivationRateLogger()],
+    ).history
+    for e in range(4):
+        np.testing.assert_allclose(logs[f"moe/load/{e}"], [shares[e]] * 2, rtol=1e-6)
+    entropy = -np.sum(shares * np.log(shares)) / np.log(4)
+    np.testing.assert_allclose(logs["moe/load_entropy"], [entropy] * 2, rtol=1e-6)
+    assert "moe/overflow" in logs
+    # Mixing every expert (no top_k) counts no load.
+    assert SparseExpertMixture(**BUILTIN).counts_load is False
+
+
+def test_a_file_saved_without_the_load_count_loads():
+    # Top-k mixtures saved before the load count existed hold one variable less.
+    layer = SparseExpertMixture(top_k=2, balance_losses="entropy", name="moe", **BUILTIN)
+    layer(X, training=True)
+    store = {}
+    layer.save_own_variables(store)
+    old = {k: v for k, v in store.items() if int(k) < len(store) - 1}
+    fresh = SparseExpertMixture(top_k=2, balance_losses="entropy", name="moe", **BUILTIN)
+    fresh.build((None, 10))
+    fresh.load_own_variables(old)
+    np.testing.assert_array_equal(to_numpy(fresh.expert_load), np.zeros(4))
+    np.testing.assert_array_equal(to_numpy(fresh.loss_sums), to_numpy(layer.loss_sums))
+    with pytest.raises(ValueError):  # two missing: still an error
+        fresh.load_own_variables({k: v for k, v in old.items() if int(k) < len(old) - 1})
