@@ -79,11 +79,33 @@ def bias_balanced_mixture():
     return model
 
 
-def fit_bias_balanced(model):
+def _fit_bias_balanced(model):
     """`fit` with `BiasBalancing`; returns the history and the final bias."""
     callback = ksm.callbacks.BiasBalancing(rate=0.05)
     history = fit(model, callback)
     return history, keras.ops.convert_to_numpy(model.get_layer("moe").expert_bias)
+
+
+def bias_balancing_matches_one_device(scope):
+    """Trains `bias_balanced_mixture` on one device and inside `scope` (a strategy's or
+    a distribution's) from the same weights; checks that both move the bias alike and
+    see the same load. Returns `(distributed model, one-device model)` with their load
+    counts reset (under `tf.distribute` a count reads as the replicas' mean)."""
+    reference = compile_model(bias_balanced_mixture())
+    weights = reference.get_weights()
+    single, single_bias = _fit_bias_balanced(reference)
+    with scope:
+        model = compile_model(bias_balanced_mixture())
+        model.set_weights(weights)
+        history, bias = _fit_bias_balanced(model)
+    assert np.abs(single_bias).max() > 0
+    np.testing.assert_allclose(bias, single_bias, atol=1e-7)
+    np.testing.assert_allclose(history["moe/max_violation"], single["moe/max_violation"])
+    moe, single_moe = model.get_layer("moe"), reference.get_layer("moe")
+    np.testing.assert_allclose(moe.load_fractions, single_moe.load_fractions)
+    for layer in (moe, single_moe):
+        layer.reset_statistics()
+    return model, reference
 
 
 def compile_model(model):

@@ -38,16 +38,8 @@ def _train_both(build, callback, distribution):
 
 
 def test_data_parallel_bias_balancing_matches_one_device():
-    reference = common.compile_model(common.bias_balanced_mixture())
-    weights = reference.get_weights()
-    single, single_bias = common.fit_bias_balanced(reference)
-    with keras.distribution.DataParallel(devices=jax.devices()[:4]).scope():
-        model = common.compile_model(common.bias_balanced_mixture())
-        model.set_weights(weights)
-        history, bias = common.fit_bias_balanced(model)
-    assert np.abs(single_bias).max() > 0
-    np.testing.assert_allclose(bias, single_bias, atol=1e-7)
-    np.testing.assert_allclose(history["moe/max_violation"], single["moe/max_violation"])
+    distribution = keras.distribution.DataParallel(devices=jax.devices()[:4])
+    model, reference = common.bias_balancing_matches_one_device(distribution.scope())
     _assert_replicated_and_consistent(model)
     common.assert_same_training(model, reference)
 

@@ -126,21 +126,7 @@ def test_mixtures_train_with_identical_replicas(build, strategy):
 def test_bias_balancing_is_replica_consistent_and_matches_one_device(strategy):
     # Each replica counts its half batch; the callback reads the replicas'
     # counts together and writes one bias to both.
-    reference = common.compile_model(common.bias_balanced_mixture())
-    weights = reference.get_weights()
-    single, single_bias = common.fit_bias_balanced(reference)
-    with strategy.scope():
-        model = common.compile_model(common.bias_balanced_mixture())
-        model.set_weights(weights)
-    history, bias = common.fit_bias_balanced(model)
-    assert np.abs(single_bias).max() > 0
-    np.testing.assert_allclose(bias, single_bias, atol=1e-7)
-    np.testing.assert_allclose(history["moe/max_violation"], single["moe/max_violation"])
-    # The load count reads as the replicas' mean (half the global count): equal shares.
-    moe, single_moe = model.get_layer("moe"), reference.get_layer("moe")
-    np.testing.assert_allclose(moe.load_fractions, single_moe.load_fractions)
-    for layer in (moe, single_moe):
-        layer.reset_statistics()
+    model, reference = common.bias_balancing_matches_one_device(strategy.scope())
     _replicas_identical(model)
     common.assert_same_training(model, reference)
 
