@@ -275,18 +275,20 @@ def _mixture_flops(mixture, batch_size) -> int:
 
     bank, e = mixture.expert_bank, mixture.num_experts
     path = mixture.dispatch_path(training=False)
-    if not hasattr(bank, "expert_hidden"):  # user experts: every expert on every token
+    if not hasattr(bank, "expert_hidden"):  # user experts: every sample a token
         counts = {}
         for expert in bank.expert_list:
             _count(expert, batch_size, counts)
-        return _gate_flops(mixture.gate) + sum(counts.values()) + _shared_flops(mixture, 1)
+        experts = sum(counts.values())
+        if path == "expert_choice":  # each expert on its `capacity` samples of the batch
+            experts = int(round(experts * _chosen_share(mixture, batch_size)))
+        return _gate_flops(mixture.gate) + experts + _shared_flops(mixture, 1)
     tokens = _positions(mixture)
     d, h, u = bank.input_dim, bank.hidden_units, bank.units
     layers = [bank.expert_hidden, bank.expert_output]
-    if path == "expert_choice":  # each expert its `capacity` tokens of the batch
-        n = batch_size * tokens
-        capacity = dispatch.expert_capacity(n, e, mixture.top_k, mixture.capacity_factor or 1.0)
-        per_token = e * capacity / n * (2 * (d * h + h * u) + 2 * u)
+    if path == "expert_choice":  # each expert on its `capacity` tokens of the batch
+        share = _chosen_share(mixture, batch_size * tokens)
+        per_token = e * share * (2 * (d * h + h * u) + 2 * u)
     elif path == "grouped":
         k = mixture.top_k
         count = batch_size * tokens * k
@@ -305,6 +307,16 @@ def _mixture_flops(mixture, batch_size) -> int:
         per_token += 2 * e * u  # the gate weighting of every expert's output
     flops = _gate_flops(mixture.gate) * tokens + int(round(per_token * tokens))
     return flops + _shared_flops(mixture, tokens)
+
+
+def _chosen_share(mixture, num_tokens) -> float:
+    """Under expert choice, the fraction of a batch's tokens each expert computes."""
+    from keras_sparse_moe.ops import dispatch
+
+    factor = mixture.capacity_factor or 1.0
+    return dispatch.expert_capacity(num_tokens, mixture.num_experts, mixture.top_k, factor) / (
+        num_tokens
+    )
 
 
 def _shared_flops(mixture, tokens) -> int:

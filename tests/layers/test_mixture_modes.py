@@ -211,6 +211,21 @@ def test_expert_choice_fits_under_xla_and_saves(tmp_path):
     assert flops == 2 * d * 4 + round(4 * 10 / 20 * (2 * (d * h + h * u) + 2 * u))
 
 
+def test_expert_choice_with_user_experts_counts_their_share_of_the_batch():
+    experts = [keras.layers.Dense(3) for _ in range(4)]
+    layer = SparseExpertMixture(experts=experts, top_k=1, routing="expert_choice", name="moe")
+    model = _model(layer)
+    assert layer.dispatch_path(False, 40) == "expert_choice"
+    weights, _ = _expert_choice_numpy(layer, X, 1)
+    outputs = np.stack([to_numpy(e(X)) for e in experts], axis=1)
+    np.testing.assert_allclose(
+        to_numpy(model(X)), np.einsum("ne,neu->nu", weights, outputs), rtol=1e-5, atol=1e-5
+    )
+    # Batch 40: each expert runs on ceil(40 / 4) = 10 of the 40 samples.
+    flops = ksm.reporting.executed_flops(model, batch_size=40)["moe"]
+    assert flops == 2 * 10 * 4 + round(4 * (2 * 10 * 3) * 10 / 40)
+
+
 def test_expert_choice_errors():
     with pytest.raises(ValueError, match="routing='expert_choice' needs `top_k`"):
         SparseExpertMixture(routing="expert_choice", **BUILTIN)
