@@ -23,7 +23,9 @@ def summary_rows(model) -> list[dict]:
 
     Keys: `layer`, `type`, `shape` (the kernel's), `storage` (`"masked"`,
     `"sparse"` or `"constraint"`), `connections`, `dense` (the parameters of
-    the dense kernel it replaces) and `density`.
+    the dense kernel it replaces), `density` and `pattern`: `"n:m"` for a
+    layer whose every group of m inputs holds n connections, `"to n:m"` for
+    an N:M layer not pruned to it yet, None for the others.
     """
     return _rows_and_kernels(model)[0]
 
@@ -55,6 +57,7 @@ def _rows_and_kernels(model):
                     connections=layer.num_connections,
                     dense=dense,
                     density=layer.num_connections / dense,
+                    pattern=_pattern(layer),
                 )
             )
             kernels.append(id(layer.storage_variables[0]))
@@ -72,6 +75,7 @@ def _rows_and_kernels(model):
                         connections=constraint.num_connections,
                         dense=dense,
                         density=constraint.num_connections / dense,
+                        pattern=None,
                     )
                 )
                 kernels.append(id(variable))
@@ -85,6 +89,16 @@ def weights_used(model) -> int:
     rows, kernels = _rows_and_kernels(model)
     other = sum(math.prod(v.shape) for v in model.trainable_weights if id(v) not in kernels)
     return sum(row["connections"] for row in rows) + other
+
+
+def _pattern(layer):
+    """The summary's `pattern` of a sparse layer (see `summary_rows`)."""
+    if layer.n_m is None:
+        return None
+    n, m = layer.n_m
+    fan_in = math.prod(layer.weight_shape[:-1])
+    counts = layer.dense_mask().reshape(fan_in // m, m, -1).sum(axis=1)
+    return f"{n}:{m}" if (counts == n).all() else f"to {n}:{m}"
 
 
 def summary(model, print_fn=None):
@@ -117,7 +131,9 @@ def summary(model, print_fn=None):
     print_fn = print if print_fn is None else print_fn
     rows, kernels = _rows_and_kernels(model)
     other = sum(math.prod(v.shape) for v in model.trainable_weights if id(v) not in kernels)
+    patterned = any(row["pattern"] for row in rows)  # the N:M column, where there is one
     table = [("layer", "type", "kernel", "storage", "connections", "density", "dense params")]
+    table[0] += ("N:M",) * patterned
     for row in rows:
         table.append(
             (
@@ -129,9 +145,10 @@ def summary(model, print_fn=None):
                 f"{row['density']:.4g}",
                 f"{row['dense']:,}",
             )
+            + (row["pattern"] or "-",) * patterned
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    right = {4, 5, 6}
+    right = {4, 5, 6, 7}
     print_fn(f"Sparse layers of '{model.name}'")
     if not rows:
         print_fn("(none: no SparseKernelLayer and no MaskConstraint)")

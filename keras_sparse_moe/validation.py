@@ -112,6 +112,19 @@ def check_seed(seed, owner: str, name: str = "seed"):
     return check_int(name, seed, owner, minimum=0)
 
 
+def check_n_m(value, owner: str, name: str = "n_m") -> tuple:
+    """An N:M pattern `(n, m)`: two ints with `1 <= n < m` (n kept of every m)."""
+    expected = "a pair of ints (n, m) with 1 <= n < m, e.g. (2, 4)"
+    if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(_message(owner, name, expected, value))
+    if not all(is_int(v) for v in value):
+        raise TypeError(_message(owner, name, expected, value))
+    n, m = (int(v) for v in value)
+    if not 1 <= n < m:
+        raise ValueError(_message(owner, name, expected, tuple(value)))
+    return n, m
+
+
 def check_density(density, owner: str, name: str = "density") -> float:
     """`density` as a float in (0, 1]."""
     return check_float(name, density, owner, "a float in (0, 1]", lambda d: 0.0 < d <= 1.0)

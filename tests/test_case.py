@@ -38,5 +38,12 @@ def assert_masked_weights_zero(model):
     layers = masked_layers(model)
     assert layers, "the model has no sparse layer"
     for layer in layers:
+        if not layer.storage.stores_dense:  # sparse: parked slots hold zero, no slot twice
+            rows, cols = layer.storage.slot_indices()
+            parked = rows == layer.kernel_shape[0]
+            assert np.all(to_numpy(layer.values)[parked] == 0), f"{layer.name}: parked slots moved"
+            kept = set(zip(rows[~parked].tolist(), cols[~parked].tolist()))
+            assert len(kept) == int((~parked).sum()), f"{layer.name}: a position held twice"
+            continue
         kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
         assert np.all(kernel[mask == 0] == 0), f"{layer.name}: masked weights moved"

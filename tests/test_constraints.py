@@ -122,7 +122,17 @@ def test_summary_counts_connections_not_masked_kernels():
     )
     assert lines[-2] == expected
     assert math.isclose(rows[0]["density"], 0.25)
-    assert set(rows[0]) == {"layer", "type", "shape", "storage", "connections", "dense", "density"}
+    assert set(rows[0]) == {
+        "layer",
+        "type",
+        "shape",
+        "storage",
+        "connections",
+        "dense",
+        "density",
+        "pattern",
+    }
+    assert rows[0]["pattern"] is None
     with pytest.raises(ValueError, match="needs a built model"):
         ksm.summary(keras.Sequential([keras.layers.Dense(2)]))
 

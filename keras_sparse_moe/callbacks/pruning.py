@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import keras
 import numpy as np
 
@@ -43,6 +46,13 @@ class MagnitudePruning(SparseTrainingCallback):
             e.g. the first layer, which RigL's paper keeps dense.
         scope: `"layer"` (default: every layer at the scheduled density) or
             `"global"` (the model at the scheduled density, one threshold).
+        n_m: Optional `(n, m)`: prune every layer to N:M structured sparsity
+            along the input axis (tfmot's `sparsity_m_by_n`), as layers built
+            with `n_m` are anyway. Each group of `m` consecutive inputs of an
+            output keeps its `ceil(density * m)` largest magnitudes, never
+            fewer than `n`, so a gradual schedule passes through (m-1):m
+            on its way; the schedule must end at density `n / m` (sparsity
+            `1 - n / m`). Only with `scope="layer"`.
 
     Logs: `density/<layer>` and `pruning/rewired` (connections removed).
 
@@ -57,13 +67,30 @@ class MagnitudePruning(SparseTrainingCallback):
         ...     callbacks=[keras_sparse_moe.callbacks.MagnitudePruning(schedule)])
         >>> round(model.layers[0].actual_density, 2)
         0.2
+
+        To 2:4, as for sparse tensor cores:
+
+        >>> model = keras.Sequential([keras.Input((16,)),
+        ...     keras_sparse_moe.layers.SparseDense(8, density=1.0), keras.layers.Dense(1)])
+        >>> model.compile("adam", "mse")
+        >>> to_2_4 = keras_sparse_moe.callbacks.MagnitudePruning(
+        ...     keras_sparse_moe.schedules.ConstantSparsity(0.5, frequency=1), n_m=(2, 4))
+        >>> _ = model.fit(np.ones((32, 16)), np.ones((32, 1)), verbose=0, callbacks=[to_2_4])
+        >>> model.layers[0].dense_mask().reshape(4, 4, 8).sum(axis=1).min(), model.layers[0].n_m
+        (np.int64(2), (2, 4))
     """
 
     name = "pruning"
 
-    def __init__(self, schedule, exclude=None, scope="layer"):
+    def __init__(self, schedule, exclude=None, scope="layer", n_m=None):
         super().__init__(exclude=exclude)
         self.scope = validation.check_choice("scope", scope, "MagnitudePruning", SCOPES)
+        self.n_m = None if n_m is None else validation.check_n_m(n_m, "MagnitudePruning")
+        if self.n_m is not None and self.scope == "global":
+            raise ValueError(
+                "`MagnitudePruning` prunes N:M group by group, not to one global threshold. "
+                f"Received: scope='global', n_m={n_m}"
+            )
         if not isinstance(schedule, schedules.PruningSchedule) and not _is_tfmot_schedule(schedule):
             raise TypeError(
                 "`MagnitudePruning` got an invalid `schedule`. Expected a "
@@ -78,6 +105,7 @@ class MagnitudePruning(SparseTrainingCallback):
             "schedule": keras.saving.serialize_keras_object(self.schedule),
             "exclude": [x if isinstance(x, str) else x.name for x in self.exclude],
             "scope": self.scope,
+            "n_m": None if self.n_m is None else list(self.n_m),
         }
 
     @classmethod
@@ -92,6 +120,31 @@ class MagnitudePruning(SparseTrainingCallback):
             return should_prune, value
         # tfmot schedules return tensors and speak of sparsity.
         return bool(np.asarray(should_prune)), 1.0 - float(np.asarray(value))
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for layer in self.sparse_layers:
+            if self.n_m is None:
+                continue
+            if layer.n_m not in (None, self.n_m):
+                raise ValueError(
+                    f"`MagnitudePruning(n_m={self.n_m})` cannot prune layer '{layer.name}', "
+                    f"built with n_m={layer.n_m}, to another pattern."
+                )
+            if layer.weight_shape[-2] % self.n_m[1]:
+                raise ValueError(
+                    f"`MagnitudePruning(n_m={self.n_m})` needs input sizes that are multiples "
+                    f"of m={self.n_m[1]}. Received: layer '{layer.name}' with input size "
+                    f"{layer.weight_shape[-2]}; exclude it or choose another m."
+                )
+        for layer in self.sparse_layers:  # from now on the layers keep the pattern
+            layer.n_m = layer.n_m or self.n_m
+        patterned = [x.name for x in self.sparse_layers if x.n_m is not None]
+        if self.scope == "global" and patterned:
+            raise ValueError(
+                "`MagnitudePruning(scope='global')` cannot keep the N:M pattern of "
+                f"{patterned}: exclude them or prune layer by layer."
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         # Every optimizer step since the last call is asked (`steps_per_execution`
@@ -120,6 +173,9 @@ class MagnitudePruning(SparseTrainingCallback):
             targets = [max(1, int(round(density * np.prod(x.kernel_shape)))) for x in layers]
         removed = 0
         for layer, target in zip(layers, targets):
+            if layer.n_m is not None:
+                removed += _prune_groups(layer, density, self.model.optimizer)
+                continue
             count = layer.num_connections - target
             if count <= 0:
                 continue
@@ -134,6 +190,34 @@ def _prune(storage, state, positions, count):
     values, active = storage.all_weights(state)
     drop = rewiring.select_smallest(rewiring.magnitude_keys(values), active, count)
     return storage.remove(state, drop), None, count  # None: the layer rebuilds its list
+
+
+def _prune_groups(layer, density, optimizer):
+    """Prunes an N:M layer to `ceil(density * m)` connections a group (at least
+    n): its largest magnitudes. Returns the connections removed."""
+    n, m = layer.n_m
+    if density < n / m - 1e-6:
+        raise ValueError(
+            f"`MagnitudePruning` got a target density of {density:.4g} from its schedule, "
+            f"below the N:M pattern {n}:{m} of layer '{layer.name}' (density {n / m:.4g}). "
+            f"End the schedule at sparsity {1 - n / m:.4g}."
+        )
+    keep = min(m, max(n, math.ceil(density * m - 1e-6)))
+    if layer.num_connections <= keep * int(np.prod(layer.kernel_shape)) // m:
+        return 0  # every group holds `keep` or fewer already
+    step = functools.partial(_prune_to_groups, m, keep)
+    removed = layer.rewire(step, optimizer, ("prune_n_m", m, keep))
+    return int(keras.ops.convert_to_numpy(removed))
+
+
+def _prune_to_groups(m, keep, storage, state, positions):
+    """Removes all but the `keep` largest magnitudes of every group of `m`."""
+    from keras_sparse_moe.ops import groups
+
+    values, active = storage.all_weights(state)
+    flat, occupied = storage.flat_positions(state, None)
+    drop = groups.keep_largest(values, active, flat, occupied, storage.shape, m, keep)
+    return storage.remove(state, drop), None, keras.ops.sum(keras.ops.cast(drop, "int32"))
 
 
 def _global_targets(layers, density):

@@ -256,10 +256,12 @@ class RigL(SparseTrainingCallback):
         if layer.storage.stores_dense:  # the dense gradient is the score
             return None
         size = int(np.prod(layer.kernel_shape))
-        if self.growth_candidates is None:
+        if self.growth_candidates is None or layer.n_m is not None:
+            # An N:M layer grows inside each group: every position is scored.
             if size > DENSE_LIMIT:
                 raise ValueError(
-                    f"`RigL(growth_candidates=None)` scores every position of a layer, and "
+                    "`RigL(growth_candidates=None)` (and RigL on an N:M layer) scores every "
+                    "position of a layer, and "
                     f"{layer.name}'s {layer.kernel_shape} kernel is too large for that. "
                     "Give a number of candidates per connection grown instead."
                 )
@@ -287,12 +289,16 @@ class RigL(SparseTrainingCallback):
             return 0
         k_max = max(1, min(nnz, room, math.floor(self.drop_fraction * nnz)))
         growth = (grad,) if layer.storage.stores_dense else tuple(grad)
-        step = functools.partial(_rigl_step, k_max, exact)
+        if layer.n_m is None:
+            step = functools.partial(_rigl_step, k_max, exact)
+        else:  # grown inside each group: every group keeps its count
+            step = functools.partial(_rigl_group_step, k_max, layer.n_m[1])
         # A numpy count: making a JAX device scalar would cost more (0.2 ms).
         flags = layer.rewire(
             step,
             self.model.optimizer,
-            ("rigl", k_max, exact, int(growth[0].shape[0])),  # shapes are static per function
+            # Shapes are static per function.
+            ("rigl", k_max, exact, layer.n_m, int(growth[0].shape[0])),
             np.asarray(count, np.int32),
             np.asarray(salt, np.int32),
             *growth,
@@ -328,4 +334,29 @@ def _rigl_step(k_max, exact, storage, state, positions, count, salt, *growth):
     flags = ops.stack(
         [ops.cast(count, "int32"), ops.cast(current, "int32"), ops.cast(bracketed, "int32")]
     )
+    return new_state, new_positions, flags
+
+
+def _rigl_group_step(k_max, m, storage, state, positions, count, salt, *growth):
+    """RigL on an N:M layer: the `count` smallest magnitudes are dropped, less
+    those a group cannot regrow (each group drops at most as many as it has
+    positions empty before the drop), and each group grows as many of its
+    empty positions with the largest gradient. Every group keeps its count.
+    `growth` scores every position, in flat order. Same flags as `_rigl_step`."""
+    from keras_sparse_moe.ops import groups
+
+    scores = ops.abs(ops.reshape(ops.cast(growth[0], "float32"), (-1,)))
+    values, active = storage.weights(state, positions)
+    if active is None:
+        active = ops.ones_like(values, "bool")
+    flat, occupied = storage.flat_positions(state, positions)
+    current = storage.list_is_current(state, positions)
+    shape = storage.shape
+    drop = rewiring.select_smallest(rewiring.magnitude_keys(values), active, count)
+    drop = groups.cap_drops(drop, values, flat, occupied, shape, m)
+    grown = groups.grow_in_groups(drop, flat, occupied, scores, shape, m, k_max, False)
+    drop = ops.logical_and(drop, current)
+    new_state, new_positions = storage.replace(state, positions, drop, storage.growth_at(grown))
+    one = ops.convert_to_tensor(1, "int32")
+    flags = ops.stack([ops.sum(ops.cast(drop, "int32")), ops.cast(current, "int32"), one])
     return new_state, new_positions, flags

@@ -136,6 +136,16 @@ class SETEvolution(SparseTrainingCallback):
             "seed": self.seed,
         }
 
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        patterned = [layer.name for layer in self.sparse_layers if layer.n_m is not None]
+        if self.last_epoch == "prune" and patterned:
+            raise ValueError(
+                "`SETEvolution(last_epoch='prune')` removes connections without regrowth, "
+                f"which would break the N:M pattern of {patterned}. Use last_epoch='skip' "
+                "or exclude those layers."
+            )
+
     # ------------------------------------------------------------------ #
     @property
     def _on_epoch_schedule(self):
@@ -197,12 +207,15 @@ class SETEvolution(SparseTrainingCallback):
             # dense draw (`k_max` values only).
             draw = initial_values(self.regrow_initializer, layer.weight_shape, k_max)
             extra = [draw(None, layer.variable_dtype)]
-        step = functools.partial(_set_step, self.zeta, k_max, n_candidates)
+        if layer.n_m is None:
+            step = functools.partial(_set_step, self.zeta, k_max, n_candidates)
+            key = ("set", k_max, n_candidates, bool(extra))
+        else:  # regrown inside each group: every group keeps its count
+            step = functools.partial(_set_group_step, self.zeta, k_max, layer.n_m[1])
+            key = ("set_n_m", k_max, layer.n_m[1], bool(extra))
         # Regrowth is drawn from (seed, optimizer step, layer, attempt) alone.
         seed = _runtime.step_seed(self._seed, self._step, 4 * stream + min(attempt, 3))
-        flags = layer.rewire(
-            step, self.model.optimizer, ("set", k_max, n_candidates, bool(extra)), seed, *extra
-        )
+        flags = layer.rewire(step, self.model.optimizer, key, seed, *extra)
         count, current, enough = (int(f) for f in ops.convert_to_numpy(flags))  # one read
         if not current:
             layer.refresh_connections()  # the mask was changed elsewhere
@@ -256,6 +269,28 @@ def _set_step(zeta, k_max, n_candidates, storage, state, positions, seed, grown_
     flags = ops.stack(
         [ops.sum(ops.cast(drop, "int32")), ops.cast(current, "int32"), ops.cast(enough, "int32")]
     )
+    return new_state, new_positions, flags
+
+
+def _set_group_step(zeta, k_max, m, storage, state, positions, seed, grown_values=None):
+    """SET on an N:M layer: the drop of `_set_step`, each dropped connection
+    regrown at a uniformly random empty position of its own group (a position
+    dropped now may be regrown), so every group keeps its count. Same flags."""
+    from keras_sparse_moe.ops import groups
+
+    values, active = storage.weights(state, positions)
+    drop = rewiring.set_drop(values, zeta, active)
+    flat, occupied = storage.flat_positions(state, positions)
+    current = storage.list_is_current(state, positions)
+    shape = storage.shape
+    scores = _runtime.stateless_randint(seed, (int(shape[0]) * int(shape[1]),), 1 << 24)
+    grown = groups.grow_in_groups(drop, flat, occupied, scores, shape, m, k_max, True)
+    drop = ops.logical_and(drop, current)
+    new_state, new_positions = storage.replace(
+        state, positions, drop, storage.growth_at(grown), grown_values
+    )
+    one = ops.convert_to_tensor(1, "int32")  # regrowth in a group never runs short
+    flags = ops.stack([ops.sum(ops.cast(drop, "int32")), ops.cast(current, "int32"), one])
     return new_state, new_positions, flags
 
 

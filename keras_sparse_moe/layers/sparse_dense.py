@@ -80,6 +80,14 @@ class SparseDense(SparseKernelLayer):
             is scaled by `1 / sqrt(density)`, so activations keep the variance
             the initializer intends (Evci et al. 2020 use the same scaling).
         seed: Optional non-negative int making the topology reproducible.
+        n_m: Optional N:M structured sparsity `(n, m)` along the input axis
+            (tfmot's `sparsity_m_by_n`; 2:4 for sparse tensor cores): every
+            group of `m` consecutive inputs keeps exactly `n` connections to
+            each output. Alone, a random N:M pattern is drawn; with
+            `density=1.0` the layer starts dense for `MagnitudePruning` to
+            prune to N:M. SET and RigL then rewire inside each group, so
+            every group keeps exactly `n`. `input_dim` must be a multiple of
+            `m`; the other connectivity arguments are refused.
         **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:

@@ -88,6 +88,7 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
         density_aware_init=True,
         seed=None,
         connections=None,
+        n_m=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -111,6 +112,7 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
         self.topology, self.topology_kwargs = topology, checked["topology_kwargs"]
         self.mask_value, self.connections_value = checked["mask"], checked["connections"]
         self.allowed, self.implementation = checked["allowed"], implementation
+        self.n_m = _check_n_m(owner, n_m, topology, checked)
         self.seed = validation.check_seed(seed, owner)
         self.activation = activations.get(activation)
         self.use_bias = use_bias
@@ -148,6 +150,8 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
         as in ERK), or SET's default `epsilon=20` capped at a full kernel."""
         if self.density is not None:
             return self.density
+        if self.n_m is not None:
+            return self.n_m[0] / self.n_m[1]
         if self.epsilon is not None:
             return topologies.density_from_epsilon(
                 self.epsilon, input_dim, self._output_dim, self._kernel_dims
@@ -179,7 +183,23 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
                 )
             rows, cols = np.nonzero(self.mask_value.reshape(shape))
             return rows.astype(np.int32), cols.astype(np.int32)
-        if self.topology == "erdos_renyi" and "degree" not in self.topology_kwargs:
+        if self.n_m is not None:
+            if weight_shape[-2] % self.n_m[1]:
+                raise ValueError(
+                    f"{owner} with n_m={self.n_m} needs its input size to be a multiple of "
+                    f"m={self.n_m[1]} (groups of m consecutive inputs). Received: input "
+                    f"size {weight_shape[-2]}"
+                )
+            if size > DENSE_LIMIT:
+                raise ValueError(
+                    f"{owner}: N:M layers draw and rewire their groups on a dense view, and "
+                    f"a {shape} kernel is too large for that (more than {DENSE_LIMIT} entries)."
+                )
+            if self.density is None:  # a random N:M pattern; density 1.0: dense, to prune
+                mask = topologies.n_m(fan_in, n_out, *self.n_m, seed=self.seed)
+                rows, cols = np.nonzero(mask)
+                return rows.astype(np.int32), cols.astype(np.int32)
+        if self.topology in ("erdos_renyi", "n_m") and "degree" not in self.topology_kwargs:
             density = self._density_for(weight_shape[-2])
             count = max(1, int(round(density * size)))
             if self.allowed is not None:
@@ -505,6 +525,7 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
                 "bias_constraint": constraints.serialize(self.bias_constraint),
                 "density_aware_init": self.density_aware_init,
                 "seed": self.seed,
+                "n_m": None if self.n_m is None else list(self.n_m),
             }
         )
         return config
@@ -560,6 +581,50 @@ def with_connectivity_signature(cls):
     var = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
     cls.__init__.__signature__ = inspect.Signature([*own, *positional, *shared, var])
     return cls
+
+
+def _check_n_m(owner, n_m, topology, checked):
+    """The layer's N:M pattern `(n, m)` or None, from `n_m` or `topology="n_m"`
+    (whose `topology_kwargs` hold `n` and `m`), checked against the other
+    connectivity arguments: an N:M layer is drawn N:M (density None) or starts
+    dense (`density=1.0`) for `MagnitudePruning` to bring it to N:M."""
+    if topology == "n_m":
+        kwargs = checked["topology_kwargs"]
+        if set(kwargs) != {"n", "m"}:
+            raise ValueError(
+                f"`{owner}` with topology='n_m' needs `topology_kwargs` with exactly `n` and "
+                f"`m`, e.g. {{'n': 2, 'm': 4}} (or pass n_m=(2, 4)). Received: "
+                f"topology_kwargs={kwargs}"
+            )
+        from_topology = validation.check_n_m((kwargs["n"], kwargs["m"]), owner, "topology_kwargs")
+        if n_m is not None and validation.check_n_m(n_m, owner) != from_topology:
+            raise ValueError(
+                f"`{owner}` got an `n_m` that differs from its topology_kwargs. Received: "
+                f"n_m={n_m}, topology_kwargs={kwargs}"
+            )
+        n_m = from_topology
+    if n_m is None:
+        return None
+    n_m = validation.check_n_m(n_m, owner)
+    if topology not in ("erdos_renyi", "n_m"):
+        raise ValueError(
+            f"`{owner}` with n_m={n_m} draws its own N:M pattern: leave `topology` at its "
+            f"default. Received: topology={topology!r}"
+        )
+    others = {
+        name: "given"
+        for name in ("epsilon", "mask", "connections", "allowed")
+        if checked[name] is not None
+    }
+    if checked["density"] not in (None, 1.0):
+        others["density"] = checked["density"]
+    if others:
+        raise ValueError(
+            f"`{owner}` with n_m={n_m} takes no other connectivity argument but "
+            "`density=1.0` (start dense, for `MagnitudePruning` to prune to N:M). "
+            f"Received: {others}"
+        )
+    return n_m
 
 
 def _matrix_shape(weight_shape) -> tuple:

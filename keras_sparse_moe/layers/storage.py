@@ -292,6 +292,21 @@ class MaskedStorage(_Storage):
     def remove(self, state, drop):
         return self.state(rewiring.remove(self.flat(state), drop))
 
+    def flat_positions(self, state, positions):
+        """Flat kernel positions of the entries of `weights(state, positions)`
+        (positions None: of `all_weights`), and the flat occupancy (bool)."""
+        occupied = state.mask > 0
+        if positions is None:
+            return ops.arange(ops.shape(state.mask)[0], dtype="int32"), occupied
+        return positions, occupied
+
+    def list_is_current(self, state, positions):
+        return rewiring.connection_list_is_current(state.mask, positions)
+
+    def growth_at(self, flat):
+        """`replace`'s `grown` for flat positions (padding: the kernel's size)."""
+        return flat, None
+
     def random_growth(self, state, positions, drop, count, k_max, n_candidates, seed):
         """Up to `k_max` random empty (allowed) positions, `count` of them valid;
         a position dropped now may be regrown. Returns `(grown, enough, current)`."""
@@ -587,6 +602,24 @@ class SlotStorage(_Storage):
 
     def remove(self, state, drop):
         return self.state(rewiring.remove_slots(self.shape[0], self.flat(state), drop))
+
+    def flat_positions(self, state, positions):
+        """Flat kernel positions of the slots (parked ones: the kernel's size) and
+        the flat occupancy (bool; a dense array: for layers small enough)."""
+        from keras_sparse_moe.ops.groups import scatter_flags
+
+        n_in, n_out = self.shape
+        size = int(n_in) * int(n_out)
+        active = state.rows < n_in
+        flat = ops.where(active, state.rows * n_out + state.cols, size)
+        return flat, scatter_flags(flat, active, size)
+
+    def list_is_current(self, state, positions):
+        return ops.convert_to_tensor(True)
+
+    def growth_at(self, flat):
+        n_out = self.shape[1]
+        return flat // n_out, flat % n_out
 
     def random_growth(self, state, positions, drop, count, k_max, n_candidates, seed):
         shape = self.shape

@@ -2,7 +2,7 @@
 allocation and spectral metrics.
 
 - `builders`: `erdos_renyi`, `random_regular`, `structured_regular`,
-  `fibonacci`, `pseudo_random_regular`, `small_world`, and `get(name)`.
+  `fibonacci`, `pseudo_random_regular`, `small_world`, `n_m` (N:M structured), and `get(name)`.
 - `blocks`: `BlockPattern`, where connections may exist.
 - `allocation`: `density_from_epsilon` (SET), `erk_densities` and `erk_counts` (RigL's ERK).
 - `spectra`: `algebraic_connectivity`, `spectral_gap`.
@@ -18,6 +18,7 @@ from keras_sparse_moe.topologies.builders import (
     erdos_renyi_positions,
     fibonacci,
     get,
+    n_m,
     pseudo_random_regular,
     random_regular,
     small_world,
@@ -37,6 +38,7 @@ __all__ = [
     "erk_densities",
     "fibonacci",
     "get",
+    "n_m",
     "pseudo_random_regular",
     "random_regular",
     "small_world",

@@ -15,7 +15,13 @@ import numpy as np
 from keras_sparse_moe import _runtime
 from keras_sparse_moe.topologies.allocation import density_from_epsilon
 from keras_sparse_moe.topologies.blocks import cluster_ids
-from keras_sparse_moe.validation import check_choice, check_density, check_seed, check_size
+from keras_sparse_moe.validation import (
+    check_choice,
+    check_density,
+    check_n_m,
+    check_seed,
+    check_size,
+)
 
 __all__ = [
     "TOPOLOGIES",
@@ -23,6 +29,7 @@ __all__ = [
     "erdos_renyi_positions",
     "fibonacci",
     "get",
+    "n_m",
     "pseudo_random_regular",
     "random_regular",
     "small_world",
@@ -394,6 +401,37 @@ def small_world(
     return flat.reshape(n_in, n_out)
 
 
+def n_m(n_in: int, n_out: int, n: int = 2, m: int = 4, seed: int | None = None) -> np.ndarray:
+    """N:M structured mask: in every group of `m` consecutive inputs, each output
+    keeps exactly `n` connections, at random places (density `n / m`).
+
+    The pattern of sparse tensor cores (2:4 on NVIDIA Ampere and later) and of
+    tfmot's `sparsity_m_by_n`, along the input axis. `n_in` must be a multiple
+    of `m`. Layers take it as `n_m=(n, m)` (or `topology="n_m"` with
+    `topology_kwargs={"n": n, "m": m}`); SET, RigL and `MagnitudePruning` keep it.
+
+    Examples:
+        >>> mask = n_m(8, 3, n=2, m=4, seed=0)
+        >>> mask.reshape(2, 4, 3).sum(axis=1)  # every group of 4 inputs: 2 per output
+        array([[2., 2., 2.],
+               [2., 2., 2.]], dtype=float32)
+    """
+    owner = "n_m"
+    n_in = check_size("n_in", n_in, owner)
+    n_out = check_size("n_out", n_out, owner)
+    n, m = check_n_m((n, m), owner)
+    seed = check_seed(seed, owner)
+    if n_in % m:
+        raise ValueError(
+            f"`{owner}` needs `n_in` to be a multiple of m={m} (groups of m inputs). "
+            f"Received: n_in={n_in}"
+        )
+    # Each (group, output) keeps the n smallest of m random keys.
+    keys = _runtime.rng(seed).random((n_in // m, m, n_out))
+    ranks = np.argsort(np.argsort(keys, axis=1, kind="stable"), axis=1, kind="stable")
+    return (ranks < n).astype(np.float32).reshape(n_in, n_out)
+
+
 TOPOLOGIES: dict[str, Callable[..., np.ndarray]] = {
     "erdos_renyi": erdos_renyi,
     "random_regular": random_regular,
@@ -401,6 +439,7 @@ TOPOLOGIES: dict[str, Callable[..., np.ndarray]] = {
     "fibonacci": fibonacci,
     "pseudo_random_regular": pseudo_random_regular,
     "small_world": small_world,
+    "n_m": n_m,
 }
 
 
