@@ -192,6 +192,9 @@ def _prune(storage, state, positions, count):
     return storage.remove(state, drop), None, count  # None: the layer rebuilds its list
 
 
+_prune.reads_positions = False  # it removes only (see `SparseKernelLayer.rewire`)
+
+
 def _prune_groups(layer, density, optimizer):
     """Prunes an N:M layer to `ceil(density * m)` connections a group (at least
     n): its largest magnitudes. Returns the connections removed."""
@@ -218,6 +221,9 @@ def _prune_to_groups(m, keep, storage, state, positions):
     flat, occupied = storage.flat_positions(state, None)
     drop = groups.keep_largest(values, active, flat, occupied, storage.shape, m, keep)
     return storage.remove(state, drop), None, keras.ops.sum(keras.ops.cast(drop, "int32"))
+
+
+_prune_to_groups.reads_positions = False  # it removes only (see `SparseKernelLayer.rewire`)
 
 
 def _global_targets(layers, density):

@@ -299,3 +299,6 @@ def _set_remove(zeta, storage, state, positions):
     values, active = storage.all_weights(state)
     drop = rewiring.set_drop(values, zeta, active)
     return storage.remove(state, drop), None, ops.sum(ops.cast(drop, "int32"))
+
+
+_set_remove.reads_positions = False  # it removes only (see `SparseKernelLayer.rewire`)

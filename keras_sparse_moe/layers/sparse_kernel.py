@@ -421,7 +421,10 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
         state, its optimizer slots (momenta, Adam moments) included, so a step
         resets them where it changes connections. `positions` is the current
         connection list of a storage that keeps one (masked; None otherwise),
-        and `new_positions` (None: rebuild it) becomes it. The step is compiled
+        and `new_positions` (None: rebuild it) becomes it; a step that only
+        removes sets `step.reads_positions = False` and gets None (the list's
+        length would change the argument's shape, and compile it anew at every
+        call). The step is compiled
         once per (`step`, `key`, variables): a `functools.partial`'s bound
         values must be covered by `key`.
         """

@@ -133,7 +133,10 @@ class _Storage:
         name = getattr(step, "func", step)
         cache_key = (name, tuple(id(v) for v in variables), key)
         function = self._rewire_functions.get(cache_key)
-        listed = self.stores_dense  # masked steps read and keep the connection list
+        # Masked steps read and keep the connection list, but for those that only
+        # remove (`reads_positions = False`): its length changes with every call,
+        # and a new argument shape would compile the step anew each time.
+        listed = self.stores_dense and getattr(name, "reads_positions", True)
         if function is None:
 
             def update(flat, *call_args):
