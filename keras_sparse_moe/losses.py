@@ -3,7 +3,9 @@
 Every function takes gate values `G` of shape `(batch, num_experts)` (rows on
 the simplex) or router logits, computes in float32 whatever the inputs' dtype
 (router math must not run in float16), and is NaN-free at the edges (one-hot
-gates, perfectly balanced gates), where `log` and `std` are not.
+gates, perfectly balanced gates), where `log` and `std` are not. Those that
+average over tokens take an optional `mask` `(tokens,)`: only the tokens it
+keeps count (padding of a sequence batch), as if the others were not there.
 """
 
 from __future__ import annotations
@@ -46,13 +48,30 @@ def _gates(gates, owner, name="gates"):
     return _checked(gates, name, owner, (2,), "a rank-2 tensor (tokens, num_experts)")
 
 
+def _token_sum(x, mask):
+    """Sum over the tokens (axis 0) of `x`, of the tokens `mask` keeps (None: all)."""
+    if mask is None:
+        return ops.sum(x, axis=0)
+    mask = _checked(mask, "mask", "balancing loss", (1,), "a rank-1 tensor (tokens,)")
+    keep = ops.reshape(mask > 0, (-1,) + (1,) * (len(x.shape) - 1))
+    return ops.sum(ops.where(keep, x, ops.zeros_like(x)), axis=0)
+
+
+def _token_mean(x, mask):
+    """Mean over the tokens (axis 0) of `x`, of the tokens `mask` keeps (None: all)."""
+    if mask is None:
+        return ops.mean(x, axis=0)
+    count = ops.sum(ops.cast(_f32(mask) > 0, "float32"))
+    return _token_sum(x, mask) / ops.maximum(count, 1.0)
+
+
 def _entropy(p, axis=-1):
     """H(p) = -sum p ln p, with 0 ln 0 = 0 (and a zero gradient there)."""
     safe = ops.where(p > 0, p, ops.ones_like(p))
     return -ops.sum(ops.where(p > 0, p * ops.log(safe), ops.zeros_like(p)), axis=axis)
 
 
-def batch_entropy(gates):
+def batch_entropy(gates, mask=None):
     """`ln E - H(mean_x G(x))`: minimising it spreads usage over all `E` experts.
 
     The batch term of the `"entropy"` preset (weight 0.1 there). The offset
@@ -69,18 +88,18 @@ def batch_entropy(gates):
     """
     gates = _gates(gates, "batch_entropy")
     balanced = float(np.log(gates.shape[-1]))
-    return balanced - _entropy(ops.mean(gates, axis=0))
+    return balanced - _entropy(_token_mean(gates, mask))
 
 
-def sample_entropy(gates):
+def sample_entropy(gates, mask=None):
     """`mean_x H(G(x))`: minimising it makes each sample pick one expert.
 
     The sample term of the `"entropy"` preset (weight 0.01 there).
     """
-    return ops.mean(_entropy(_gates(gates, "sample_entropy")))
+    return _token_mean(_entropy(_gates(gates, "sample_entropy")), mask)
 
 
-def batch_variance(gates):
+def batch_variance(gates, mask=None):
     """`Var_e(mean_x G(x)_e)`: the variance form of `batch_entropy`.
 
     Zero when every expert has the same mean gate value; minimising it
@@ -92,10 +111,10 @@ def batch_variance(gates):
     all the traffic on one expert. The library keeps each term's purpose
     (batch: balanced use; sample: confident gates) and flips the sign.
     """
-    return ops.var(ops.mean(_gates(gates, "batch_variance"), axis=0))
+    return ops.var(_token_mean(_gates(gates, "batch_variance"), mask))
 
 
-def sample_variance(gates):
+def sample_variance(gates, mask=None):
     """`(E - 1) / E^2 - mean_x Var_e(G(x)_e)`: the variance form of `sample_entropy`.
 
     Minimising it pushes each sample's gate vector towards one-hot, as
@@ -114,7 +133,7 @@ def sample_variance(gates):
     """
     gates = _gates(gates, "sample_variance")
     experts = gates.shape[-1]
-    return (experts - 1) / experts**2 - ops.mean(ops.var(gates, axis=-1))
+    return (experts - 1) / experts**2 - _token_mean(ops.var(gates, axis=-1), mask)
 
 
 def coefficient_of_variation_squared(values):
@@ -128,9 +147,9 @@ def coefficient_of_variation_squared(values):
     return ops.var(values, axis=-1) / (ops.square(mean) + EPSILON)
 
 
-def importance_cv2(gates):
+def importance_cv2(gates, mask=None):
     """CV² of the experts' importance `sum_x G(x)` (Shazeer et al. 2017)."""
-    return coefficient_of_variation_squared(ops.sum(_gates(gates, "importance_cv2"), axis=0))
+    return coefficient_of_variation_squared(_token_sum(_gates(gates, "importance_cv2"), mask))
 
 
 def load_cv2(load):
@@ -139,7 +158,7 @@ def load_cv2(load):
     return coefficient_of_variation_squared(load)
 
 
-def switch_load_balancing(router_probs, expert_index, alpha=0.01):
+def switch_load_balancing(router_probs, expert_index, alpha=0.01, mask=None):
     """Switch Transformer balance loss `alpha * E * sum_e f_e * P_e`.
 
     Args:
@@ -147,6 +166,7 @@ def switch_load_balancing(router_probs, expert_index, alpha=0.01):
         expert_index: `(tokens,)` int expert each token was sent to (top-1),
             or `(tokens, E)` 0/1 dispatch mask (top-k).
         alpha: Loss weight (0.01 in Fedus et al. 2021).
+        mask: Optional `(tokens,)`: the tokens that count (the rest is padding).
 
     `f_e` is the fraction of tokens dispatched to expert `e` and `P_e` the mean
     router probability of `e`; the loss is `alpha` at perfect balance.
@@ -168,15 +188,15 @@ def switch_load_balancing(router_probs, expert_index, alpha=0.01):
         dispatch = _f32(expert_index)
     else:
         dispatch = ops.one_hot(ops.cast(expert_index, "int32"), num_experts, dtype="float32")
-    fraction = ops.mean(dispatch, axis=0)
-    mean_prob = ops.mean(probs, axis=0)
+    fraction = _token_mean(dispatch, mask)
+    mean_prob = _token_mean(probs, mask)
     return alpha * ops.cast(num_experts, "float32") * ops.sum(fraction * mean_prob)
 
 
-def router_z_loss(logits):
+def router_z_loss(logits, mask=None):
     """`mean_x logsumexp(logits_x)^2` (ST-MoE): keeps router logits small."""
     logits = _gates(logits, "router_z_loss", "logits")
-    return ops.mean(ops.square(ops.logsumexp(logits, axis=-1)))
+    return _token_mean(ops.square(ops.logsumexp(logits, axis=-1)), mask)
 
 
 def tsne_kl(x, y, perplexity=30.0, dof=1.0, exaggeration=1.0):

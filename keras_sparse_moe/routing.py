@@ -86,6 +86,15 @@ def _slices(inputs, batch_size):
         yield keras.tree.pack_sequence_as(inputs, part)
 
 
+def _keras_mask(tensor):
+    """The Keras mask a layer attached to `tensor` (`Embedding(mask_zero=True)`,
+    `Masking`), as numpy, or None."""
+    from keras.src.backend import get_keras_mask  # Keras 3 keeps it off the public API
+
+    mask = get_keras_mask(tensor)
+    return None if mask is None else np.asarray(ops.convert_to_numpy(mask))
+
+
 def gate_values_fn(model_or_gate, layer=None, owner="activation_rates", embedding=False):
     """A function mapping a batch of inputs to `(tokens, num_experts)` gate values.
 
@@ -124,17 +133,21 @@ def gate_values_fn(model_or_gate, layer=None, owner="activation_rates", embeddin
         )
 
     def values(batch):
+        mask = None
         if feature_model is not None:
             batch = feature_model(batch, training=False)
             batch = batch if isinstance(batch, (list, tuple)) else [batch]
+            mask = _keras_mask(batch[0])  # padding of sequence inputs: left out
         if isinstance(target, Gate):
             gate_input = batch[0] if isinstance(batch, (list, tuple)) else batch
             routing = target.route(ops.convert_to_tensor(gate_input), training=False)
             gates, points = routing.gates, routing.embedding
         else:
             args = batch if isinstance(batch, (list, tuple)) else [batch]
-            gates = target.gate_values(*args)
+            gates = target.gate_values(*args, mask=mask)
             points = target.gate_embedding(*args) if embedding else None
+            if points is not None and mask is not None:
+                points = ops.convert_to_numpy(points)[np.asarray(mask).reshape(-1).astype(bool)]
         gates = ops.convert_to_numpy(gates)
         if not embedding:
             return gates
@@ -157,6 +170,8 @@ def activation_rates(
         by_class: Optional dict `{name: labels}` (one label per token) splitting
             each dataset's row into one row per class, named `"name/label"`.
         layer: Name of the mixture to read when the model has several.
+            When the mixture's input carries a Keras mask (sequence padding),
+            only the real tokens count.
         batch_size: Samples per forward pass.
         verbose: Print the table.
 

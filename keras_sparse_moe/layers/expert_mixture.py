@@ -32,20 +32,33 @@ def _selected(routing, index, num_experts):
     return ops.sum(ops.one_hot(index, num_experts, dtype="float32"), axis=1)
 
 
-# name -> (function of (Routing, top-k index, num_experts), the Routing field it needs)
+# name -> (function of (Routing, top-k index, num_experts, token mask or None), the
+# Routing field it needs)
 BALANCE_LOSSES = {
-    "batch_entropy": (lambda r, i, e: losses.batch_entropy(r.gates), None),
-    "sample_entropy": (lambda r, i, e: losses.sample_entropy(r.gates), None),
-    "batch_variance": (lambda r, i, e: losses.batch_variance(r.gates), None),
-    "sample_variance": (lambda r, i, e: losses.sample_variance(r.gates), None),
-    "importance_cv2": (lambda r, i, e: losses.importance_cv2(r.gates), None),
-    "load_cv2": (lambda r, i, e: losses.load_cv2(r.load), "load"),
+    "batch_entropy": (lambda r, i, e, m: losses.batch_entropy(r.gates, m), None),
+    "sample_entropy": (lambda r, i, e, m: losses.sample_entropy(r.gates, m), None),
+    "batch_variance": (lambda r, i, e, m: losses.batch_variance(r.gates, m), None),
+    "sample_variance": (lambda r, i, e, m: losses.sample_variance(r.gates, m), None),
+    "importance_cv2": (lambda r, i, e, m: losses.importance_cv2(r.gates, m), None),
+    "load_cv2": (lambda r, i, e, m: losses.load_cv2(_load(r, m)), "load"),
     "switch_load_balancing": (
-        lambda r, i, e: losses.switch_load_balancing(r.gates, _selected(r, i, e), alpha=1.0),
+        lambda r, i, e, m: losses.switch_load_balancing(
+            r.gates, _selected(r, i, e), alpha=1.0, mask=m
+        ),
         None,
     ),
-    "router_z_loss": (lambda r, i, e: losses.router_z_loss(r.logits), "logits"),
+    "router_z_loss": (lambda r, i, e, m: losses.router_z_loss(r.logits, m), "logits"),
 }
+
+
+def _load(routing, mask):
+    """The gate's smooth load, of the tokens `mask` keeps (None: all)."""
+    if mask is None:
+        return routing.load
+    keep = ops.expand_dims(ops.cast(mask, "float32"), -1)
+    return ops.sum(routing.token_load * keep, axis=0)
+
+
 # entropy, variance: L = 0.1 * batch term + 0.01 * sample term. Switch: alpha = 0.01, z-loss 1e-3.
 BALANCE_PRESETS = {
     "entropy": {"batch_entropy": 0.1, "sample_entropy": 0.01},
@@ -194,6 +207,17 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     `keras_sparse_moe.callbacks.BiasBalancing` moves `b` against each
     expert's observed load between training steps: balance with no loss term.
 
+    **Sequences and padding.** Inputs of rank 3 or more (`(batch, time, d)`)
+    route every token, as keras-hub's MoE layers do. A Keras mask
+    (`Embedding(mask_zero=True)`, `Masking`; Keras passes it as `mask`, or
+    `inputs_mask` beside `gate_inputs`) keeps padded tokens out of the
+    routing: they take no expert capacity (capacity and expert choice count
+    the real tokens only), no expert picks them, and they are left out of the
+    balancing losses, the expert load and `gate_values(..., mask=...)`. Their
+    outputs are zero and the mask passes on to the next layer, so padding
+    changes nothing about the real tokens. (A gate's own loss, `PTSNEGate`'s
+    t-SNE loss, still sees every token.)
+
     **Balancing losses.** `balance_losses` names losses of
     `keras_sparse_moe.losses` with weights; in training each weighted loss, and
     each of the gate's own losses (`gate.loss_weights`, e.g. `PTSNEGate`'s
@@ -269,6 +293,9 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         gate_inputs: Optional separate gate input (`OracleGate` needs the
             expert index here). Default: the gate reads `inputs`.
         training: Python bool; enables gate noise and the balancing losses.
+        mask: Optional boolean of the inputs' leading axes (`(batch, time)`):
+            the real tokens; Keras passes it from `Embedding(mask_zero=True)`
+            or `Masking` (as `inputs_mask` when `gate_inputs` is given too).
 
     Output shape:
         Built-in experts: `(..., units)`. User experts: their output shape.
@@ -282,6 +309,16 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         ...     top_k=2, capacity_factor=2.0, seed=0)
         >>> tuple(moe(np.ones((5, 12), dtype="float32")).shape)
         (5, 8)
+
+        Sequences padded with zeros: the padding routes nowhere.
+
+        >>> import keras
+        >>> tokens = keras.Input((None,), dtype="int32")
+        >>> hidden = keras.layers.Embedding(100, 12, mask_zero=True)(tokens)
+        >>> model = keras.Model(tokens, moe(hidden))
+        >>> y = model(np.array([[5, 7, 0, 0], [3, 0, 0, 0]]))
+        >>> float(np.abs(y[0, 2:]).sum()), float(np.abs(y[1, 1:]).sum())
+        (0.0, 0.0)
     """
 
     def __init__(
@@ -312,6 +349,7 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.supports_masking = True  # a sequence's padding mask passes through
         self.seed = validation.check_seed(seed, OWNER)
         bank = validation.check_expert_bank(
             OWNER,
@@ -528,9 +566,11 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         )
         return routing, weights, index
 
-    def _expert_choice(self, gates):
+    def _expert_choice(self, gates, valid=None):
         """`(values, token_of_slot)`, `(E, capacity)`: each expert's chosen tokens."""
-        return dispatch_ops.expert_choice(gates, self.top_k, self.capacity_factor or 1.0)
+        return dispatch_ops.expert_choice(
+            gates, self.top_k, self.capacity_factor or 1.0, valid=valid
+        )
 
     def _num_tokens(self, tokens):
         n = tokens.shape[0]
@@ -542,18 +582,25 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         chosen = ops.one_hot(index, self.num_experts, dtype="float32")
         return ops.sum(chosen * ops.expand_dims(weights, -1), axis=1)
 
-    def gate_values(self, inputs, gate_inputs=None):
+    def gate_values(self, inputs, gate_inputs=None, mask=None):
         """The `(tokens, num_experts)` mixing weights for `inputs` (inference mode).
 
         Without `top_k` these are the gate's values; with `top_k`, the selected
         experts' values (renormalised, unless `normalize_top_k=False`) and
-        zeros elsewhere.
+        zeros elsewhere. With `mask` (a Keras mask of the inputs' leading
+        axes) only the tokens it keeps are returned: `(kept tokens, E)`.
         """
         routing, weights, index = self._inference_route(inputs, gate_inputs)
+        valid = self._token_mask(ops.convert_to_tensor(inputs), mask)
         if self.routing == "expert_choice":
-            chosen = self._expert_choice(routing.gates)
-            return dispatch_ops.expert_choice_weights(*chosen, self._num_tokens(routing.gates))
-        return self._dense_weights(weights, index)
+            chosen = self._expert_choice(routing.gates, valid)
+            values = dispatch_ops.expert_choice_weights(*chosen, self._num_tokens(routing.gates))
+        else:
+            values = self._dense_weights(weights, index)
+        if valid is None:
+            return values
+        keep = np.flatnonzero(np.asarray(ops.convert_to_numpy(valid)))
+        return ops.take(values, keep, axis=0)
 
     def gate_embedding(self, inputs, gate_inputs=None):
         """The gate's `(tokens, d)` embedding of `inputs` (inference mode), e.g.
@@ -571,15 +618,18 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         return self._route(self.expert_bank.tokens(inputs), gate_inputs, training=False)
 
     # ------------------------------------------------------------------ #
-    def call(self, inputs, gate_inputs=None, training=None):
+    def call(self, inputs, gate_inputs=None, training=None, mask=None, inputs_mask=None):
         if gate_inputs is not None:
             _check_same_batch(inputs.shape, gate_inputs.shape)
         bank = self.expert_bank
         tokens = bank.tokens(inputs)
+        valid = self._token_mask(inputs, mask if mask is not None else inputs_mask)
         routing, weights, index = self._route(tokens, gate_inputs, training)
+        if valid is not None:  # padding mixes nothing (and counts nowhere below)
+            weights = ops.where(ops.expand_dims(valid, -1), weights, ops.zeros_like(weights))
         path = self.dispatch_path(training, tokens.shape[0])
         if self.routing == "expert_choice":
-            outputs = self._expert_choice_outputs(tokens, routing.gates, path, training)
+            outputs = self._expert_choice_outputs(tokens, routing.gates, path, training, valid)
         elif path == "grouped":
             plan = dispatch_ops.group_plan(
                 index,
@@ -589,10 +639,11 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             rows = bank.on_groups(tokens, plan, index, training)
             outputs = dispatch_ops.combine_rows(rows, plan, weights)
         elif path == "capacity":
-            outputs, kept = self._dispatched(tokens, weights, index, training)
-            dropped = ops.sum(1.0 - ops.cast(kept, "float32"))
-            total = ops.cast(ops.size(kept), "float32")
-            self.overflow_counts.assign_add(ops.stack([dropped, total]))
+            outputs, kept = self._dispatched(tokens, weights, index, training, valid)
+            real = ops.ones_like(kept) if valid is None else ops.expand_dims(valid, -1)
+            real = ops.cast(ops.broadcast_to(real, ops.shape(kept)), "float32")
+            dropped = ops.sum(real * (1.0 - ops.cast(kept, "float32")))
+            self.overflow_counts.assign_add(ops.stack([dropped, ops.sum(real)]))
         else:
             # Which experts a token selected matters only to the routes.
             active = None
@@ -602,18 +653,40 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         if self.shared_bank is not None:
             every = ops.ones((self._num_tokens(tokens), self.shared_bank.num_experts), "float32")
             outputs = outputs + self.shared_bank.mix(tokens, every, None, training)
+        if valid is not None:
+            outputs = ops.where(ops.expand_dims(valid, -1), outputs, ops.zeros_like(outputs))
         if training and self.counts_load:
             chosen = ops.one_hot(index, self.num_experts, dtype="float32")
+            if valid is not None:
+                chosen = chosen * ops.reshape(ops.cast(valid, "float32"), (-1, 1, 1))
             self.expert_load.assign_add(ops.sum(chosen, axis=(0, 1)))
         if training and self.loss_names:
-            self._add_losses(routing, index)
+            self._add_losses(routing, index, valid)
         return bank.outputs(outputs, inputs)
 
-    def _expert_choice_outputs(self, tokens, gates, path, training):
+    def compute_mask(self, inputs, previous_mask):
+        return previous_mask  # a token's padding flag passes on unchanged
+
+    def _token_mask(self, inputs, mask):
+        """The `(tokens,)` bool of the tokens that count, from a Keras mask of the
+        inputs' leading axes (None: every token counts)."""
+        if mask is None:
+            return None
+        rank = len(inputs.shape)
+        if len(mask.shape) != rank - 1 or not isinstance(self.expert_bank, SparseExperts):
+            raise ValueError(
+                f"`{OWNER}` takes a mask over the leading axes of inputs of rank >= 2 (one flag "
+                "a token), for its built-in experts (user `experts` take whole samples). "
+                f"Received: inputs of shape {tuple(inputs.shape)}, mask of shape "
+                f"{tuple(mask.shape)}"
+            )
+        return ops.reshape(ops.cast(mask, "bool"), (-1,))
+
+    def _expert_choice_outputs(self, tokens, gates, path, training, valid=None):
         """Expert-choice routing: each expert computes the tokens it picked (path
         `"expert_choice"`), or every expert every token, weighted by the picks."""
         bank, num_tokens = self.expert_bank, self._num_tokens(tokens)
-        values, token_of_slot = self._expert_choice(gates)
+        values, token_of_slot = self._expert_choice(gates, valid)
         if path == "all":
             weights = dispatch_ops.expert_choice_weights(values, token_of_slot, num_tokens)
             active = ops.cast(weights > 0, "float32") if bank.has_routes else None
@@ -649,13 +722,13 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             return "all"
         return "grouped" if self.expert_bank.groups else "all"
 
-    def _add_losses(self, routing, index):
+    def _add_losses(self, routing, index, valid=None):
         """Every weighted loss, the balancing ones and the gate's own, in one place."""
         weights = {**self.balance_weights, **self.gate.loss_weights}
         values = []
         for name in self.loss_names:
             if name in self.balance_weights:
-                value = BALANCE_LOSSES[name][0](routing, index, self.num_experts)
+                value = BALANCE_LOSSES[name][0](routing, index, self.num_experts, valid)
             else:
                 value = routing.losses[name]
             self.add_loss(weights[name] * value)
@@ -663,13 +736,18 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         self.loss_sums.assign_add(ops.stack(values))
         self.loss_steps.assign_add(1.0)
 
-    def _dispatched(self, tokens, weights, index, training):
-        """Capacity dispatch: each expert computes only its slots."""
+    def _dispatched(self, tokens, weights, index, training, valid=None):
+        """Capacity dispatch: each expert computes only its slots. Padding (not
+        `valid`) takes none, and the capacity is that of the real tokens."""
         e = self.num_experts
         capacity = dispatch_ops.expert_capacity(
             ops.shape(tokens)[0], e, self.top_k, self.capacity_factor
         )
-        plan = dispatch_ops.dispatch_plan(index, e, capacity)
+        limit = None
+        if valid is not None:
+            real = ops.sum(ops.cast(valid, "int32"))
+            limit = dispatch_ops.expert_capacity(real, e, self.top_k, self.capacity_factor)
+        plan = dispatch_ops.dispatch_plan(index, e, capacity, valid=valid, limit=limit)
         slots = dispatch_ops.gather_slots(tokens, plan)
         slots = ops.reshape(slots, (e, -1) + tuple(slots.shape[1:]))
         outs = self.expert_bank.on_slots(slots, plan, index, training)

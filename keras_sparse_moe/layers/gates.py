@@ -31,6 +31,8 @@ class Routing(NamedTuple):
         gates: `(tokens, num_experts)` float32 gate values.
         logits: `(tokens, num_experts)` float32 router logits, or None.
         load: `(num_experts,)` smooth load estimate (`NoisyTopKGate`), or None.
+        token_load: `(tokens, num_experts)` each token's part of `load` (its sum
+            over the tokens), for masks that leave padding out; or None.
         embedding: `(tokens, d)` the gate's embedding of the tokens
             (`PTSNEGate`: the 2-D map), or None.
         losses: Dict `{name: unweighted scalar}` of the gate's own losses,
@@ -42,6 +44,7 @@ class Routing(NamedTuple):
     load: Any = None
     embedding: Any = None
     losses: Any = None
+    token_load: Any = None
 
 
 def _f32(x):
@@ -251,13 +254,12 @@ class NoisyTopKGate(Gate):
             selected = ops.sum(chosen, axis=-2) > 0
             threshold = ops.where(selected, if_in, if_out)
             z = (clean - threshold) / noise_std
-            prob = 0.5 * (1.0 + ops.erf(z / ops.sqrt(2.0)))
-            load = ops.sum(ops.reshape(prob, (-1, self.num_experts)), axis=0)
+            token_load = 0.5 * (1.0 + ops.erf(z / ops.sqrt(2.0)))
         else:
-            load = ops.sum(
-                ops.reshape(ops.cast(gates > 0, "float32"), (-1, self.num_experts)), axis=0
-            )
-        return Routing(gates, logits=noisy, load=load)
+            token_load = ops.cast(gates > 0, "float32")
+        token_load = ops.reshape(token_load, (-1, self.num_experts))
+        load = ops.sum(token_load, axis=0)
+        return Routing(gates, logits=noisy, load=load, token_load=token_load)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.num_experts,)

@@ -142,7 +142,7 @@ def expert_capacity(num_tokens, num_experts: int, top_k: int, capacity_factor: f
     return ops.cast(ops.maximum(1.0, ops.minimum(tokens, wanted)), "int32")
 
 
-def expert_choice(gates, top_k: int, capacity_factor: float = 1.0):
+def expert_choice(gates, top_k: int, capacity_factor: float = 1.0, valid=None):
     """Expert-choice routing (Zhou et al., 2022): each expert picks its own tokens.
 
     Expert `e` takes the `capacity = ceil(capacity_factor * top_k * tokens / E)`
@@ -155,6 +155,9 @@ def expert_choice(gates, top_k: int, capacity_factor: float = 1.0):
         gates: `(tokens, E)` gate values.
         top_k: Mean experts per token.
         capacity_factor: Slack on the mean (1.0: exactly `top_k`).
+        valid: Optional `(tokens,)` bool: the tokens that count (the rest is
+            padding). Experts pick only those, and the capacity follows their
+            number: slots past it, sized for every token, hold value zero.
 
     Returns:
         `(values, token_of_slot)`, both `(E, capacity)`: each slot's gate value
@@ -177,8 +180,17 @@ def expert_choice(gates, top_k: int, capacity_factor: float = 1.0):
             )
         num_tokens = ops.shape(gates)[0]
     capacity = expert_capacity(num_tokens, gates.shape[-1], top_k, capacity_factor)
-    values, token_of_slot = ops.top_k(ops.transpose(gates), capacity)
-    return values, ops.cast(token_of_slot, "int32")
+    if valid is None:
+        values, token_of_slot = ops.top_k(ops.transpose(gates), capacity)
+        return values, ops.cast(token_of_slot, "int32")
+    # Padding below any gate value: picked last, and then weighed zero.
+    scores = ops.where(ops.expand_dims(valid, -1), gates, -1.0)
+    values, token_of_slot = ops.top_k(ops.transpose(scores), capacity)
+    real = ops.sum(ops.cast(valid, "int32"))
+    limit = expert_capacity(real, gates.shape[-1], top_k, capacity_factor)
+    used = ops.expand_dims(ops.arange(ops.shape(values)[1], dtype="int32") < limit, 0)
+    used = ops.logical_and(used, values >= 0.0)
+    return ops.where(used, values, 0.0), ops.cast(token_of_slot, "int32")
 
 
 def _token_sum(rows, token_of_slot, num_tokens):
@@ -204,26 +216,33 @@ def combine_expert_choice(slot_outputs, values, token_of_slot, num_tokens):
     return _token_sum(flat * weights, token_of_slot, num_tokens)
 
 
-def dispatch_plan(index, num_experts: int, capacity) -> DispatchPlan:
+def dispatch_plan(index, num_experts: int, capacity, valid=None, limit=None) -> DispatchPlan:
     """Assigns every (token, choice) of `index` (`(tokens, k)` int) to a slot.
 
     Sorts and gathers only: a scatter or a cumulative sum over the assignments
     here made TensorFlow's XLA compile time grow with the token count.
+    `valid` (optional `(tokens,)` bool) leaves the other tokens (padding) out:
+    they take no slot. `limit` (optional scalar, at most `capacity`) caps each
+    expert's slots below the buffer's `capacity`, e.g. the capacity of the
+    valid tokens alone.
     """
     index = ops.cast(index, "int32")
     num_tokens, k = ops.shape(index)[0], ops.shape(index)[1]
+    if valid is not None:  # padding goes to a last group of its own, past every expert's
+        index = ops.where(ops.expand_dims(valid, -1), index, num_experts)
     # Choice-major order: every token's first choice outranks any second choice.
     flat = ops.reshape(ops.transpose(index), (-1,))
     order, rank, sizes, start = _sort_by_expert(flat, num_experts)
-    position = rank - ops.take(start, flat)
-    kept = position < capacity
+    position = rank - ops.take(start, ops.minimum(flat, num_experts - 1))
+    limit = capacity if limit is None else limit
+    kept = ops.logical_and(position < limit, flat < num_experts)
     discard = num_experts * capacity
     slot = ops.where(kept, flat * capacity + position, discard)
     # Slot s holds the (s % capacity)-th assignment of expert s // capacity, if any.
     slot_index = ops.arange(discard, dtype="int32")
     expert = slot_index // capacity
     position = slot_index - expert * capacity
-    filled = position < ops.take(sizes, expert)
+    filled = position < ops.minimum(ops.take(sizes, expert), limit)
     count = ops.shape(flat)[0]
     assignment = ops.take(order, ops.minimum(ops.take(start, expert) + position, count - 1))
     token_of_slot = ops.where(filled, assignment % num_tokens, -1)
