@@ -37,6 +37,28 @@ def mlp():
     )
 
 
+def n_m_mlp():
+    """`mlp` with 2:4 layers (both storages), for rewiring that keeps every group."""
+    return keras.Sequential(
+        [
+            keras.Input((20,)),
+            ksm.layers.SparseDense(32, n_m=(2, 4), activation="relu", seed=0, name="masked"),
+            ksm.layers.SparseDense(
+                32, n_m=(2, 4), activation="relu", implementation="sparse", seed=1, name="sparse"
+            ),
+            keras.layers.Dense(3, name="head"),
+        ],
+        name="n_m_mlp",
+    )
+
+
+def assert_exactly_n_m(model, n=2, m=4):
+    for layer in model.layers:
+        if isinstance(layer, ksm.layers.SparseKernelLayer):
+            counts = layer.dense_mask().reshape(-1, m, layer.kernel_shape[1]).sum(axis=1)
+            assert (counts == n).all(), layer.name
+
+
 def mixture(gate=None, oracle=False, **kwargs):
     """A mixture of 4 built-in experts before a dense head (`oracle`: gate reads an index)."""
     x = keras.Input((20,), name="x")

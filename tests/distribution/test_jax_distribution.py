@@ -44,6 +44,16 @@ def test_data_parallel_bias_balancing_matches_one_device():
     common.assert_same_training(model, reference)
 
 
+@pytest.mark.parametrize("callback", ["set", "rigl"])
+def test_data_parallel_n_m_rewiring_keeps_groups(callback):
+    distribution = keras.distribution.DataParallel(devices=jax.devices()[:4])
+    reference, single, model, history = _train_both(common.n_m_mlp, callback, distribution)
+    key = f"{common.CALLBACKS[callback]().name}/rewired"
+    assert sum(history[key]) > 0 and history[key] == single[key]
+    common.assert_same_training(model, reference)
+    common.assert_exactly_n_m(model)
+
+
 def _spec(variable):
     return tuple(variable.value.sharding.spec)
 

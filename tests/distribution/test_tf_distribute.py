@@ -63,6 +63,16 @@ def test_callbacks_rewire_replicas_identically_and_match_one_device(callback, st
     np.testing.assert_allclose(history["loss"], single["loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("callback", ["set", "rigl"])
+def test_n_m_rewiring_keeps_groups_on_identical_replicas(callback, strategy):
+    reference, single, model, history = _train_both(common.n_m_mlp, callback, strategy)
+    key = f"{common.CALLBACKS[callback]().name}/rewired"
+    assert sum(history[key]) > 0 and history[key] == single[key]
+    _replicas_identical(model)
+    common.assert_same_training(model, reference)
+    common.assert_exactly_n_m(model)
+
+
 def test_gate_losses_are_averaged_over_replicas(strategy):
     # A per-sample balancing loss: its mean over two half batches is the global
     # batch's, so the replicas' summed gradients equal one device's only if
