@@ -43,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 sys.path.insert(0, HERE)
 from bench_sparse_cnn import FILTERS, cnn_layers  # noqa: E402
+from bench_sparse_training import tfmot_stripped  # noqa: E402
 from common import load_named  # noqa: E402
 from interleaved import epochs_in_turns  # noqa: E402
 
@@ -186,10 +187,7 @@ def run_task(task, args):
     rows = []
     for name, (model, _) in runs.items():
         if name.startswith("2:4, tfmot"):
-            import tensorflow_model_optimization as tfmot
-
-            model = tfmot.sparsity.keras.strip_pruning(model)
-            model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            model = tfmot_stripped(model)
         accuracy = model.evaluate(xt, yt, verbose=0)[1]
         masks = kernels(model, names)
         kept = sum(int(m.sum()) for m in masks.values()) / sum(m.size for m in masks.values())

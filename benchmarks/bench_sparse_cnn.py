@@ -41,7 +41,7 @@ import keras_sparse_moe as ksm
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 sys.path.insert(0, HERE)
-from bench_sparse_training import Timed  # noqa: E402
+from bench_sparse_training import Timed, tfmot_stripped  # noqa: E402
 from common import load_named  # noqa: E402
 from interleaved import epochs_in_turns  # noqa: E402
 
@@ -199,10 +199,7 @@ def cnn(args):
     rows = []
     for name, (model, _) in runs.items():
         if name.startswith("tfmot"):
-            import tensorflow_model_optimization as tfmot
-
-            model = tfmot.sparsity.keras.strip_pruning(model)
-            model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            model = tfmot_stripped(model)
             used, all_ = tfmot_conv_weights(model)
         else:
             used, all_ = conv_weights(model)

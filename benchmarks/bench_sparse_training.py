@@ -83,6 +83,15 @@ def tfmot_mlp(densities, end_step, seed, optimizer="adam", dropout=0.0):
     return model, [tfmot.sparsity.keras.UpdatePruningStep()]
 
 
+def tfmot_stripped(model):
+    """A tfmot-pruned tf_keras model without its pruning wrappers, compiled to evaluate."""
+    import tensorflow_model_optimization as tfmot
+
+    model = tfmot.sparsity.keras.strip_pruning(model)
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
 class Timed(keras.callbacks.Callback):
     """Wraps a callback and adds up the seconds its hooks take.
 
@@ -187,10 +196,7 @@ def training(args):
         wall = {name: sum(seconds) for name, seconds in epoch_times.items()}
         for name, (model, callbacks) in runs.items():
             if name.startswith("tfmot"):
-                import tensorflow_model_optimization as tfmot
-
-                model = tfmot.sparsity.keras.strip_pruning(model)
-                model.compile(metrics=["accuracy"], loss="sparse_categorical_crossentropy")
+                model = tfmot_stripped(model)
             _, accuracy = model.evaluate(xt, yt, verbose=0)
             used, total = hidden_weights(model)
             timed = [c for c in callbacks if isinstance(c, Timed)]
