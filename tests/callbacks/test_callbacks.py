@@ -521,6 +521,7 @@ def test_callback_configs_cover_init():
         SETEvolution(zeta=0.2, update_every=5, seed=1, exclude=["a"]),
         RigL(data=(X, Y), update_every=10, end_step=100),
         MagnitudePruning(ConstantSparsity(0.5), scope="global", exclude=["h1"]),
+        MagnitudePruning(ConstantSparsity(0.5), n_m=(2, 4)),
         ksm.callbacks.ActivationRateLogger(layer="mixture", every=2, batch_size=64, verbose=0),
     ):
         arrays = {"data", "by_class"}  # arrays, not configuration
