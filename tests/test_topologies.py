@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from keras import ops
 
@@ -147,6 +147,7 @@ def test_erk_densities_budget_and_saturation():
     assert conv[0] > conv[1]
 
 
+@example(dims=[14, 1, 1, 1], kernel=(), density=0.25)  # the floor of one decides
 @settings(max_examples=200, deadline=None)
 @given(
     dims=st.lists(st.integers(min_value=1, max_value=60), min_size=3, max_size=6),
@@ -161,9 +162,13 @@ def test_erk_counts_hit_the_global_target_exactly(dims, kernel, density):
     if target >= len(shapes):  # below one connection a layer, each still keeps one
         assert sum(counts) == target
     assert all(1 <= c <= n for c, n in zip(counts, sizes))
-    # Each count is within one connection of its ERK share.
-    for count, d, n in zip(counts, T.erk_densities(shapes, density), sizes):
-        assert abs(count - d * n) < 1 + 1e-9 or (count == 1 and d * n < 1)
+    # Each count is within one connection of its ERK share, give or take what the
+    # floor of one connection added to layers whose share is below one (the other
+    # layers pay for it: shapes [(14, 1), (1, 1), (1, 1)] at 0.25 can only be 2, 1, 1).
+    shares = [d * n for d, n in zip(T.erk_densities(shapes, density), sizes)]
+    raised = sum(1 - share for share in shares if share < 1)
+    for count, share in zip(counts, shares):
+        assert abs(count - share) < 1 + raised + 1e-9 or (count == 1 and share < 1)
 
 
 def test_algebraic_connectivity_reference_graphs():
