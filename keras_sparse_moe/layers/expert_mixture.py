@@ -664,9 +664,6 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             self._add_losses(routing, index, valid)
         return bank.outputs(outputs, inputs)
 
-    def compute_mask(self, inputs, previous_mask):
-        return previous_mask  # a token's padding flag passes on unchanged
-
     def _token_mask(self, inputs, mask):
         """The `(tokens,)` bool of the tokens that count, from a Keras mask of the
         inputs' leading axes (None: every token counts)."""
