@@ -313,7 +313,7 @@ def _mixture_flops(mixture, batch_size) -> int:
         per_token = rows / (batch_size * tokens) * 2 * (d * h + h * u)
         if bank.has_routes and k > 1:
             pairs = batch_size * tokens * k * (k - 1)
-            block = dispatch.group_block(batch_size * tokens, k * (k - 1), e * e)
+            block = bank.route_block(batch_size * tokens, k)
             pair_rows = dispatch._num_rows(pairs, e * e, block)
             per_token += pair_rows / (batch_size * tokens) * 2 * h * h
         per_token += 2 * k * u  # the weighted combine

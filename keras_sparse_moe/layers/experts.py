@@ -245,6 +245,12 @@ class SparseExperts(keras.layers.Layer):
         sizes = (self.input_dim * self.hidden_units, self.hidden_units * self.units)
         return dispatch.group_block(num_tokens, top_k, self.num_experts, max(sizes))
 
+    def route_block(self, num_tokens, top_k):
+        """Rows per block of the routes' layout: the `tokens * k * (k - 1)` ordered
+        pairs of visited experts, grouped by their `(h, h)` tile (`E * E` groups)."""
+        e, h = self.num_experts, self.hidden_units
+        return dispatch.group_block(num_tokens, top_k * (top_k - 1), e * e, h * h)
+
     def on_groups(self, tokens, plan, index, training=None):
         """`(rows, units)` output of each row's expert on its token (`dispatch.GroupPlan`)."""
         experts = dispatch.expert_of_row(plan)
@@ -267,8 +273,7 @@ class SparseExperts(keras.layers.Layer):
         source = np.array([j for t in range(k) for j in range(k) if j != t], dtype="int32")
         target = np.array([t for t in range(k) for j in range(k) if j != t], dtype="int32")
         tiles = ops.take(index, source, axis=1) * e + ops.take(index, target, axis=1)
-        block = dispatch.group_block(index.shape[0], len(source), e * e)
-        pairs = dispatch.group_plan(tiles, e * e, block)
+        pairs = dispatch.group_plan(tiles, e * e, self.route_block(index.shape[0], k))
         # Each pair row reads its source choice's hidden row (padding rows: row 0).
         source_rows = ops.reshape(ops.take(plan.row_of_choice, source, axis=1), (-1,))
         source_rows = ops.concatenate([source_rows, ops.zeros((1,), "int32")])

@@ -163,6 +163,26 @@ def test_grouped_form_rejects_an_unknown_name(monkeypatch):
             dispatch.grouped_form()
 
 
+def _on_cpu():
+    if keras.backend.backend() != "jax":
+        return True  # this project's TensorFlow is tensorflow-cpu
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+@pytest.mark.skipif(not _on_cpu(), reason="accelerators always batch the blocks")
+def test_cpus_batch_small_matrices_and_loop_over_big_ones():
+    assert dispatch.GROUPED_FORM is None
+    small, big = dispatch.SMALL_MATRIX, dispatch.SMALL_MATRIX + 1
+    assert dispatch.grouped_form(small) == "batched"
+    assert dispatch.grouped_form(big) == "loop"
+    assert dispatch.grouped_form() == "loop"
+    # The block cap follows the form: batched blocks may exceed the loop's MAX_BLOCK.
+    assert dispatch.group_block(1 << 16, 2, 2, 16) == dispatch.MAX_BATCHED_BLOCK
+    assert dispatch.group_block(1 << 16, 2, 2, big) == dispatch.MAX_BLOCK
+
+
 @pytest.mark.parametrize("expert_axis", [0, 1])
 @pytest.mark.parametrize("n, k, num_experts, block", [(1, 2, 16, 1), (37, 2, 5, 4), (64, 3, 4, 8)])
 def test_grouped_matmul_and_combine_match_every_expert_weighted(
