@@ -35,6 +35,7 @@ from keras_sparse_moe.ops import dispatch
 # name -> (d, E, expert_units, units, expert_density, route_density, top_k)
 SIZES = {
     "demo": (784, 10, 64, 10, 0.2, 0.02, 2),
+    "demo-noroutes": (784, 10, 64, 10, 0.2, 0.0, 2),
     "wide": (1024, 64, 256, 1024, 0.05, 0.0, 2),
     "wide+routes": (1024, 64, 256, 1024, 0.05, 0.02, 2),
     "top2of16": (1024, 16, 1024, 1024, 0.1, 0.0, 2),
@@ -156,7 +157,7 @@ def main():
 
     header = (
         f"backend={keras.backend.backend()} device={device()} machine={platform.machine()} "
-        f"cpus={os.cpu_count()} date={time.strftime('%Y-%m-%d')} grouped={dispatch.grouped_form()}"
+        f"cpus={os.cpu_count()} date={time.strftime('%Y-%m-%d')} grouped={args.grouped}"
     )
     lines = [header, ""]
     lines.append(
