@@ -15,7 +15,8 @@ training step's compile time. The table gives milliseconds and the ratios
 `mixture / dense` and `mixture / all experts`.
 
     python benchmarks/bench_moe_vs_dense.py [--sizes demo wide top2of16 sweep] \\
-        [--repeats 5] [--markdown docs/moe_vs_dense_BACKEND.md] [--plot PICTURE.png]
+        [--repeats 5] [--markdown docs/moe_vs_dense_BACKEND.md] [--plot PICTURE.png] \\
+        [--implementation sparse]
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def sweep_size(e):
     return (1024, e, 256, 1024, 0.05, 0.0, 2)
 
 
-def build(kind, size, seed=0):
+def build(kind, size, seed=0, implementation="masked"):
     d, e, h, units, density, routes, k = size
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((d,))
@@ -63,6 +64,7 @@ def build(kind, size, seed=0):
             route_density=routes,
             top_k=k,
             dispatch="all" if kind == "all experts" else "auto",
+            implementation=implementation,
             seed=seed,
         )(inputs)
     model = keras.Model(inputs, outputs)
@@ -152,12 +154,19 @@ def main():
         default="auto",
         help="how the grouped dispatch runs its blocks (dispatch.grouped_form; auto: by device)",
     )
+    parser.add_argument(
+        "--implementation",
+        choices=["masked", "sparse"],
+        default="masked",
+        help="storage of the mixtures' experts and routes",
+    )
     args = parser.parse_args()
     dispatch.GROUPED_FORM = None if args.grouped == "auto" else args.grouped
 
     header = (
         f"backend={keras.backend.backend()} device={device()} machine={platform.machine()} "
-        f"cpus={os.cpu_count()} date={time.strftime('%Y-%m-%d')} grouped={args.grouped}"
+        f"cpus={os.cpu_count()} date={time.strftime('%Y-%m-%d')} grouped={args.grouped} "
+        f"implementation={args.implementation}"
     )
     lines = [header, ""]
     lines.append(
@@ -171,7 +180,8 @@ def main():
         named += [(f"sweep E={e}", sweep_size(e)) for e in SWEEP]
     sweep = {}
     for name, size in named:
-        models = {kind: build(kind, size) for kind in ("dense", "all experts", "mixture")}
+        kinds = ("dense", "all experts", "mixture")
+        models = {kind: build(kind, size, implementation=args.implementation) for kind in kinds}
         result = measure(
             models, size[0], size[3], args.repeats, (1, args.infer_batch), args.train_batch
         )

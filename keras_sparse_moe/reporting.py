@@ -291,7 +291,7 @@ def _mixture_flops(mixture, batch_size) -> int:
     from keras_sparse_moe.ops import dispatch
 
     bank, e = mixture.expert_bank, mixture.num_experts
-    path = mixture.dispatch_path(training=False)
+    path = mixture.dispatch_path(training=False, num_tokens=batch_size * _positions(mixture))
     if not hasattr(bank, "expert_hidden"):  # user experts: every sample a token
         counts = {}
         for expert in bank.expert_list:

@@ -181,10 +181,14 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     fixed-size expert buffers of `ceil(capacity_factor * top_k * tokens / E)`
     slots (`dispatch_plan`): assignments beyond capacity are dropped and
     counted in `overflow_counts`; when capacity suffices both paths give the
-    same output. Without `top_k`, with user `experts` or with
-    `implementation="sparse"`, every expert computes every token and the
-    unselected ones are weighted by zero (`dispatch_path()` says which path a
-    call takes).
+    same output. With `implementation="sparse"` the grouped path scatters
+    the stored connections into dense expert kernels at each call (kernels up
+    to `DENSE_LIMIT` entries), so it computes like masked storage while
+    storing only the connections; it is taken where that costs less than
+    multiplying every token by every connection (`densify_pays`: e.g. from
+    60 tokens at 5 % density). Without `top_k` or with user `experts`,
+    every expert computes every token and the unselected ones are weighted by
+    zero (`dispatch_path()` says which path a call takes).
 
     **Expert choice** (`routing="expert_choice"`, Zhou et al., 2022): the
     experts pick their tokens instead. Expert `e` takes the
@@ -269,9 +273,11 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         kernel_initializer: Initializer of the built-in experts' kernels; the
             default He-uniform scales by fan-in, which is each expert's own.
         implementation: Storage of the built-in experts' `SparseDense` layers:
-            `"masked"` or `"sparse"` (only the connections: expert compute and
-            memory grow with them, not with `input_dim * experts * width`);
-            None (the default) is `"masked"`. User `experts` take none.
+            `"masked"` or `"sparse"` (only the connections: stored weights grow
+            with them, not with `input_dim * experts * width`; the all-experts
+            and capacity paths also compute only them, while the grouped path
+            densifies the kernels at each call); None (the default) is
+            `"masked"`. User `experts` take none.
         seed: Optional int making the built-in experts' topology reproducible.
         num_shared_experts: Int >= 0 (default 0): built-in experts, shaped like
             the routed ones, that every token visits (built-in experts only).
@@ -698,13 +704,16 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         expert computes exactly its tokens' rows: dropless), `"capacity"` (in
         training with `capacity_factor`: fixed-size expert buffers) or `"all"`
         (every expert on every token: no `top_k`, `dispatch="all"`, user
-        experts, or sparse storage).
+        experts, or sparse storage of kernels too big to densify).
 
         `num_tokens` is the token count as traced. On JAX a symbolic one (an
         export with a free batch size) also gives `"all"`: jax2onnx cannot
         sort a symbolic number of assignments. The outputs are the same (an
         unselected expert has weight zero); the exported model computes every
-        expert. TensorFlow exports keep the grouped path.
+        expert. TensorFlow exports keep the grouped path, except with sparse
+        storage: its grouped path scatters the connections into dense kernels,
+        which the converters would fold into dense constants (the exported
+        file would no longer grow by 8 bytes a connection).
         """
         if self.routing == "expert_choice":
             # Routes need every visited expert's hidden state: the all-experts path.
@@ -715,9 +724,12 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         if training and self.capacity_factor is not None:
             return "capacity"
         symbolic = num_tokens is not None and not isinstance(num_tokens, (int, np.integer))
-        if symbolic and keras.backend.backend() == "jax":
+        if symbolic and (
+            keras.backend.backend() == "jax" or not getattr(self.expert_bank, "stores_dense", True)
+        ):
             return "all"
-        return "grouped" if self.expert_bank.groups else "all"
+        bank = self.expert_bank
+        return "grouped" if bank.groups and bank.densify_pays(num_tokens) else "all"
 
     def _add_losses(self, routing, index, valid=None):
         """Every weighted loss, the balancing ones and the gate's own, in one place."""

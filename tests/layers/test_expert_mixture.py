@@ -120,12 +120,19 @@ def test_capacity_dispatch_equals_dense_path_when_capacity_suffices(kind):
     assert dispatched.layers[0].overflow_fraction == 0.0
 
 
-@pytest.mark.parametrize("route_density", [None, 0.3])
-@pytest.mark.parametrize("top_k", [1, 3])
-def test_grouped_dispatch_equals_every_expert_weighted(top_k, route_density):
+@pytest.mark.parametrize(
+    "top_k, route_density, implementation",
+    [(1, None, "masked"), (3, None, "masked"), (1, 0.3, "masked"), (3, 0.3, "masked")]
+    + [(3, 0.3, "sparse")],  # its grouped path densifies the stored connections
+)
+def test_grouped_dispatch_equals_every_expert_weighted(top_k, route_density, implementation):
     def model(dispatch):
         layer = SparseExpertMixture(
-            top_k=top_k, route_density=route_density, dispatch=dispatch, **BUILTIN
+            top_k=top_k,
+            route_density=route_density,
+            dispatch=dispatch,
+            implementation=implementation,
+            **BUILTIN,
         )
         m = keras.Sequential([keras.Input((10,)), layer])
         m.compile(keras.optimizers.SGD(0.1), "mse")
@@ -151,6 +158,24 @@ def test_grouped_dispatch_equals_every_expert_weighted(top_k, route_density):
     every.train_on_batch(X, target)
     for a, b in zip(grouped.trainable_weights, every.trainable_weights):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_storage_groups_where_densifying_costs_less_than_every_connection():
+    sparse = SparseExpertMixture(top_k=2, implementation="sparse", **BUILTIN)
+    masked = SparseExpertMixture(top_k=2, **BUILTIN)
+    for layer in (sparse, masked):
+        layer.build((None, 10))
+    bank = sparse.expert_bank
+    layers = [bank.expert_hidden, bank.expert_output]
+    connections = sum(int(layer.values.shape[0]) for layer in layers)
+    entries = sum(int(np.prod(layer.kernel_shape)) for layer in layers)
+    # The all-experts path multiplies each token by every connection; the grouped
+    # path writes every entry of the dense kernels (about DENSIFY_COST products each).
+    threshold = -(-bank.DENSIFY_COST * entries // connections)
+    assert sparse.dispatch_path(False, threshold - 1) == "all"
+    assert sparse.dispatch_path(False, threshold) == "grouped"
+    assert sparse.dispatch_path(False) == "grouped"  # count unknown
+    assert masked.dispatch_path(False, 1) == "grouped"
 
 
 def test_overflow_drops_assignments_and_is_counted():
