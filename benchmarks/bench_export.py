@@ -161,7 +161,10 @@ class OpenVINORunner:
     def __init__(self, path):
         import openvino
 
-        self.compiled = openvino.Core().compile_model(path, "CPU")
+        # float32, as the model: on CPUs with bfloat16 units (AMX, AVX512-BF16)
+        # OpenVINO otherwise infers in bfloat16 (faster, 0.3 % off).
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        self.compiled = openvino.Core().compile_model(path, "CPU", config)
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, x):
