@@ -6,6 +6,22 @@ import inspect
 
 import keras
 import numpy as np
+import pytest
+
+# `jit_compile` for tests that fit both ways. Without jit, JAX runs every op one by
+# one, the same ops as under jit (seconds a step for a mixture); TensorFlow's run
+# covers its graph mode without XLA, the path that differs.
+JIT_COMPILE = [
+    pytest.param(
+        False,
+        marks=pytest.mark.skipif(
+            keras.backend.backend() == "jax",
+            reason="JAX without jit runs the same ops one by one (TensorFlow's run covers "
+            "fitting without XLA)",
+        ),
+    ),
+    True,
+]
 
 
 def to_numpy(x):

@@ -9,7 +9,7 @@ import pytest
 
 import keras_sparse_moe as ksm
 from keras_sparse_moe.constraints import MaskConstraint, apply_mask_constraints
-from tests.test_case import to_numpy
+from tests.test_case import JIT_COMPILE, to_numpy
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((32, 6, 6, 2)).astype("float32")
@@ -38,7 +38,7 @@ def _assert_masked(model):
         assert np.all(kernel[mask == 0] == 0), f"{name}: masked weights are not zero"
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_masked_weights_are_zero_after_every_fit_step(jit_compile):
     model = _model()
     assert apply_mask_constraints(model) == 2

@@ -8,7 +8,7 @@ import keras_sparse_moe as ksm
 from keras_sparse_moe.callbacks import MagnitudePruning, RigL, SETEvolution
 from keras_sparse_moe.layers import SparseKernelLayer
 from keras_sparse_moe.schedules import ConstantSparsity, PolynomialDecay
-from tests.test_case import assert_masked_weights_zero, masked_layers, to_numpy
+from tests.test_case import JIT_COMPILE, assert_masked_weights_zero, masked_layers, to_numpy
 
 RNG = np.random.default_rng(0)
 X = RNG.random((128, 24), dtype=np.float32)
@@ -43,7 +43,7 @@ def _slots(model, layer):
 # --------------------------------------------------------------------------- #
 # SET
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_set_epoch_schedule_keeps_counts_and_zeros(jit_compile):
     model = _model(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit_compile)
     counts = {layer.name: layer.num_connections for layer in masked_layers(model)}

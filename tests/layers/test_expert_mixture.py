@@ -17,7 +17,12 @@ from keras_sparse_moe.layers import (
     SparseDense,
     SparseExpertMixture,
 )
-from tests.test_case import assert_config_covers_init, assert_masked_weights_zero, to_numpy
+from tests.test_case import (
+    JIT_COMPILE,
+    assert_config_covers_init,
+    assert_masked_weights_zero,
+    to_numpy,
+)
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((48, 10)).astype("float32")
@@ -288,7 +293,7 @@ def test_oracle_gate_sends_each_sample_to_its_expert():
         SparseExpertMixture(gate=OracleGate(2), units=3, num_experts=2)(X)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_fit_keeps_experts_sparse_and_logs(jit_compile):
     mixture = SparseExpertMixture(
         top_k=2, capacity_factor=1.0, balance_losses="entropy", route_density=0.2, **BUILTIN

@@ -13,6 +13,7 @@ from keras_sparse_moe.layers import SparseConv1D, SparseConv2D
 from keras_sparse_moe.layers.sparse_kernel import compute_fans, initial_values
 from keras_sparse_moe.schedules import ConstantSparsity
 from tests.test_case import (
+    JIT_COMPILE,
     assert_config_covers_init,
     assert_masked_weights_zero,
     masked_layers,
@@ -141,7 +142,7 @@ def _cnn(implementation="masked", density=0.3, jit_compile=True, optimizer=None)
     return model
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_masked_weights_stay_exactly_zero_in_fit(jit_compile):
     model = _cnn(jit_compile=jit_compile)
     before = {layer.name: layer.dense_mask().copy() for layer in masked_layers(model)}

@@ -11,6 +11,7 @@ from keras_sparse_moe import topologies
 from keras_sparse_moe.layers import SparseDense
 from keras_sparse_moe.layers.storage import MaskedState
 from tests.test_case import (
+    JIT_COMPILE,
     assert_config_covers_init,
     assert_masked_weights_zero,
     masked_layers,
@@ -147,7 +148,7 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("build", [_sequential, _functional, SubclassedMLP])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_masked_weights_stay_exactly_zero_in_fit(build, optimizer, jit_compile):
     model = build()
     model.compile(OPTIMIZERS[optimizer](), "mse", jit_compile=jit_compile)
@@ -163,7 +164,7 @@ def test_masked_weights_stay_exactly_zero_in_fit(build, optimizer, jit_compile):
         assert moved.any() and np.all(to_numpy(layer.mask)[moved] == 1)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_a_nan_input_leaves_masked_weights_exactly_zero(jit_compile):
     # A NaN gradient times a zero mask is NaN: masking must select, not multiply.
     x = np.random.default_rng(0).random((64, 16)).astype("float32")

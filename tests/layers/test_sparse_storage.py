@@ -11,7 +11,7 @@ import pytest
 
 from keras_sparse_moe import _runtime, callbacks, schedules, topologies
 from keras_sparse_moe.layers import SparseDense, sparse_kernel, storage
-from tests.test_case import assert_config_covers_init, masked_layers, to_numpy
+from tests.test_case import JIT_COMPILE, assert_config_covers_init, masked_layers, to_numpy
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((64, 24)).astype("float32")
@@ -41,7 +41,7 @@ def _copy_weights(source, target):
             b.set_weights(a.get_weights())
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_sparse_and_masked_give_equal_outputs_and_gradients(jit_compile):
     masked, sparse = _model("masked"), _model("sparse", seed=7)  # different draws, then copied
     _copy_weights(masked, sparse)
