@@ -50,6 +50,13 @@ def _reset_keras_state():
     keras.backend.clear_session(free_memory=False)
 
 
+def pytest_collection_modifyitems(config, items):
+    # Tests marked `slow` first (in their order, the others after): xdist hands tests
+    # out in this order, so the two workers end together instead of one waiting while
+    # the other runs a long test collected last.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_report_header(config):
     return f"keras {keras.__version__}, backend {keras.backend.backend()}"
 

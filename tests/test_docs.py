@@ -37,6 +37,7 @@ def test_readme_stays_short():
     assert lines <= 200, f"README.md has {lines} lines"
 
 
+@pytest.mark.slow
 def test_readme_tour_runs(tmp_path, monkeypatch):
     """The README's tour runs as written (MNIST replaced by 256 random images)."""
     import keras

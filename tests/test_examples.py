@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
 def _example(name):
@@ -191,12 +192,12 @@ def test_topology_study_sweeps_and_measures(tmp_path, capsys):
     _fake_data(tmp_path)
     out = tmp_path / "out"
     rows = _example("topology_study").main(
-        ["--data", str(tmp_path / "mnist.npz"), "--degrees", "2", "4", "--depths", "1", "2"]
+        ["--data", str(tmp_path / "mnist.npz"), "--degrees", "4", "--depths", "1", "2"]
         + ["--dropouts", "0.2", "--topologies", "random", "structured regular", "Fibonacci"]
         + ["--units", "12", "--epochs", "1", "--batch-size", "8", "--out", str(out)]
     )
     # A fully connected reference per setting, then every topology at every degree.
-    assert len(rows) == 2 + 2 * 2 * 3
+    assert len(rows) == 2 + 1 * 2 * 3
     from keras_sparse_moe import topologies
 
     for row in rows:

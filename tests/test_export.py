@@ -1,9 +1,11 @@
 """Export of every layer and gate to every format Keras supports on the backend.
 
-Each model is trained one step, exported, loaded in that format's runtime
-(TensorFlow, ONNX Runtime, LiteRT's builtin-op interpreter, OpenVINO) and
-compared with Keras' own outputs at two batch sizes (the batch size is left
-free in every export).
+Each model is trained one step (once a process), exported, loaded in that
+format's runtime (TensorFlow, ONNX Runtime, LiteRT's builtin-op interpreter,
+OpenVINO) and compared with Keras' own outputs at two batch sizes (the batch
+size is left free in every export). OpenVINO converts every model in one
+export, as the outputs of one model: its conversion costs seconds however
+small the model.
 """
 
 import functools
@@ -232,6 +234,7 @@ def _all_inputs(batch):
     return _inputs("oracle_gate_inputs", batch)  # x and the oracle's index
 
 
+@pytest.mark.slow
 def test_every_model_runs_in_openvino_with_equal_outputs(tmp_path):
     model = _all_in_one(sorted(MODELS))
     _export_and_compare(model, "openvino", tmp_path, _all_inputs)
@@ -275,6 +278,7 @@ def _skip_without(fmt):
 FOLDING = {"onnx", "litert", "openvino"} if keras.backend.backend() == "tensorflow" else set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["keras", "tf_saved_model", *_formats()])
 def test_sparse_storage_files_grow_by_8_bytes_a_connection(fmt, tmp_path, monkeypatch):
     """A float32 value and one int32 position a connection. TensorFlow's converters

@@ -48,6 +48,7 @@ def test_knn_affinities_match_a_textbook_calibration():
     assert dense.sum() == pytest.approx(1.0) and np.all(np.diag(dense) == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("affinities", ["global", "batch"])
 def test_fit_transform_embeds_unseen_points_well(affinities):
     """Shuffled batches, both affinity modes: unseen digits land near their class."""

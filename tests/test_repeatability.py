@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +43,7 @@ def _digests(process):
     return digests
 
 
+@pytest.mark.slow
 def test_same_global_seed_same_weights_other_seed_other_weights():
     # Two fresh processes: seed 1 in each; the first then sets seed 2 and builds again.
     runs = [_run(1, 2), _run(1)]

@@ -67,6 +67,7 @@ def test_strip_refuses_a_mixture_naming_the_layer():
         ksm.strip(SparseDense(3))
 
 
+@pytest.mark.slow
 def test_stripped_model_loads_and_serves_without_the_package(tmp_path):
     model = _sparse_cnn("sparse")
     path = os.path.join(tmp_path, "plain.keras")

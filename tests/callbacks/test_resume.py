@@ -155,6 +155,7 @@ def test_backup_and_restore_resumes_to_the_uninterrupted_result(name, backup_fir
     assert_masked_weights_zero(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["set_epoch", "rigl"])
 def test_model_checkpoint_load_and_continue_is_exact(name, tmp_path):
     expected, _ = _uninterrupted(name)

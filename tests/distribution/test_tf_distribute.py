@@ -96,6 +96,7 @@ def test_oracle_gate_matches_one_device(strategy):
     common.assert_same_training(model, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "build",
     [

@@ -293,6 +293,7 @@ def test_oracle_gate_sends_each_sample_to_its_expert():
         SparseExpertMixture(gate=OracleGate(2), units=3, num_experts=2)(X)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_fit_keeps_experts_sparse_and_logs(jit_compile):
     mixture = SparseExpertMixture(
@@ -541,6 +542,7 @@ def _compiled_step_sizes(layer, tokens):
     return tuple(sum(" = " in line for line in text.splitlines()) for text in texts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity_factor", [None, 1.25])
 def test_compiled_dispatch_does_not_grow_with_the_tokens(capacity_factor):
     # A program that grows with the batch is unrolled or constant-folded per

@@ -61,6 +61,7 @@ def test_shared_experts_add_to_every_token(top_k):
     assert_config_covers_init(layer)
 
 
+@pytest.mark.slow
 def test_dense_shared_expert_trains_and_saves(tmp_path):
     layer = SparseExpertMixture(
         top_k=1, num_shared_experts=1, shared_expert_density=1.0, name="moe", **BUILTIN

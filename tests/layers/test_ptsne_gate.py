@@ -129,6 +129,7 @@ def _mixture(**kwargs):
     )
 
 
+@pytest.mark.slow
 def test_in_a_mixture_with_top_k_capacity_balancing_set_and_xla():
     mixture = _mixture()
     model = keras.Sequential([keras.Input((64,)), mixture, keras.layers.Softmax()])

@@ -310,6 +310,7 @@ _NO_DENSE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_layer_too_large_to_densify_builds_trains_rewires_and_saves(tmp_path):
     # 200k x 200k at epsilon 2: 800k connections. Anything of the kernel's dense
     # shape would need 40 G entries (160 GB); the whole run stays within 5 GB (it
