@@ -5,6 +5,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One BLAS thread per test process (see `threadpool_limits` below): libraries loaded from
+# here on read the variable, those already loaded are limited by threadpoolctl.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # JAX keeps compiled programs on disk for the session: the suite builds the same small
 # models again and again (fresh models, the same programs), and a cached program costs
 # a file read instead of an XLA compilation (a ParametricTSNE fit: 0.4 s instead of 2.4 s).
@@ -25,6 +28,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+import threadpoolctl  # noqa: E402
+
+# One BLAS thread per test process: the two xdist workers already fill the cores, and
+# OpenBLAS's thread pool once hung a worker for good (its main thread spinning in
+# `exec_blas`, waiting on pool threads that never ran, inside PCA's 64x64 `eigh`) in a
+# worker that had run the export tests (their runtimes bring thread pools of their own).
+threadpoolctl.threadpool_limits(1, user_api="blas")
 
 if keras.backend.backend() == "tensorflow":
     # Two logical CPUs for the tf.distribute tests (tests/distribution); every
