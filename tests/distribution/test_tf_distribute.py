@@ -16,10 +16,11 @@ pytestmark = [pytest.mark.tensorflow_only, pytest.mark.distributed]
 tf = pytest.importorskip("tensorflow")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def strategy():
-    # One strategy for the module: strategies created one after another in a
-    # process can reuse collective instance keys and abort each other's all-reduce.
+    # One strategy a process (not a module: the slow tests run first, so the module's
+    # tests are not together): strategies created one after another in a process can
+    # reuse collective instance keys and abort each other's all-reduce.
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < 2:
         pytest.skip("needs 2 logical CPUs, set up by tests/conftest.py before TF starts")
