@@ -205,7 +205,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         exaggeration_epochs: Epochs of early exaggeration.
         epochs: Default number of training epochs for `fit` (270). An epoch
             is `len(x)` points through the network: 1.1-2.3 s for 60,000 MNIST
-            images on the 2-core CPUs measured (JAX), 5.5-8 minutes in all with
+            images on the 2-core CPUs measured (JAX), 5.5-8.5 minutes in all with
             the neighbours, 2.7-3.7x openTSNE's time. More epochs keep
             sharpening the finest scale, which is where the training map's
             trustworthiness trails openTSNE's (0.986 on MNIST): the recipe
