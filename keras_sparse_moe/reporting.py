@@ -192,7 +192,8 @@ def executed_flops(model, batch_size: int = 1) -> dict:
       experts by the path inference takes (`dispatch_path(False)`): the grouped
       dispatch runs `k` experts a token plus the padding rows of its static
       layout (which depends on `batch_size`), and routes only between visited
-      experts; expert choice runs each expert on its `capacity` tokens of the
+      experts (as `(h, h)` tiles, or folded into the output kernels: see
+      `SparseExperts.route_form`); expert choice runs each expert on its `capacity` tokens of the
       batch; the all-experts path runs every expert and the whole route
       matrix. Shared experts run on every token.
     - Any other layer: the sum of its sublayers.
@@ -311,11 +312,15 @@ def _mixture_flops(mixture, batch_size) -> int:
         count = batch_size * tokens * k
         rows = dispatch._num_rows(count, e, bank.group_block(batch_size * tokens, k))
         per_token = rows / (batch_size * tokens) * 2 * (d * h + h * u)
-        if bank.has_routes and k > 1:
+        form = bank.route_form(batch_size * tokens, k)
+        if form == "tiles":  # the ordered pairs of visited experts, by (h, h) tile
             pairs = batch_size * tokens * k * (k - 1)
             block = bank.route_block(batch_size * tokens, k)
             pair_rows = dispatch._num_rows(pairs, e * e, block)
             per_token += pair_rows / (batch_size * tokens) * 2 * h * h
+        elif form == "folded":  # each row by its (h, E * u) block, after folding once a call
+            per_token += rows / (batch_size * tokens) * 2 * h * e * u
+            per_token += 2 * e * e * h * h * u / (batch_size * tokens)
         per_token += 2 * k * u  # the weighted combine
     else:
         if bank.has_routes:

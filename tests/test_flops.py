@@ -78,6 +78,21 @@ def test_grouped_padding_matches_the_layout_the_code_builds():
     assert ksm.reporting.executed_flops(model, batch_size=512)["moe"] == round(expected)
 
 
+def test_folded_routes_count_each_row_by_its_block_and_the_fold():
+    mixture = _mixture(top_k=2, route_density=0.3)
+    model = _model(mixture)
+    assert mixture.expert_bank.route_form(512, 2) == "folded"
+    x = np.random.default_rng(0).standard_normal((512, D)).astype("float32")
+    _, index = dispatch.top_k_weights(mixture.gate_values(x), 2)
+    block = mixture.expert_bank.group_block(512, 2)
+    rows = to_numpy(dispatch.group_plan(index, E, block).token_of_row).shape[0]
+    # Each row: its expert, then its (H, E * U) folded route block; once a call:
+    # the fold R[s -> t] @ W_t of the E^2 tiles.
+    per_row = 2 * (D * H + H * U) + 2 * H * E * U
+    expected = 2 * D * E + rows / 512 * per_row + 2 * E * E * H * H * U / 512 + 2 * 2 * U
+    assert ksm.reporting.executed_flops(model, batch_size=512)["moe"] == round(expected)
+
+
 def test_gates_and_positions():
     noisy = _model(_mixture(gate=NoisyTopKGate(E, top_k=1)))
     assert ksm.reporting.executed_flops(noisy)["moe"] == 2 * D * E + 2 * (D * H + H * U) + 2 * U

@@ -631,3 +631,43 @@ def test_router_jitter_scales_the_gate_input_in_training_only():
     logits = np.log(noisy) - np.log(clean)
     spread = logits - logits.mean(-1, keepdims=True)
     assert np.all(np.abs(spread) <= 2 * bound.max(-1, keepdims=True) + 1e-4)
+
+
+@pytest.mark.parametrize("form", ["tiles", "folded"])
+def test_both_route_forms_equal_every_expert_weighted(monkeypatch, form):
+    from keras_sparse_moe.layers.experts import SparseExperts
+
+    # Either form on every batch size, against the all-experts path (the whole route matrix).
+    monkeypatch.setattr(SparseExperts, "route_form", lambda self, tokens, k: form)
+
+    def model(dispatch):
+        layer = SparseExpertMixture(top_k=3, route_density=0.3, dispatch=dispatch, **BUILTIN)
+        m = keras.Sequential([keras.Input((10,)), layer])
+        m.compile(keras.optimizers.SGD(0.1), "mse")
+        return m
+
+    grouped, every = model("auto"), model("all")
+    _copy_weights(every.layers[0], grouped.layers[0])
+    for batch in (X[:1], X):
+        np.testing.assert_allclose(
+            to_numpy(grouped(batch)), to_numpy(every(batch)), rtol=1e-5, atol=1e-5
+        )
+    target = RNG.standard_normal((48, 3)).astype("float32")
+    grouped.train_on_batch(X, target)
+    every.train_on_batch(X, target)
+    for a, b in zip(grouped.trainable_weights, every.trainable_weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
+
+
+def test_route_form_folds_narrow_outputs_at_large_batches():
+    # E * units <= 2 (k - 1) h and tokens * k (k - 1) >= E^2 * units: folded.
+    narrow = SparseExpertMixture(top_k=2, route_density=0.3, **BUILTIN).expert_bank
+    assert narrow.route_form(24, 2) == "folded"  # 24 * 2 = 48 >= 4 * 4 * 3
+    assert narrow.route_form(23, 2) == "tiles"
+    assert narrow.route_form(None, 2) == "tiles"  # unknown when traced (exports)
+    assert narrow.route_form(1024, 1) is None  # one expert a token: no pair to route
+    wide = SparseExpertMixture(
+        top_k=2, route_density=0.3, **{**BUILTIN, "units": 5}
+    ).expert_bank  # 4 * 5 = 20 > 2 * 8
+    assert wide.route_form(1024, 2) == "tiles"
+    assert SparseExpertMixture(top_k=2, **BUILTIN).expert_bank.route_form(1024, 2) is None
