@@ -209,16 +209,24 @@ def joint_affinities(x, perplexity, steps: int = BISECTION_STEPS):
     return ops.stop_gradient(ops.maximum(p, P_FLOOR) * off)
 
 
-def _log_student_t(y, dof):
-    """`log w_ij = −(α + 1) / 2 · log(1 + ‖y_i − y_j‖² / α)` for all pairs (0 on the diagonal)."""
+def _log_kernel(sq_distances, dof):
+    """`log w = −(α + 1) / 2 · log(1 + d / α)` of squared distances `d`."""
     dof = ops.cast(dof, "float32")
-    return -0.5 * (dof + 1.0) * ops.log1p(squared_distances(y) / dof)
+    return -0.5 * (dof + 1.0) * ops.log1p(sq_distances / dof)
+
+
+def _kernel(sq_distances, dof):
+    """`w = (1 + d / α)^(−(α + 1) / 2)` of squared distances `d`: `1 / (1 + d)` when `dof`
+    is the number 1 (the Cauchy kernel, one division a pair instead of a log and an exp)."""
+    if isinstance(dof, (int, float)) and float(dof) == 1.0:
+        return 1.0 / (1.0 + sq_distances)
+    return ops.exp(_log_kernel(sq_distances, dof))
 
 
 def student_t_kernel(y, dof=1.0):
     """`w_ij = (1 + ‖y_i − y_j‖² / α)^(−(α + 1) / 2)`, zero diagonal, float32."""
-    log_w = _log_student_t(y, dof)
-    return ops.exp(log_w) * (1.0 - ops.eye(ops.shape(log_w)[0], dtype="float32"))
+    w = _kernel(squared_distances(y), dof)
+    return w * (1.0 - ops.eye(ops.shape(w)[0], dtype="float32"))
 
 
 def tsne_kl(p, y, dof=1.0, exaggeration=1.0):
@@ -290,13 +298,14 @@ def sampled_tsne_kl(y, dof=1.0, exaggeration=1.0, n_points=None, entropy=0.0, id
         >>> float(sampled_tsne_kl(y, n_points=100)) > 0
         True
     """
-    log_w = _log_student_t(y, dof)
-    n = ops.shape(log_w)[0]
+    y = ops.cast(y, "float32")
+    n = ops.shape(y)[0]
     a = n // 2
-    attraction = -ops.mean(ops.diagonal(log_w[:a, a:]))
+    # The sampled pairs' log-kernel from their own distances (a of them, not n^2).
+    attraction = -ops.mean(_log_kernel(ops.sum(ops.square(y[:a] - y[a:]), axis=-1), dof))
     if ids is None:
         pairs = 1.0 - ops.eye(a, dtype="float32")
-        w = ops.exp(log_w[:a, :a])
+        w = _kernel(squared_distances(y[:a]), dof)
     else:
         ids = ops.reshape(ops.cast(ids, "int32"), (-1,))
         group = ops.arange(n) % a  # an anchor and its neighbour
@@ -304,7 +313,7 @@ def sampled_tsne_kl(y, dof=1.0, exaggeration=1.0, n_points=None, entropy=0.0, id
             ops.expand_dims(group, 1) != ops.expand_dims(group, 0),
             ops.expand_dims(ids, 1) != ops.expand_dims(ids, 0),
         )
-        pairs, w = ops.cast(pairs, "float32"), ops.exp(log_w)
+        pairs, w = ops.cast(pairs, "float32"), _kernel(squared_distances(y), dof)
     log_z = ops.log(ops.sum(w * pairs)) - ops.log(ops.sum(pairs))
     if n_points is not None:
         log_z = log_z + math.log(float(n_points) * (float(n_points) - 1.0))

@@ -225,3 +225,18 @@ def test_sampled_kl_averages_to_the_full_kl_and_gradient():
     cosine = np.sum(mean_grad * full_grad) / np.linalg.norm(mean_grad) / np.linalg.norm(full_grad)
     assert cosine > 0.99, cosine
     assert np.linalg.norm(mean_grad) == pytest.approx(np.linalg.norm(full_grad), rel=0.05)
+
+
+def test_cauchy_kernel_fast_form_equals_the_general_one():
+    # dof as the number 1 takes 1 / (1 + d); as a tensor (a trainable dof) the log-exp form.
+    y = RNG.normal(scale=5.0, size=(16, 2)).astype("float32")
+    fast = to_numpy(tsne.student_t_kernel(y, 1.0))
+    general = to_numpy(tsne.student_t_kernel(y, keras.ops.convert_to_tensor(1.0)))
+    np.testing.assert_allclose(fast, general, rtol=1e-5, atol=1e-7)
+    assert np.all(np.diag(fast) == 0.0)
+    ids = np.arange(16)
+    args = (y, 1.0, 1.0, 100, 0.0, ids)
+    with_tensor = (y, keras.ops.convert_to_tensor(1.0), 1.0, 100, 0.0, ids)
+    assert float(tsne.sampled_tsne_kl(*args)) == pytest.approx(
+        float(tsne.sampled_tsne_kl(*with_tensor)), rel=1e-6
+    )
