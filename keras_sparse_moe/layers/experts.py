@@ -285,7 +285,7 @@ class SparseExperts(keras.layers.Layer):
 
     def route_form(self, num_tokens, top_k):
         """How the grouped dispatch computes the routes for `num_tokens` tokens:
-        `"tiles"` (`_visited_routes`) or `"folded"` (`_folded_routes`); None
+        `"tiles"` (`_visited_routes`) or `"folded"` (`_output_with_folded_routes`); None
         without routes or with `top_k` 1.
 
         The folded form multiplies each row by `E * units` columns where the
@@ -316,35 +316,38 @@ class SparseExperts(keras.layers.Layer):
         hidden = self._grouped_layer(self.expert_hidden, rows, self.hidden_units, plan, experts)
         hidden = self.expert_hidden.activation(hidden)
         form = self.route_form(index.shape[0], index.shape[-1])
+        if form == "folded":
+            return self._output_with_folded_routes(hidden, plan, index, experts)
         if form == "tiles":
             hidden = hidden + self._visited_routes(hidden, plan, index)
-        outputs = self._grouped_layer(self.expert_output, hidden, self.units, plan, experts)
-        if form == "folded":
-            outputs = outputs + self._folded_routes(hidden, plan, index)
-        return outputs
+        return self._grouped_layer(self.expert_output, hidden, self.units, plan, experts)
 
-    def _folded_routes(self, hidden, plan, index):
-        """What the routes add to each row's output, with the output kernels
-        folded into the route tiles: the output layer is linear, so a route's
-        `h_s @ R[s -> t]` reaches the output as `h_s @ (R[s -> t] @ W_t)`. Each
-        row (source expert `s`) is multiplied by `M[s] = [R[s -> t] @ W_t for
-        every t]` (`(h, E * units)`) with the grouped plan already built, and
-        each target choice reads its sources' `units` columns of block `t`.
+    def _output_with_folded_routes(self, hidden, plan, index, experts):
+        """The output layer with the routes folded into it. The output layer is
+        linear, so a route's `h_s @ R[s -> t]` reaches the output as
+        `h_s @ (R[s -> t] @ W_t)`. One grouped matmul multiplies each row
+        (expert `s`) by `[W_s | R[s -> t] @ W_t for every t]` (`(h, units + E *
+        units)`): its own output, then what it sends to each expert's output;
+        each target choice adds its sources' `units` columns of its block.
         Equal to `_visited_routes` followed by the output layer."""
         e, h, u, k = self.num_experts, self.hidden_units, self.units, index.shape[-1]
         routes = ops.reshape(self.expert_routes.dense_kernel(), (e, h, e, h))
         kernel = ops.reshape(self.expert_output.dense_kernel(), (h, e, u))
         folded = ops.reshape(ops.einsum("sitj,jtu->situ", routes, kernel), (e, h, e * u))
-        per_row = ops.reshape(dispatch.grouped_matmul(hidden, folded, plan), (-1, u))
+        both = ops.concatenate([ops.transpose(kernel, (1, 0, 2)), folded], axis=-1)
+        out = dispatch.grouped_matmul(hidden, both, plan)
+        own, sent = out[:, :u], ops.reshape(out[:, u:], (-1, u))
+        if self.expert_output.bias is not None:
+            own = own + ops.take(self._bias(self.expert_output, u), experts, axis=0)
         source = np.array([j for t in range(k) for j in range(k) if j != t], dtype="int32")
         target = np.array([t for t in range(k) for j in range(k) if j != t], dtype="int32")
-        # Row `r`, block `t` of the per-row outputs is entry `r * E + t`.
+        # Row `r`'s block for expert `t` is row `r * E + t` of `sent`.
         at = ops.take(plan.row_of_choice, source, axis=1) * e + ops.take(index, target, axis=1)
-        per_choice = ops.sum(ops.reshape(ops.take(per_row, at, axis=0), (-1, k, k - 1, u)), axis=2)
+        per_choice = ops.sum(ops.reshape(ops.take(sent, at, axis=0), (-1, k, k - 1, u)), axis=2)
         flat = ops.concatenate(
-            [ops.reshape(per_choice, (-1, u)), ops.zeros((1, u), per_row.dtype)], axis=0
+            [ops.reshape(per_choice, (-1, u)), ops.zeros((1, u), sent.dtype)], axis=0
         )
-        return ops.take(flat, plan.choice_of_row, axis=0)
+        return own + ops.take(flat, plan.choice_of_row, axis=0)
 
     def _visited_routes(self, hidden, plan, index):
         """What the routes add to each row of the grouped layout, computed only
