@@ -193,7 +193,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
         hidden: Widths of the hidden ReLU layers. The default 256-256-256
             on the 50 principal components costs 1/10 of the paper's
             500-500-2000 on the pixels per point; on all of MNIST, 270
-            epochs reach 1-NN 0.946-0.949 and training-map trustworthiness
+            epochs reach 1-NN 0.946-0.951 and training-map trustworthiness
             0.969-0.970, where the paper's network took 240 epochs to
             0.945 / 0.973.
         normalization: `"layer"`: a `LayerNormalization` after each hidden
@@ -207,9 +207,9 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
             `exaggeration_epochs` epochs (1 or None: off).
         exaggeration_epochs: Epochs of early exaggeration.
         epochs: Default number of training epochs for `fit` (270). An epoch
-            is `len(x)` points through the network: 1.1-2.3 s for 60,000 MNIST
+            is `len(x)` points through the network: 1.0-2.3 s for 60,000 MNIST
             images on the 2-core CPUs measured (JAX), 5.5-8.5 minutes in all with
-            the neighbours, 2.7-3.7x openTSNE's time. More epochs keep
+            the neighbours, 2.65-3.7x openTSNE's time. More epochs keep
             sharpening the finest scale, which is where the training map's
             trustworthiness trails openTSNE's (0.986 on MNIST): the recipe
             for that level is `hidden=(500, 500, 2000), network_input="raw",
