@@ -157,11 +157,15 @@ def test_grouped_dispatch_equals_every_expert_weighted(top_k, route_density, imp
     # A token's output does not depend on its batch: one token at a time gives the same.
     alone = np.concatenate([to_numpy(grouped(X[i : i + 1])) for i in range(0, 48, 7)])
     np.testing.assert_allclose(alone, to_numpy(grouped(X[::7])), rtol=1e-5, atol=1e-6)
-    # The same gradients: one SGD step leaves the same weights.
+    _assert_same_sgd_step(grouped, every)
+
+
+def _assert_same_sgd_step(first, second):
+    """The same gradients: one SGD step on the same batch leaves the same weights."""
     target = RNG.standard_normal((48, 3)).astype("float32")
-    grouped.train_on_batch(X, target)
-    every.train_on_batch(X, target)
-    for a, b in zip(grouped.trainable_weights, every.trainable_weights):
+    first.train_on_batch(X, target)
+    second.train_on_batch(X, target)
+    for a, b in zip(first.trainable_weights, second.trainable_weights):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
 
 
@@ -652,11 +656,7 @@ def test_both_route_forms_equal_every_expert_weighted(monkeypatch, form):
         np.testing.assert_allclose(
             to_numpy(grouped(batch)), to_numpy(every(batch)), rtol=1e-5, atol=1e-5
         )
-    target = RNG.standard_normal((48, 3)).astype("float32")
-    grouped.train_on_batch(X, target)
-    every.train_on_batch(X, target)
-    for a, b in zip(grouped.trainable_weights, every.trainable_weights):
-        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
+    _assert_same_sgd_step(grouped, every)
 
 
 def test_route_form_folds_narrow_outputs_at_large_batches():
