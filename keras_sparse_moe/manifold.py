@@ -194,7 +194,7 @@ class ParametricTSNE(TransformerMixin, BaseEstimator):
             on the 50 principal components costs 1/10 of the paper's
             500-500-2000 on the pixels per point; on all of MNIST, 270
             epochs reach 1-NN 0.946-0.951 and training-map trustworthiness
-            0.969-0.970, where the paper's network took 240 epochs to
+            0.969-0.972, where the paper's network took 240 epochs to
             0.945 / 0.973.
         normalization: `"layer"`: a `LayerNormalization` after each hidden
             layer (on all of MNIST, 60 epochs: test 1-NN / trustworthiness
