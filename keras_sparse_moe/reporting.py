@@ -193,9 +193,9 @@ def executed_flops(model, batch_size: int = 1) -> dict:
       dispatch runs `k` experts a token plus the padding rows of its static
       layout (which depends on `batch_size`), and routes only between visited
       experts (as `(h, h)` tiles, or folded into the output kernels: see
-      `SparseExperts.route_form`); expert choice runs each expert on its `capacity` tokens of the
-      batch; the all-experts path runs every expert and the whole route
-      matrix. Shared experts run on every token.
+      `SparseExperts.route_form`); expert choice runs each expert on its
+      `capacity` tokens of the batch; the all-experts path runs every expert
+      and the whole route matrix. Shared experts run on every token.
     - Any other layer: the sum of its sublayers.
 
     Args:

@@ -339,15 +339,10 @@ class SparseExperts(keras.layers.Layer):
         own, sent = out[:, :u], ops.reshape(out[:, u:], (-1, u))
         if self.expert_output.bias is not None:
             own = own + ops.take(self._bias(self.expert_output, u), experts, axis=0)
-        source = np.array([j for t in range(k) for j in range(k) if j != t], dtype="int32")
-        target = np.array([t for t in range(k) for j in range(k) if j != t], dtype="int32")
+        source, target = _ordered_pairs(k)
         # Row `r`'s block for expert `t` is row `r * E + t` of `sent`.
         at = ops.take(plan.row_of_choice, source, axis=1) * e + ops.take(index, target, axis=1)
-        per_choice = ops.sum(ops.reshape(ops.take(sent, at, axis=0), (-1, k, k - 1, u)), axis=2)
-        flat = ops.concatenate(
-            [ops.reshape(per_choice, (-1, u)), ops.zeros((1, u), sent.dtype)], axis=0
-        )
-        return own + ops.take(flat, plan.choice_of_row, axis=0)
+        return own + _on_target_rows(ops.take(sent, at, axis=0), plan, k)
 
     def _visited_routes(self, hidden, plan, index):
         """What the routes add to each row of the grouped layout, computed only
@@ -357,9 +352,7 @@ class SparseExperts(keras.layers.Layer):
         The pairs are sorted by tile like the rows by expert (`tiled_matmul`), so
         the work is `tokens * k * (k - 1) * h^2`, not `tokens * (E * h)^2`."""
         e, h, k = self.num_experts, self.hidden_units, index.shape[-1]
-        # Ordered pairs grouped by target choice: (j, t) for every t, every j != t.
-        source = np.array([j for t in range(k) for j in range(k) if j != t], dtype="int32")
-        target = np.array([t for t in range(k) for j in range(k) if j != t], dtype="int32")
+        source, target = _ordered_pairs(k)
         tiles = ops.take(index, source, axis=1) * e + ops.take(index, target, axis=1)
         pairs = dispatch.group_plan(tiles, e * e, self.route_block(index.shape[0], k))
         # Each pair row reads its source choice's hidden row (padding rows: row 0).
@@ -367,13 +360,7 @@ class SparseExperts(keras.layers.Layer):
         source_rows = ops.concatenate([source_rows, ops.zeros((1,), "int32")])
         inputs = ops.take(hidden, ops.take(source_rows, pairs.choice_of_row), axis=0)
         routed = dispatch.tiled_matmul(inputs, self.expert_routes.dense_kernel(), pairs, h)
-        # Sum each target choice's k - 1 sources, then read it at the target's row.
-        per_pair = ops.take(routed, pairs.row_of_choice, axis=0)
-        per_choice = ops.sum(ops.reshape(per_pair, (-1, k, k - 1, h)), axis=2)
-        flat = ops.concatenate(
-            [ops.reshape(per_choice, (-1, h)), ops.zeros((1, h), hidden.dtype)], axis=0
-        )
-        return ops.take(flat, plan.choice_of_row, axis=0)
+        return _on_target_rows(ops.take(routed, pairs.row_of_choice, axis=0), plan, k)
 
     def _grouped_layer(self, layer, rows, width, plan, experts):
         """`rows @ W_e + b_e` for each row's expert `e` (the dense kernel of either storage)."""
@@ -383,6 +370,25 @@ class SparseExperts(keras.layers.Layer):
         if layer.bias is not None:
             out = out + ops.take(self._bias(layer, width), experts, axis=0)
         return out
+
+
+def _ordered_pairs(k):
+    """`(source, target)` choice indices of a token's `k (k - 1)` ordered pairs of
+    different choices, grouped by target: `(j, t)` for every `t`, every `j != t`."""
+    pairs = [(j, t) for t in range(k) for j in range(k) if j != t]
+    return np.array([j for j, _ in pairs], "int32"), np.array([t for _, t in pairs], "int32")
+
+
+def _on_target_rows(per_pair, plan, k):
+    """`(tokens * k * (k - 1), width)` values of the ordered pairs (`_ordered_pairs`
+    order) -> `(rows, width)`: each target choice's `k - 1` sources summed, at the
+    choice's row of the grouped layout (zero on padding rows)."""
+    width = per_pair.shape[-1]
+    per_choice = ops.sum(ops.reshape(per_pair, (-1, k, k - 1, width)), axis=2)
+    flat = ops.concatenate(
+        [ops.reshape(per_choice, (-1, width)), ops.zeros((1, width), per_pair.dtype)], axis=0
+    )
+    return ops.take(flat, plan.choice_of_row, axis=0)
 
 
 class LayerExperts(keras.layers.Layer):
