@@ -300,8 +300,8 @@ class SparseExperts(keras.layers.Layer):
         64 -> 32 0.86 but 1.24 at 256 and 1.14 at 4,096 tokens (tiles by
         this rule); 10 x 64 -> 10 at 256 tokens 0.97 (tiles). Those ratios
         were measured with the fold as a second grouped matmul after the
-        output layer; as one matmul with it the demo size ran 4 % faster
-        again on JAX, 8 % on TensorFlow.
+        output layer; as one matmul with it the demo size ran 4-7 % faster
+        again on JAX, 4-8 % on TensorFlow (two interleaved runs each).
         """
         if self.expert_routes is None or top_k < 2:
             return None
