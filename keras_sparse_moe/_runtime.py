@@ -219,7 +219,10 @@ def compile_function(fn):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return quiet_tracing(tf.function(fn, jit_compile=True, reduce_retracing=True))
+        # No AutoGraph: a pure tensor function (it runs under `jax.jit` too) has no
+        # Python control flow to convert, and converting it costs tracing time.
+        compiled = tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
+        return quiet_tracing(compiled)
     if backend == "jax":
         import jax
 
@@ -244,7 +247,7 @@ def compile_update(fn, variables):
         replicas = local_replicas(variables)
         resources = replicas[0]
 
-        @tf.function(jit_compile=True, reduce_retracing=True)
+        @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)  # pure, as above
         def tf_run(*args):
             flat = [tf.reshape(v, (-1,)) for v in resources]
             new_state, aux = fn(flat, *args)
