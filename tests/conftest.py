@@ -50,6 +50,44 @@ if keras.backend.backend() == "tensorflow":
         pass
 
 
+def _build_before_tracing(trainer_class):
+    """`fit`, `evaluate` and `predict` build the model, its metrics and the optimizer
+    before tracing their step, as Keras does under a `tf.distribute` strategy.
+
+    Without a strategy Keras' TensorFlow trainer builds them inside the first trace;
+    a trace that creates variables is traced again, so each new model's first step
+    was traced twice (a fifth of the TensorFlow run). Tests marked
+    `keras_deferred_build` keep Keras' own order.
+    """
+    import tensorflow as tf
+
+    deferred = trainer_class._maybe_symbolic_build
+
+    def build_first(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is not None:
+            return deferred(self, iterator=iterator, data_batch=data_batch)
+        self._distribute_strategy = tf.distribute.get_strategy()  # the default one
+        try:
+            return deferred(self, iterator=iterator, data_batch=data_batch)
+        finally:
+            self._distribute_strategy = None
+
+    return build_first
+
+
+@pytest.fixture(autouse=True)
+def _tracing_once(request, monkeypatch):
+    if keras.backend.backend() == "tensorflow" and not request.node.get_closest_marker(
+        "keras_deferred_build"
+    ):
+        from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+        monkeypatch.setattr(
+            TensorFlowTrainer, "_maybe_symbolic_build", _build_before_tracing(TensorFlowTrainer)
+        )
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _reset_keras_state():
     keras.utils.set_random_seed(1234)

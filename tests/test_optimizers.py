@@ -8,6 +8,10 @@ import keras_sparse_moe as ksm
 from keras_sparse_moe.optimizers import scale_learning_rates
 from tests.test_case import to_numpy
 
+# The optimizer wrapper's `build` runs inside `fit`'s first trace on TensorFlow, as
+# Keras does it without a strategy (tests/conftest.py builds first elsewhere).
+pytestmark = pytest.mark.keras_deferred_build
+
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((32, 6)).astype("float32")
 Y = RNG.standard_normal((32, 2)).astype("float32")

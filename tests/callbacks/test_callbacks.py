@@ -43,6 +43,7 @@ def _slots(model, layer):
 # --------------------------------------------------------------------------- #
 # SET
 # --------------------------------------------------------------------------- #
+@pytest.mark.keras_deferred_build
 @pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_set_epoch_schedule_keeps_counts_and_zeros(jit_compile):
     model = _model(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit_compile)

@@ -298,6 +298,7 @@ def test_oracle_gate_sends_each_sample_to_its_expert():
 
 
 @pytest.mark.slow
+@pytest.mark.keras_deferred_build
 @pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_fit_keeps_experts_sparse_and_logs(jit_compile):
     mixture = SparseExpertMixture(

@@ -146,6 +146,7 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.keras_deferred_build  # the optimizer built inside the traced step too
 @pytest.mark.parametrize("build", [_sequential, _functional, SubclassedMLP])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("jit_compile", JIT_COMPILE)
