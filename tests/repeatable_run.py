@@ -1,8 +1,10 @@
 """Builds and trains the five models of the repeatability test, with no seed but
-Keras' global one; prints one digest of all their weights (and of a
-ParametricTSNE map) per line, for each global seed in turn. Run in a fresh process:
+Keras' global one; prints per line one digest of a model's starting state
+("built": its weights and its callbacks' seeds), of its trained weights
+("trained"), or of a ParametricTSNE map, for each global seed in turn. Run in a
+fresh process:
 
-    python -m tests.repeatable_run GLOBAL_SEED [GLOBAL_SEED ...]
+    python -m tests.repeatable_run GLOBAL_SEED [built:GLOBAL_SEED ...]
 """
 
 import hashlib
@@ -31,7 +33,13 @@ def fit(model, x, y, callbacks):
     return digest(model.weights)
 
 
-def main(seed):
+def built(model, callbacks):
+    """The state a run starts from: the initial weights and masks, and the seeds the
+    callbacks draw their rewiring from."""
+    return digest([*model.weights, np.array([c._seed for c in callbacks])])
+
+
+def main(seed, train=True):
     keras.utils.set_random_seed(seed)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -40,7 +48,7 @@ def main(seed):
     x = np.random.rand(128, 16).astype("float32")
     y = np.random.randint(0, 4, 128)
     images = np.random.rand(64, 8, 8, 2).astype("float32")
-    digests = {}
+    runs = {}  # name -> (model, inputs, targets, callbacks)
     for storage in ("masked", "sparse"):
         model = keras.Sequential(
             [
@@ -49,7 +57,7 @@ def main(seed):
                 SparseDense(4, "softmax", density=0.5, implementation=storage),
             ]
         )
-        digests[f"mlp {storage} SET"] = fit(model, x, y, [ksm.callbacks.SETEvolution(zeta=0.3)])
+        runs[f"mlp {storage} SET"] = (model, x, y, [ksm.callbacks.SETEvolution(zeta=0.3)])
     cnn = keras.Sequential(
         [
             keras.Input((8, 8, 2)),
@@ -59,7 +67,7 @@ def main(seed):
         ]
     )
     rigl = ksm.callbacks.RigL(data=(images, y[:64]), update_every=1, batch_size=32)
-    digests["cnn RigL"] = fit(cnn, images, y[:64], [rigl])
+    runs["cnn RigL"] = (cnn, images, y[:64], [rigl])
     for name, gate in (
         ("routed mixture SET", None),
         ("PTSNE mixture", PTSNEGate(4, perplexity=5.0)),
@@ -68,13 +76,17 @@ def main(seed):
             units=4, num_experts=4, expert_units=8, route_density=0.1, gate=gate, top_k=2
         )
         model = keras.Sequential([keras.Input((16,)), mixture, keras.layers.Softmax()])
-        digests[name] = fit(model, x, y, [ksm.callbacks.SETEvolution(zeta=0.3)])
+        runs[name] = (model, x, y, [ksm.callbacks.SETEvolution(zeta=0.3)])
+    for name, (model, inputs, targets, callbacks) in runs.items():
+        print(f"{seed} built {name}: {built(model, callbacks)}")
+        if train:
+            print(f"{seed} trained {name}: {fit(model, inputs, targets, callbacks)}")
     tsne = ksm.ParametricTSNE(perplexity=5.0, hidden=(16,), epochs=2, batch_size=64, verbose=0)
-    digests["ParametricTSNE"] = digest([tsne.fit_transform(x)])
-    for name, value in digests.items():
-        print(f"{seed} {name}: {value}")
+    print(f"{seed} trained ParametricTSNE: {digest([tsne.fit_transform(x)])}")
 
 
 if __name__ == "__main__":
-    for seed in sys.argv[1:]:
-        main(int(seed))
+    for arg in sys.argv[1:]:
+        # "N": build and train everything under global seed N; "built:N": build the
+        # models (their starting state) and fit the ParametricTSNE map only.
+        main(int(arg.removeprefix("built:")), train=not arg.startswith("built:"))
