@@ -31,8 +31,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/ptsne_gated_mose.py $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
 
 test: $(VENV)/.test-installed
-	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n auto --dist worksteal
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -n auto --dist worksteal -m "not tensorflow_only and not distributed"
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n auto --dist worksteal --durations=25
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -n auto --dist worksteal --durations=25 -m "not tensorflow_only and not distributed"
 	# keras.distribution over 4 host devices: JAX reads XLA_FLAGS when it starts. One
 	# process: XLA's CPU collectives wait for every device's thread, and 2 x 4 devices
 	# on a 2-core machine can starve one of them past XLA's 40 s rendezvous limit.
