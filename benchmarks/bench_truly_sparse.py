@@ -371,7 +371,7 @@ def _set_passes(model, layer):
         ),
         (
             "writes in place (`replace`: weights, mask or slots, optimizer moments)",
-            _runtime.compile_update(write, copies),
+            functools.partial(_runtime.compile_update(write), copies),
             (dropped, grown),
         ),
         ("floor: an empty compiled call", compiled(lambda s: s + 1), (np.int32(0),)),

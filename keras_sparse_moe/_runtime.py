@@ -183,9 +183,10 @@ def optimizer_slots(optimizer, variable):
 def quiet_tracing(function):
     """Turns off TensorFlow's "frequent retracing" warning for `function`.
 
-    The callbacks compile one function per layer and size, each traced once;
-    TensorFlow counts the traces of all functions sharing one code object
-    together and would warn of retracing after a few layers.
+    The callbacks compile one function per step and layer signature, each
+    traced once per shape; TensorFlow counts the traces of all functions
+    sharing one code object together and would warn of retracing after a
+    few layers.
     """
     if hasattr(function, "_omit_frequent_tracing_warning"):
         function._omit_frequent_tracing_warning = True
@@ -230,25 +231,24 @@ def compile_function(fn):
     return fn
 
 
-def compile_update(fn, variables):
-    """Compiles `fn(state, *args) -> (new_state, aux)` to update `variables` in place.
+def compile_update(fn):
+    """Compiles `fn(state, *args) -> (new_state, aux)` into `run(variables, *args) -> aux`,
+    which updates the Keras `variables` in place.
 
-    `state` is the list of the Keras `variables`' values, flattened;
-    `new_state` (same shapes, flat) is written back to them without a full
-    copy: inside the compiled function on TensorFlow (XLA aliases the
-    resource update; the variables are captured, not passed, which makes each
-    call cheaper), through buffer donation on JAX. Returns `run(*args) -> aux`.
+    `state` is the list of the `variables`' values, flattened; `new_state`
+    (same shapes, flat) is written back to them without a full copy: inside
+    the compiled function on TensorFlow (XLA aliases the resource update),
+    through buffer donation on JAX. The variables are arguments, so one
+    program serves every list of variables of the same shapes and dtypes:
+    `fn` is traced once per such signature (and device), however many
+    layers share it.
     """
-    variables = list(variables)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        replicas = local_replicas(variables)
-        resources = replicas[0]
-
         @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)  # pure, as above
-        def tf_run(*args):
+        def tf_run(resources, *args):
             flat = [tf.reshape(v, (-1,)) for v in resources]
             new_state, aux = fn(flat, *args)
             for variable, value in zip(resources, new_state):
@@ -256,14 +256,15 @@ def compile_update(fn, variables):
             return aux
 
         run = _concrete_calls(quiet_tracing(tf_run))
-        device = resources[0].device
 
-        def run_and_broadcast(*args):
+        def run_and_broadcast(variables, *args):
             # Runs where the variables live (XLA cannot reach a variable on
             # another device): on the first local replica under a strategy,
             # whose result is then copied to the others (bit-identical replicas).
-            with tf.device(device):
-                aux = run(*args)
+            replicas = local_replicas(variables)
+            resources = replicas[0]
+            with tf.device(resources[0].device):
+                aux = run(resources, *args)
             for copies in replicas[1:]:
                 for copy, source in zip(copies, resources):
                     copy.assign(source.read_value())
@@ -280,7 +281,7 @@ def compile_update(fn, variables):
 
         jitted = jax.jit(jax_fn, donate_argnums=(0,))
 
-        def run(*args):
+        def run(variables, *args):
             new_state, aux = jitted([v.value for v in variables], *args)
             for variable, value in zip(variables, new_state):
                 variable.assign(value)
@@ -317,22 +318,27 @@ def local_replicas(variables):
 
 
 def _concrete_calls(function):
-    """Calls a `tf.function` through its concrete function for each input
-    signature: `tf.function`'s own dispatch costs 0.25-0.5 ms a call.
-    Calls with other than arrays (Python numbers trace as constants) go
-    through the `tf.function`."""
+    """Calls a `tf.function` of `(resources, *args)` through its concrete function for
+    each signature (device, variables' and arguments' dtypes and shapes):
+    `tf.function`'s own dispatch costs 0.25-0.5 ms a call. Calls with other
+    than arrays (Python numbers trace as constants) go through the
+    `tf.function`."""
     import tensorflow as tf
 
     concrete = {}
 
-    def run(*args):
+    def run(resources, *args):
         if not all(isinstance(a, (tf.Tensor, np.ndarray, np.generic)) for a in args):
-            return function(*args)
+            return function(resources, *args)
         args = [tf.convert_to_tensor(a) for a in args]
-        key = tuple((a.dtype, tuple(a.shape)) for a in args)
+        key = (
+            resources[0].device,
+            tuple((v.dtype, tuple(v.shape)) for v in resources),
+            tuple((a.dtype, tuple(a.shape)) for a in args),
+        )
         if key not in concrete:
-            concrete[key] = function.get_concrete_function(*args)
-        return concrete[key](*args)
+            concrete[key] = function.get_concrete_function(resources, *args)
+        return concrete[key](resources, *args)
 
     return run
 

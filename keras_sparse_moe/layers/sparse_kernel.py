@@ -424,9 +424,12 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
         and `new_positions` (None: rebuild it) becomes it; a step that only
         removes sets `step.reads_positions = False` and gets None (the list's
         length would change the argument's shape, and compile it anew at every
-        call). The step is compiled
-        once per (`step`, `key`, variables): a `functools.partial`'s bound
-        values must be covered by `key`.
+        call). The step is compiled once per storage signature
+        (`storage.step_signature()`: kind, kernel shape, `allowed` pattern),
+        `step` with its bound values, `key`, and the variables' shapes and
+        dtypes, so layers of one shape share the program. A step whose bound
+        values cannot be hashed is compiled per layer and `key`, which must
+        then cover them.
         """
         return self.storage.rewire(step, optimizer, key, *args)
 

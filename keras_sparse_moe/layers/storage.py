@@ -29,12 +29,16 @@ either way (`SlotState`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
 from keras import initializers, ops
 
+from keras_sparse_moe import _runtime
 from keras_sparse_moe.ops import rewiring
 from keras_sparse_moe.ops.masking import mask_gradient
 from keras_sparse_moe.ops.sparse_matmul import (
@@ -125,37 +129,85 @@ class _Storage:
         """Runs the compiled `step(storage, state, positions, *args) -> (new_state,
         new_positions, aux)` on the layer's variables and its optimizer slots, in
         place; returns `aux`. See `SparseKernelLayer.rewire`."""
-        from keras_sparse_moe import _runtime
-
         storage = self.variables
         slots = [] if optimizer is None else _runtime.optimizer_slots(optimizer, storage[0])
         variables = [*storage, *slots]
-        name = getattr(step, "func", step)
-        cache_key = (name, tuple(id(v) for v in variables), key)
-        function = self._rewire_functions.get(cache_key)
         # Masked steps read and keep the connection list, but for those that only
         # remove (`reads_positions = False`): its length changes with every call,
         # and a new argument shape would compile the step anew each time.
-        listed = self.stores_dense and getattr(name, "reads_positions", True)
-        if function is None:
-
-            def update(flat, *call_args):
-                positions = None
-                if listed:
-                    positions, call_args = call_args[0], call_args[1:]
-                state = self.state_of_variables(flat)
-                new_state, new_positions, aux = step(self, state, positions, *call_args)
-                return self.variables_of_state(new_state), (new_positions if listed else None, aux)
-
-            function = _runtime.compile_update(update, variables)
-            self._rewire_functions[cache_key] = function
+        listed = self.stores_dense and getattr(getattr(step, "func", step), "reads_positions", True)
+        compiled = _compiled_step(self, step, key, listed)
         if listed:
-            new_positions, aux = function(self.connection_positions(), *args)
+            new_positions, aux = compiled(self, variables, self.connection_positions(), *args)
             self._positions = new_positions
         else:
-            _, aux = function(*args)
+            _, aux = compiled(self, variables, *args)
             self.refresh()
         return aux
+
+    def step_signature(self):
+        """What a compiled step reads from this storage besides its variables: the
+        storage kind, the kernel's shape and the `allowed` pattern. Storages with
+        equal signatures (and variables of equal shapes) share compiled steps."""
+        return type(self), tuple(int(n) for n in self.shape), self.layer.allowed
+
+
+class _CompiledStep:
+    """One rewiring step compiled for every storage of one `step_signature`.
+
+    The compiled program reads the storage only while it is traced (its shape,
+    its `allowed` pattern, its typed state); it is traced with the storage that
+    calls it, held weakly between calls.
+    """
+
+    def __init__(self, step, listed):
+        self._storage = None
+
+        def update(flat, *call_args):
+            storage = self._storage()
+            positions = None
+            if listed:
+                positions, call_args = call_args[0], call_args[1:]
+            state = storage.state_of_variables(flat)
+            new_state, new_positions, aux = step(storage, state, positions, *call_args)
+            return storage.variables_of_state(new_state), (new_positions if listed else None, aux)
+
+        self._run = _runtime.compile_update(update)
+
+    def __call__(self, storage, variables, *args):
+        self._storage = weakref.ref(storage)
+        return self._run(variables, *args)
+
+
+_COMPILED_STEPS: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_STEPS_KEPT = 256  # signatures kept, least recently used dropped first
+
+
+def _compiled_step(storage, step, key, listed):
+    """The compiled `step` for `storage`, shared by every storage of the same
+    `step_signature` when the step's bound values are hashable (a
+    `functools.partial` of numbers); else kept by the storage, per `key`."""
+    if isinstance(step, functools.partial):
+        # With their types: 1 and 1.0 are equal keys but may trace differently.
+        values = [*step.args, *(v for _, v in sorted(step.keywords.items()))]
+        bound = (step.func, tuple(sorted(step.keywords)), tuple((type(v), v) for v in values))
+    else:
+        bound = (step,)
+    signature = (storage.step_signature(), bound, key, listed)
+    try:
+        hash(signature)
+    except TypeError:  # unhashable bound values: `key` covers them, for this storage only
+        cache, signature = storage._rewire_functions, (getattr(step, "func", step), key)
+    else:
+        cache = _COMPILED_STEPS
+    compiled = cache.get(signature)
+    if compiled is None:
+        compiled = cache[signature] = _CompiledStep(step, listed)
+        if cache is _COMPILED_STEPS and len(cache) > _COMPILED_STEPS_KEPT:
+            cache.popitem(last=False)
+    elif cache is _COMPILED_STEPS:
+        cache.move_to_end(signature)
+    return compiled
 
 
 class MaskedStorage(_Storage):

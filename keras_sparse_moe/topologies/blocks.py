@@ -156,6 +156,9 @@ class BlockPattern:
     def __eq__(self, other):
         return isinstance(other, BlockPattern) and np.array_equal(self.blocks, other.blocks)
 
+    def __hash__(self):  # equal patterns, equal hashes (compiled rewiring steps are shared by it)
+        return hash((self.blocks.shape, self.blocks.tobytes()))
+
     def __repr__(self):
         allowed = int(self.blocks.sum())
         return f"BlockPattern(blocks of shape {self.blocks.shape}, {allowed} allowed)"

@@ -1,5 +1,9 @@
 """SET, RigL and magnitude pruning inside model.fit: invariants, references, errors."""
 
+import collections
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ import keras_sparse_moe as ksm
 from keras_sparse_moe.callbacks import MagnitudePruning, RigL, SETEvolution
 from keras_sparse_moe.layers import SparseKernelLayer
 from keras_sparse_moe.schedules import ConstantSparsity, PolynomialDecay
+from keras_sparse_moe.topologies import BlockPattern
 from tests.test_case import JIT_COMPILE, assert_masked_weights_zero, masked_layers, to_numpy
 
 RNG = np.random.default_rng(0)
@@ -324,10 +329,15 @@ def test_rigl_growth_is_exact_when_the_sampled_threshold_misses():
     grad = np.zeros(mask.size, "float32")
     grad[unseen[:2000]] = RNG.random(2000).astype("float32") + 1.0
     count = int(0.3 * mask.sum())
+    attempts, update = [], callback._update_layer
+
+    def spy(layer, grad, fraction, exact=False, salt=0):  # the retry calls it again
+        attempts.append(exact)
+        return update(layer, grad, fraction, exact, salt)
+
+    callback._update_layer = spy
     assert callback._update_layer(layer, grad.reshape(200, 300), 0.3) == count
-    assert ("rigl", count, True) in [
-        key[-1][:3] for key in layer.storage._rewire_functions
-    ]  # exact retry
+    assert attempts == [False, True]  # the sampled threshold missed, then the exact retry
     kept = np.flatnonzero(mask)
     expected = mask.copy()
     expected[kept[np.argsort(np.abs(kernel[kept]), kind="stable")][:count]] = 0
@@ -639,13 +649,73 @@ def test_logs_reach_tensorboard(tmp_path):
 
 @pytest.mark.tensorflow_only
 def test_many_layers_do_not_warn_of_retracing(caplog):
-    # One rewiring function per layer, each traced once: TensorFlow groups the
-    # traces by code object and would warn of "frequent retracing" otherwise.
+    # One rewiring function per layer signature, traced once per shape: TensorFlow
+    # groups the traces by code object and would warn of "frequent retracing" otherwise.
     layers = [keras.Input((24,))]
-    layers += [ksm.layers.SparseDense(8, density=0.5, seed=i) for i in range(6)]
+    layers += [ksm.layers.SparseDense(8 + i, density=0.5, seed=i) for i in range(6)]
     model = keras.Sequential([*layers, keras.layers.Dense(2)])
     model.compile("adam", "mse")
     callback = RigL(data=(X, Y), update_every=2, seed=0)
     with caplog.at_level("WARNING", logger="tensorflow"):
         model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def _set_share(layer, zeta):
+    """Connections SET replaces: the share `zeta` of the positive and of the negative."""
+    values = to_numpy(layer.connection_values())
+    return int(zeta * np.sum(values >= 0)) + int(zeta * np.sum(values < 0))
+
+
+@pytest.mark.parametrize("implementation", ["masked", "sparse"])
+def test_layers_of_one_shape_share_one_compiled_step(implementation, monkeypatch):
+    # The variables are the compiled step's arguments: the three 16x16 layers
+    # share one program (the 24x16 layer has its own), and each is rewired in its
+    # own variables.
+    from keras_sparse_moe.layers import storage
+
+    monkeypatch.setattr(storage, "_COMPILED_STEPS", collections.OrderedDict())
+    layers = [
+        ksm.layers.SparseDense(16, density=0.5, seed=i, implementation=implementation)
+        for i in range(4)
+    ]
+    model = keras.Sequential([keras.Input((24,)), *layers, keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    callback = SETEvolution(zeta=0.3, seed=0)
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    before = [layer.dense_mask() for layer in layers]
+    counts = [layer.num_connections for layer in layers]
+    replaced = sum(_set_share(layer, 0.3) for layer in layers)
+    assert callback.evolve() == replaced
+    assert len(storage._COMPILED_STEPS) == 2
+    for layer, mask, count in zip(layers, before, counts):
+        assert layer.num_connections == count
+        assert (layer.dense_mask() != mask).any(), layer.name
+    assert_masked_weights_zero(model)
+
+
+def test_shared_steps_keep_each_callbacks_values_and_each_layers_pattern():
+    # Same shapes, other zeta or other `allowed` pattern: another program. A step
+    # shared by shape alone would regrow the first pattern's positions, or replace
+    # the first zeta's share.
+    within, between = BlockPattern.within_clusters(2), BlockPattern.between_clusters(2)
+    for zeta, allowed in [(0.1, within), (0.4, within), (0.4, between)]:
+        layer = ksm.layers.SparseDense(16, density=0.2, allowed=allowed, seed=0)
+        model = keras.Sequential([keras.Input((16,)), layer, keras.layers.Dense(2)])
+        model.compile("adam", "mse")
+        callback = SETEvolution(zeta=zeta, seed=0)
+        model.fit(X[:, :16], Y, batch_size=64, epochs=1, verbose=0, callbacks=[callback])
+        for _ in range(3):
+            count, replaced = layer.num_connections, _set_share(layer, zeta)
+            assert callback.evolve() == replaced
+            assert layer.num_connections == count
+            assert not (layer.dense_mask() & ~allowed.dense((16, 16))).any(), (zeta, allowed)
+
+
+def test_compiled_steps_do_not_keep_layers_alive():
+    model = _model()
+    model.fit(X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[SETEvolution(seed=0)])
+    layer = weakref.ref(model.layers[0])
+    del model
+    gc.collect()
+    assert layer() is None

@@ -174,15 +174,18 @@ def test_compile_update_writes_variables_in_place():
         keras.Variable(np.arange(6, dtype="float32").reshape(2, 3)),
         keras.Variable(np.ones(4)),
     ]
-    run = _runtime.compile_update(
-        lambda state, k: ([state[0] * k, state[1] + k], state[0][0]), variables
-    )
-    first = run(2.0)
+    run = _runtime.compile_update(lambda state, k: ([state[0] * k, state[1] + k], state[0][0]))
+    first = run(variables, 2.0)
     assert float(to_numpy(first)) == 0.0
     np.testing.assert_array_equal(to_numpy(variables[0]), np.arange(6).reshape(2, 3) * 2)
     np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 3.0))
-    run(1.0)  # the variables stay usable after an in-place update
+    run(variables, 1.0)  # the variables stay usable after an in-place update
     np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 4.0))
+    # Other variables of the same shapes: the same program, these variables updated.
+    others = [keras.Variable(np.ones((2, 3))), keras.Variable(np.zeros(4))]
+    run(others, 3.0)
+    np.testing.assert_array_equal(to_numpy(others[0]), np.full((2, 3), 3.0))
+    np.testing.assert_array_equal(to_numpy(variables[1]), np.full(4, 4.0))  # untouched
 
 
 @pytest.mark.parametrize("dropped", [[], [0, 5]])
