@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import keras
 import numpy as np
@@ -26,6 +27,47 @@ JIT_COMPILE = [
 
 def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
+
+
+def jitted_on_jax(fn):
+    """`fn` compiled by `jax.jit` on JAX, as it is inside a model (its eager calls
+    would compile each op for each new shape on its own); unchanged on TensorFlow,
+    whose eager ops are cheap. Pass static arguments bound (`functools.partial`)."""
+    if keras.backend.backend() != "jax":
+        return fn
+    import jax
+
+    return jax.jit(fn)
+
+
+def compiled_call(layer, inputs, training=False):
+    """`layer(inputs, training=training)` as numpy, compiled on JAX (`jax.jit` of
+    `stateless_call`, one per layer and `training`, traced once per input shape),
+    eager on TensorFlow.
+
+    For tests that only need a layer's or a model's outputs: JAX's eager calls
+    compile every op for every new shape on its own, seconds for a mixture.
+    """
+    if keras.backend.backend() != "jax":
+        return keras.tree.map_structure(to_numpy, layer(inputs, training=training))
+    import jax
+
+    functions = _JITTED.setdefault(layer, {})
+    if training not in functions:
+
+        def call(trainable, non_trainable, inputs):
+            return layer.stateless_call(trainable, non_trainable, inputs, training=training)[0]
+
+        functions[training] = jax.jit(call)
+    outputs = functions[training](
+        [v.value for v in layer.trainable_variables],
+        [v.value for v in layer.non_trainable_variables],
+        inputs,
+    )
+    return keras.tree.map_structure(to_numpy, outputs)
+
+
+_JITTED = weakref.WeakKeyDictionary()  # layer -> {training: jitted stateless call}
 
 
 def assert_config_covers_init(instance):

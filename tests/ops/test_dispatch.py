@@ -1,5 +1,7 @@
 """Capacity dispatch against a plain-Python reference: slots, overflow, combine."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_sparse_moe.ops import dispatch
-from tests.test_case import to_numpy
+from tests.test_case import jitted_on_jax, to_numpy
 
 
 def _reference_plan(index, num_experts, capacity):
@@ -41,7 +43,9 @@ def test_plan_matches_reference(n, num_experts, data):
     capacity = data.draw(st.integers(1, n))
     seed = data.draw(st.integers(0, 2**16))
     index = _random_index(np.random.default_rng(seed), n, k, num_experts)
-    plan = dispatch.dispatch_plan(index, num_experts, capacity)
+    plan = jitted_on_jax(
+        functools.partial(dispatch.dispatch_plan, num_experts=num_experts, capacity=capacity)
+    )(index)
     slot, kept, token_of_slot = _reference_plan(index, num_experts, capacity)
     np.testing.assert_array_equal(to_numpy(plan.slot), slot)
     np.testing.assert_array_equal(to_numpy(plan.kept), kept)
@@ -132,7 +136,9 @@ def test_group_plan_matches_reference(n, num_experts, data):
     index = _random_index(
         np.random.default_rng(data.draw(st.integers(0, 2**16))), n, k, num_experts
     )
-    plan = dispatch.group_plan(index, num_experts, block)
+    plan = jitted_on_jax(
+        functools.partial(dispatch.group_plan, num_experts=num_experts, block=block)
+    )(index)
     row_of_choice, token_of_row, expert_of_block = _reference_groups(index, num_experts, block)
     used = len(token_of_row)
     rows = to_numpy(plan.token_of_row).shape[0]
