@@ -11,13 +11,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # JAX keeps compiled programs on disk for the session: the suite builds the same small
 # models again and again (fresh models, the same programs), and a cached program costs
 # a file read instead of an XLA compilation (a ParametricTSNE fit: 0.4 s instead of 2.4 s).
+# Every program, however quick to compile: the ops that tests and model building run
+# eagerly are compiled one by one, per shape, in each process, and the other worker and
+# the subprocesses then read them (the JAX run: 422 -> 379 s).
 # The first process (the xdist controller) makes the folder; workers and the tests'
 # subprocesses inherit it through the environment.
 _JAX_CACHE = "JAX_COMPILATION_CACHE_DIR"
 _OWNS_CACHE = _JAX_CACHE not in os.environ
 if _OWNS_CACHE:
     os.environ[_JAX_CACHE] = tempfile.mkdtemp(prefix="ksm-tests-jax-cache-")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The suite's programs are tiny: XLA's CPU backend without LLVM's optimisation passes
 # compiles them faster (TF's `jit_compile` and JAX alike, ~15 % of the suite's time) and
 # runs them no slower that matters. Benchmarks and users keep XLA's defaults.
