@@ -28,6 +28,19 @@ from keras_sparse_moe.ops import sparse_matmul
 from tests.test_case import compiled_call
 
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_openvino_telemetry(monkeypatch):
+    """OpenVINO's converter sends usage events, each from a forked process it waits on
+    for up to 3 s (0.4-0.7 s an export here, offline): the suite sends none."""
+    try:
+        from openvino_telemetry.backend.backend_ga4 import GA4Backend
+    except ImportError:  # no OpenVINO, or a version without this backend
+        return
+    monkeypatch.setattr(GA4Backend, "send", lambda self, message: None)
+
+
 MIXTURE = dict(units=3, num_experts=4, expert_units=8, expert_density=0.5, seed=0)
 
 
