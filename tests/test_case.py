@@ -54,9 +54,10 @@ def compiled_call(layer, inputs, training=False):
 
     functions = _JITTED.setdefault(layer, {})
     if training not in functions:
+        held = weakref.ref(layer)  # a strong reference here would keep the key alive
 
         def call(trainable, non_trainable, inputs):
-            return layer.stateless_call(trainable, non_trainable, inputs, training=training)[0]
+            return held().stateless_call(trainable, non_trainable, inputs, training=training)[0]
 
         functions[training] = jax.jit(call)
     outputs = functions[training](
