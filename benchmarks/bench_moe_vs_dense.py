@@ -16,7 +16,7 @@ training step's compile time. The table gives milliseconds and the ratios
 
     python benchmarks/bench_moe_vs_dense.py [--sizes demo wide top2of16 sweep] \\
         [--repeats 5] [--markdown docs/moe_vs_dense_BACKEND.md] [--plot PICTURE.png] \\
-        [--implementation sparse]
+        [--implementation sparse] [--route-implementation tiles] [--skip-all]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def sweep_size(e):
     return (1024, e, 256, 1024, 0.05, 0.0, 2)
 
 
-def build(kind, size, seed=0, implementation="masked"):
+def build(kind, size, seed=0, implementation="masked", route_implementation=None):
     d, e, h, units, density, routes, k = size
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((d,))
@@ -65,6 +65,7 @@ def build(kind, size, seed=0, implementation="masked"):
             top_k=k,
             dispatch="all" if kind == "all experts" else "auto",
             implementation=implementation,
+            route_implementation=route_implementation,
             seed=seed,
         )(inputs)
     model = keras.Model(inputs, outputs)
@@ -158,15 +159,27 @@ def main():
         "--implementation",
         choices=["masked", "sparse"],
         default="masked",
-        help="storage of the mixtures' experts and routes",
+        help="storage of the mixtures' experts (and routes, unless --route-implementation)",
+    )
+    parser.add_argument(
+        "--route-implementation",
+        choices=["auto", "masked", "sparse", "tiles"],
+        default="auto",
+        help="storage of the routes (auto: the mixture's default)",
+    )
+    parser.add_argument(
+        "--skip-all",
+        action="store_true",
+        help="leave out the all-experts model (at wide+routes on a CPU it takes minutes a call)",
     )
     args = parser.parse_args()
+    routes = None if args.route_implementation == "auto" else args.route_implementation
     dispatch.GROUPED_FORM = None if args.grouped == "auto" else args.grouped
 
     header = (
         f"backend={keras.backend.backend()} device={device()} machine={platform.machine()} "
         f"cpus={os.cpu_count()} date={time.strftime('%Y-%m-%d')} grouped={args.grouped} "
-        f"implementation={args.implementation}"
+        f"implementation={args.implementation} routes={args.route_implementation}"
     )
     lines = [header, ""]
     lines.append(
@@ -180,23 +193,29 @@ def main():
         named += [(f"sweep E={e}", sweep_size(e)) for e in SWEEP]
     sweep = {}
     for name, size in named:
-        kinds = ("dense", "all experts", "mixture")
-        models = {kind: build(kind, size, implementation=args.implementation) for kind in kinds}
+        kinds = ("dense", "mixture") if args.skip_all else ("dense", "all experts", "mixture")
+        models = {
+            kind: build(kind, size, implementation=args.implementation, route_implementation=routes)
+            for kind in kinds
+        }
         result = measure(
             models, size[0], size[3], args.repeats, (1, args.infer_batch), args.train_batch
         )
         for measure_name in result["dense"]:
-            dense, every, mix = (result[k][measure_name] for k in models)
+            dense, mix = result["dense"][measure_name], result["mixture"][measure_name]
+            every = result.get("all experts", {}).get(measure_name)
             scale = 1.0 if measure_name.startswith("compile") else 1e3
             unit = "s" if scale == 1.0 else "ms"
             label = measure_name.replace(" (s)", "")
+            every_text = "-" if every is None else f"{every * scale:.3g}"
+            ratio_text = "-" if every is None else f"{mix / every:.2f}"
             row = (
-                f"| {name} | {label} ({unit}) | {dense * scale:.3g} | {every * scale:.3g} "
-                f"| {mix * scale:.3g} | {mix / dense:.2f} | {mix / every:.2f} |"
+                f"| {name} | {label} ({unit}) | {dense * scale:.3g} | {every_text} "
+                f"| {mix * scale:.3g} | {mix / dense:.2f} | {ratio_text} |"
             )
             lines.append(row)
             print(row, flush=True)
-            if name.startswith("sweep"):
+            if name.startswith("sweep") and every is not None:
                 sweep.setdefault(measure_name, []).append((size[1], mix / dense, mix / every))
         del models
         keras.backend.clear_session()

@@ -192,7 +192,8 @@ def executed_flops(model, batch_size: int = 1) -> dict:
       experts by the path inference takes (`dispatch_path(False)`): the grouped
       dispatch runs `k` experts a token plus the padding rows of its static
       layout (which depends on `batch_size`), and routes only between visited
-      experts (as `(h, h)` tiles, or folded into the output kernels: see
+      experts (as `(h, h)` tiles, folded into the output kernels, or, with
+      tile storage, the connections of each visited tile: see
       `SparseExperts.route_form`); expert choice runs each expert on its
       `capacity` tokens of the batch; the all-experts path runs every expert
       and the whole route matrix. Shared experts run on every token.
@@ -318,6 +319,9 @@ def _mixture_flops(mixture, batch_size) -> int:
             block = bank.route_block(batch_size * tokens, k)
             pair_rows = dispatch._num_rows(pairs, e * e, block)
             per_token += pair_rows / (batch_size * tokens) * 2 * h * h
+        elif form == "connections":  # each ordered pair reads its tile's slots
+            pairs = batch_size * tokens * k * (k - 1)
+            per_token += pairs / (batch_size * tokens) * 2 * bank.expert_routes.storage.capacity
         elif form == "folded":  # each row by its (h, E * u) block, after folding once a call
             per_token += rows / (batch_size * tokens) * 2 * h * e * u
             per_token += 2 * e * e * h * h * u / (batch_size * tokens)

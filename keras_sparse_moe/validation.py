@@ -324,12 +324,14 @@ def check_expert_bank(
     expert_density,
     route_density,
     implementation,
+    route_implementation=None,
 ) -> dict:
     """The checked experts of a mixture: built-in (`num_experts` and `units`, with
     their width, density, routes and storage) or user `experts` (a list of
     layers, which the built-in arguments do not shape). Returns `units`,
     `num_experts`, and for built-in experts `expert_units`, `expert_density`
-    `route_density` and `implementation` with their defaults filled in."""
+    `route_density`, `implementation` and `route_implementation` with their
+    defaults filled in (the routes' storage: `ROUTE_TILES_ABOVE`)."""
     import keras
 
     from keras_sparse_moe.layers.storage import DEFAULT_STORAGE, STORAGES
@@ -342,6 +344,8 @@ def check_expert_bank(
         )
     if implementation is not None:
         check_choice("implementation", implementation, owner, tuple(STORAGES))
+    if route_implementation is not None:
+        check_choice("route_implementation", route_implementation, owner, tuple(STORAGES))
     if experts is not None:
         if not isinstance(experts, (list, tuple)) or not experts:
             raise TypeError(_message(owner, "experts", "a non-empty list of Keras layers", experts))
@@ -356,6 +360,7 @@ def check_expert_bank(
             "expert_density": expert_density,
             "route_density": route_density,
             "implementation": implementation,
+            "route_implementation": route_implementation,
         }
         given = {k: v for k, v in given.items() if v is not None}
         if given:
@@ -378,18 +383,38 @@ def check_expert_bank(
         routes = check_float(
             "route_density", route_density, owner, "a float in [0, 1)", lambda r: 0 <= r < 1
         )
+    num_experts = check_size("num_experts", num_experts, owner)
+    expert_units = check_size(
+        "expert_units", units if expert_units is None else expert_units, owner
+    )
+    implementation = DEFAULT_STORAGE if implementation is None else implementation
+    if route_implementation is None:
+        large = (num_experts * expert_units) ** 2 > ROUTE_TILES_ABOVE
+        tiles = num_experts > 1 and routes > 0
+        tiles = tiles and (large or not STORAGES[implementation].stores_dense)
+        route_implementation = "tiles" if tiles else implementation
+    elif route_implementation == "tiles" and num_experts < 2:
+        raise ValueError(
+            f"`{owner}`: route_implementation='tiles' keeps routes between experts, and "
+            f"there is one. Received: num_experts={num_experts}"
+        )
     return {
         "units": units,
-        "num_experts": check_size("num_experts", num_experts, owner),
-        "expert_units": check_size(
-            "expert_units", units if expert_units is None else expert_units, owner
-        ),
+        "num_experts": num_experts,
+        "expert_units": expert_units,
         "expert_density": check_density(
             0.1 if expert_density is None else expert_density, owner, "expert_density"
         ),
         "route_density": routes,
-        "implementation": DEFAULT_STORAGE if implementation is None else implementation,
+        "implementation": implementation,
+        "route_implementation": route_implementation,
     }
+
+
+# Route matrices `(E * expert_units)^2` above this many entries (16 MB of float32)
+# keep their connections by tile (`TileStorage`) by default: O(connections) memory
+# and work, instead of a dense kernel and mask.
+ROUTE_TILES_ABOVE = 1 << 22
 
 
 def check_routing(owner, *, top_k, gate_top_k, num_experts, capacity_factor) -> tuple:

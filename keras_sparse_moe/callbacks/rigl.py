@@ -39,12 +39,7 @@ def _draw_candidates(layers, candidates, seeds):
         if count is None:
             drawn.append(None)
             continue
-        n_in, n_out = layer.kernel_shape
-        if count >= n_in * n_out:
-            flat = ops.arange(n_in * n_out, dtype="int32")
-            drawn.append((flat // n_out, flat % n_out))
-        else:
-            drawn.append(rewiring.random_indices(seed, count, layer.kernel_shape))
+        drawn.append(layer.storage.draw_candidates(seed, count))
     return drawn
 
 
@@ -312,6 +307,10 @@ class RigL(SparseTrainingCallback):
         return replaced
 
 
+def _count(flags):
+    return ops.sum(ops.cast(flags, "int32"))
+
+
 def _rigl_step(k_max, exact, storage, state, positions, count, salt, *growth):
     """One RigL drop-and-grow, compiled and written in place: grow the `count`
     positions with the largest gradient among those empty before the drop (and
@@ -329,11 +328,10 @@ def _rigl_step(k_max, exact, storage, state, positions, count, salt, *growth):
     if active is None:
         active = ops.ones_like(values, "bool")
     drop = rewiring.select_smallest(rewiring.magnitude_keys(values), active, count)
+    drop = storage.refillable(drop, grown)
     ok = ops.logical_and(current, bracketed)
     new_state, new_positions = storage.replace(state, positions, ops.logical_and(drop, ok), grown)
-    flags = ops.stack(
-        [ops.cast(count, "int32"), ops.cast(current, "int32"), ops.cast(bracketed, "int32")]
-    )
+    flags = ops.stack([_count(drop), ops.cast(current, "int32"), ops.cast(bracketed, "int32")])
     return new_state, new_positions, flags
 
 

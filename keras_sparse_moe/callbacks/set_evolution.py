@@ -264,6 +264,7 @@ def _set_step(zeta, k_max, n_candidates, storage, state, positions, seed, grown_
     grown, enough, current = storage.random_growth(
         state, positions, drop, count, k_max, n_candidates, seed
     )
+    drop = storage.refillable(drop, grown)
     drop = ops.logical_and(drop, ops.logical_and(current, enough))
     new_state, new_positions = storage.replace(state, positions, drop, grown, grown_values)
     flags = ops.stack(

@@ -278,6 +278,14 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             and capacity paths also compute only them, while the grouped path
             densifies the kernels at each call); None (the default) is
             `"masked"`. User `experts` take none.
+        route_implementation: Storage of the routes (`expert_routes`):
+            `"masked"`, `"sparse"` or `"tiles"` (only the connections, kept
+            by `(expert_units, expert_units)` tile: with `top_k` each token
+            reads only the tiles between the experts it visits, so routes
+            cost O(connections) in memory and time). None (the default):
+            `"tiles"` with `implementation="sparse"` or when the route
+            matrix `(E * expert_units)^2` has more than 4,194,304 entries
+            (`validation.ROUTE_TILES_ABOVE`), else `implementation`.
         seed: Optional int making the built-in experts' topology reproducible.
         num_shared_experts: Int >= 0 (default 0): built-in experts, shaped like
             the routed ones, that every token visits (built-in experts only).
@@ -344,6 +352,7 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
         kernel_initializer="he_uniform",
         seed=None,
         implementation=None,
+        route_implementation=None,
         dispatch="auto",
         normalize_top_k=True,
         router_jitter=0.0,
@@ -366,9 +375,11 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             expert_density=expert_density,
             route_density=route_density,
             implementation=implementation,
+            route_implementation=route_implementation,
         )
         units, num_experts = bank["units"], bank["num_experts"]
         self.implementation = bank.get("implementation")  # None for user experts
+        self.route_implementation = bank.get("route_implementation")
         self.units = units
         self.num_experts = num_experts
         self.expert_units = expert_units
@@ -427,6 +438,7 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
                 kernel_initializer=self.kernel_initializer,
                 seed=self.seed,
                 implementation=self.implementation,
+                route_implementation=self.route_implementation,
                 dtype=self.dtype_policy,
                 name="experts",
             )
@@ -825,6 +837,7 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             "kernel_initializer": initializers.serialize(self.kernel_initializer),
             "seed": self.seed,
             "implementation": self.implementation,
+            "route_implementation": self.route_implementation,
             "dispatch": self.dispatch,
             "normalize_top_k": self.normalize_top_k,
             "router_jitter": self.router_jitter,
@@ -847,4 +860,8 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             # Files saved before `implementation=None` became the default hold the
             # default storage's name here, which user experts never used.
             config.pop("implementation", None)
+            config.pop("route_implementation", None)
+        elif "route_implementation" not in config:
+            # Saved before the routes had a storage of their own: the experts'.
+            config["route_implementation"] = config.get("implementation") or "masked"
         return cls(**config)

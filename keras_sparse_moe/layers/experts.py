@@ -24,7 +24,7 @@ from keras import ops
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers.sparse_dense import SparseDense
 from keras_sparse_moe.layers.sparse_kernel import DENSE_LIMIT
-from keras_sparse_moe.layers.storage import STORAGES
+from keras_sparse_moe.layers.storage import STORAGES, TileStorage
 from keras_sparse_moe.ops import dispatch
 
 __all__ = ["LayerExperts", "SparseExperts"]
@@ -63,11 +63,13 @@ class SparseExperts(keras.layers.Layer):
         kernel_initializer,
         seed=None,
         implementation="masked",
+        route_implementation=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_experts = num_experts
         self.implementation = implementation
+        self.route_implementation = route_implementation or implementation
         self.units = units
         self.hidden_units = hidden_units
         seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
@@ -91,15 +93,16 @@ class SparseExperts(keras.layers.Layer):
         self.expert_routes = None
         if route_density > 0 and num_experts > 1:
             # Density over all E*h x E*h pairs whose links all lie between experts.
-            # Sparse storage draws them uniformly inside the pattern (no dense mask).
-            # A storage holding the dense kernel takes the clustered mask builder.
-            masked = STORAGES[implementation].stores_dense
+            # Sparse storages draw them uniformly inside the pattern (no dense mask;
+            # tiles: an equal share in each pair's tile). A storage holding the
+            # dense kernel takes the clustered mask builder.
+            masked = STORAGES[self.route_implementation].stores_dense
             self.expert_routes = SparseDense(
                 num_experts * hidden_units,
                 density=route_density * (num_experts - 1) / num_experts,
                 topology="small_world" if masked else "erdos_renyi",
                 topology_kwargs={"num_clusters": num_experts, "rewire": 1.0} if masked else None,
-                implementation=implementation,
+                implementation=self.route_implementation,
                 allowed=topologies.BlockPattern.between_clusters(num_experts),
                 use_bias=False,
                 kernel_initializer=kernel_initializer,
@@ -226,7 +229,8 @@ class SparseExperts(keras.layers.Layer):
         num_rows = ops.shape(hidden)[0]
         padded = ops.concatenate([hidden, ops.zeros_like(hidden[:1])], axis=0)
         # (tokens, E): the row holding each visited (token, expert) pair, else the zero row.
-        chosen = ops.one_hot(index, e, dtype="int32")
+        # (one_hot of a rank-2 index does not convert to ONNX: an equality does)
+        chosen = ops.cast(ops.expand_dims(index, -1) == ops.arange(e, dtype=index.dtype), "int32")
         row_map = ops.sum(chosen * ops.expand_dims(row_of_choice - num_rows, -1), axis=1)
         routed = self._routes(ops.take(padded, row_map + num_rows, axis=0))
         picked = ops.take(ops.reshape(routed, (-1, h)), token_of_row * e + expert_of_row, axis=0)
@@ -251,8 +255,22 @@ class SparseExperts(keras.layers.Layer):
         entries: those take the all-experts path."""
         return all(
             layer.storage.stores_dense or int(np.prod(layer.kernel_shape)) <= DENSE_LIMIT
-            for layer in self._kernel_layers
+            for layer in self._densified_layers
         )
+
+    @property
+    def _tiled_routes(self):
+        """True: the routes keep their connections by tile (`TileStorage`), and the
+        grouped dispatch reads only the tiles between visited experts."""
+        return self.expert_routes is not None and isinstance(
+            self.expert_routes.storage, TileStorage
+        )
+
+    @property
+    def _densified_layers(self):
+        """The layers whose dense kernel the grouped dispatch reads."""
+        layers = self._kernel_layers
+        return layers[:2] if self._tiled_routes else layers
 
     DENSIFY_COST = 3  # multiply-adds of the sparse product one densified entry costs
 
@@ -267,7 +285,7 @@ class SparseExperts(keras.layers.Layer):
         tokens the grouped path 8x faster). An unknown count: grouped."""
         if self.stores_dense or not isinstance(num_tokens, (int, np.integer)):
             return True
-        layers = self._kernel_layers
+        layers = self._densified_layers
         connections = sum(layer.storage.macs_per_row for layer in layers)
         entries = sum(int(np.prod(layer.kernel_shape)) for layer in layers)
         return int(num_tokens) * connections >= self.DENSIFY_COST * entries
@@ -305,6 +323,8 @@ class SparseExperts(keras.layers.Layer):
         """
         if self.expert_routes is None or top_k < 2:
             return None
+        if self._tiled_routes:
+            return "connections"
         if not isinstance(num_tokens, (int, np.integer)):
             return "tiles"
         e, h, u = self.num_experts, self.hidden_units, self.units
@@ -323,6 +343,8 @@ class SparseExperts(keras.layers.Layer):
             return self._output_with_folded_routes(hidden, plan, index, experts)
         if form == "tiles":
             hidden = hidden + self._visited_routes(hidden, plan, index)
+        elif form == "connections":
+            hidden = hidden + self._visited_route_connections(hidden, plan, index, experts)
         return self._grouped_layer(self.expert_output, hidden, self.units, plan, experts)
 
     def _output_with_folded_routes(self, hidden, plan, index, experts):
@@ -364,6 +386,33 @@ class SparseExperts(keras.layers.Layer):
         inputs = ops.take(hidden, ops.take(source_rows, pairs.choice_of_row), axis=0)
         routed = dispatch.tiled_matmul(inputs, self.expert_routes.dense_kernel(), pairs, h)
         return _on_target_rows(ops.take(routed, pairs.row_of_choice, axis=0), plan, k)
+
+    def _visited_route_connections(self, hidden, plan, index, experts):
+        """`_visited_routes` in O(connections): each ordered pair of a token's
+        visited experts reads only the connections of its tile
+        (`TileStorage.tile_arrays`): `tokens * k * (k - 1) * capacity`
+        multiply-adds, gathered and summed per target unit. A symbolic token
+        count (exports) and RigL's growth probe take every connection on the
+        visited rows instead (`_row_routes`)."""
+        e, h, k = self.num_experts, self.hidden_units, index.shape[-1]
+        storage = self.expert_routes.storage
+        tokens = index.shape[0]
+        if not isinstance(tokens, (int, np.integer)) or storage.probing:
+            token_of_row = plan.token_of_row
+            return self._row_routes(hidden, plan.row_of_choice, token_of_row, experts, index)
+        source, target = _ordered_pairs(k)
+        pair_blocks = ops.take(index, source, axis=1) * e + ops.take(index, target, axis=1)
+        tile = ops.take(storage.tile_of_block(), ops.reshape(pair_blocks, (-1,)))
+        source_rows = ops.reshape(ops.take(plan.row_of_choice, source, axis=1), (-1,))
+        inputs = ops.take(hidden, source_rows, axis=0)  # (pairs, h)
+        values, rows, cols = storage.tile_arrays(tile)
+        products = ops.take_along_axis(inputs, rows, axis=1) * ops.cast(values, inputs.dtype)
+        pairs = tokens * k * (k - 1)
+        units = ops.expand_dims(ops.arange(pairs, dtype="int32") * h, -1) + cols
+        routed = ops.segment_sum(
+            ops.reshape(products, (-1,)), ops.reshape(units, (-1,)), num_segments=pairs * h
+        )
+        return _on_target_rows(ops.reshape(routed, (pairs, h)), plan, k)
 
     def _grouped_layer(self, layer, rows, width, plan, experts):
         """`rows @ W_e + b_e` for each row's expert `e` (the dense kernel of either storage)."""

@@ -211,9 +211,7 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
                         f"room for {room} of the {size}. Lower `density`. Received: "
                         f"density={density:.4g}"
                     )
-            return topologies.erdos_renyi_positions(
-                fan_in, n_out, count, seed=self.seed, allowed=self.allowed
-            )
+            return self.storage.random_positions(count, self.seed)
         if size > DENSE_LIMIT:
             raise ValueError(
                 f"{owner}: topology {self.topology!r} builds a dense mask, and a {shape} "
@@ -286,10 +284,10 @@ class SparseKernelLayer(VersionedConfig, keras.layers.Layer):
                 f"would store a dense {weight_shape} kernel (more than {DENSE_LIMIT} entries). "
                 "Use implementation='sparse'."
             )
+        self._kernel_shape = shape  # the storage reads it while drawing
+        self._full_shape = weight_shape
         rows, cols = self._draw_connections(weight_shape)
         self._check_inside_allowed(rows, cols, shape)
-        self._kernel_shape = shape
-        self._full_shape = weight_shape
         scale = 1.0
         if self.density_aware_init and isinstance(
             self.kernel_initializer, initializers.VarianceScaling

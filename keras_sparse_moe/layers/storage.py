@@ -56,6 +56,7 @@ __all__ = [
     "MaskedStorage",
     "SlotState",
     "SlotStorage",
+    "TileStorage",
 ]
 
 
@@ -144,6 +145,21 @@ class _Storage:
             _, aux = compiled(self, variables, *args)
             self.refresh()
         return aux
+
+    def random_positions(self, count, seed):
+        """int32 `(rows, cols)` of the Erdős–Rényi draw: `count` distinct positions,
+        uniform over those `allowed`."""
+        from keras_sparse_moe import topologies
+
+        n_in, n_out = self.shape
+        return topologies.erdos_renyi_positions(
+            n_in, n_out, count, seed=seed, allowed=self.layer.allowed
+        )
+
+    def refillable(self, drop, grown):
+        """The drops that `grown` (a growth step's answer) can refill: all of them,
+        where a grown connection may take any dropped one's place."""
+        return drop
 
     def step_signature(self):
         """What a compiled step reads from this storage besides its variables: the
@@ -428,10 +444,15 @@ class SlotStorage(_Storage):
         n_in, n_out = self.shape
         self.packed = (int(n_in) + 1) * int(n_out) <= INT32_MAX
         count = len(rows)
+        draw = initial_values(layer.kernel_initializer, layer._full_shape, count, scale)
+        live = np.asarray(rows) < n_in
+        if not live.all():  # parked slots (a tile's spare room) start at zero
+            drawn = draw
+            draw = lambda shape, dtype: ops.where(live, drawn(shape, dtype), 0.0)  # noqa: E731
         layer.values = layer.add_weight(
             name="values",
             shape=(count,),
-            initializer=initial_values(layer.kernel_initializer, layer._full_shape, count, scale),
+            initializer=draw,
             regularizer=layer.kernel_regularizer,
             constraint=layer.kernel_constraint,
         )
@@ -593,6 +614,11 @@ class SlotStorage(_Storage):
         finally:
             self._probe = None
 
+    @property
+    def probing(self) -> bool:
+        """True while a growth probe adds candidate connections (`growth_probe`)."""
+        return self._probe is not None
+
     def arrays(self, x=None):
         """`(values, rows, cols)` of the slots, with the growth probe's appended.
 
@@ -676,6 +702,16 @@ class SlotStorage(_Storage):
         n_out = self.shape[1]
         return flat // n_out, flat % n_out
 
+    def draw_candidates(self, seed, count):
+        """`(rows, cols)` of the candidate positions RigL scores (int32): every
+        position, in order, when `count` covers the kernel; else `count`
+        uniform random ones (positions may repeat) from the `(2,)` `seed`."""
+        n_in, n_out = self.shape
+        if count >= int(n_in) * int(n_out):
+            flat = ops.arange(int(n_in) * int(n_out), dtype="int32")
+            return flat // n_out, flat % n_out
+        return rewiring.random_indices(seed, count, self.shape)
+
     def random_growth(self, state, positions, drop, count, k_max, n_candidates, seed):
         shape = self.shape
         size = int(shape[0]) * int(shape[1])
@@ -718,5 +754,236 @@ class SlotStorage(_Storage):
         return self.state(flat), None
 
 
-STORAGES = {storage.name: storage for storage in (MaskedStorage, SlotStorage)}
+class TileStorage(SlotStorage):
+    """Slot storage grouped by tile: O(nnz) routes read one tile at a time.
+
+    The kernel is cut into the blocks of the layer's `allowed` pattern (a
+    `BlockPattern` whose blocks divide the kernel evenly: the routes' `(h, h)`
+    tiles between experts). Each allowed block, a tile, owns `capacity`
+    consecutive slots: its connections, then parked slots (row `fan_in`,
+    value zero). So the connections of a tile are one row of the `(tiles,
+    capacity)` slot array, and a product that visits a few tiles reads only
+    their connections (`tile_arrays`). Rewiring keeps every tile's count:
+    SET and RigL regrow each dropped connection inside its own tile
+    (uniformly at random, or by the largest gradient among candidates drawn
+    evenly over the tiles), and pruning parks slots in place.
+    """
+
+    name = "tiles"
+
+    def __init__(self, layer):
+        from keras_sparse_moe.topologies import BlockPattern
+
+        super().__init__(layer)
+        self.capacity = None
+        if not isinstance(layer.allowed, BlockPattern):
+            raise ValueError(
+                f"`{layer._owner}` with implementation='tiles' groups its connections by the "
+                "blocks of its `allowed` pattern: give `allowed=BlockPattern(...)`. Received: "
+                f"allowed={layer.allowed!r}"
+            )
+
+    # Geometry ----------------------------------------------------------- #
+    def _geometry(self):
+        """`(tile_rows, tile_cols, tile_of_block, block_of_tile)` for the built shape."""
+        layer, (n_in, n_out) = self.layer, self.shape
+        pattern = layer.allowed
+        r, c = pattern.blocks.shape
+        if n_in % r or n_out % c:
+            raise ValueError(
+                f"`{layer._owner}` '{layer.name}' with implementation='tiles' needs `allowed` "
+                f"blocks that divide its {tuple(self.shape)} kernel evenly. Received: "
+                f"{pattern!r}"
+            )
+        block_of_tile = np.flatnonzero(pattern.blocks.ravel()).astype(np.int32)
+        tile_of_block = np.full(r * c, -1, np.int32)
+        tile_of_block[block_of_tile] = np.arange(block_of_tile.size, dtype=np.int32)
+        return int(n_in) // r, int(n_out) // c, tile_of_block, block_of_tile
+
+    @property
+    def num_tiles(self) -> int:
+        return int(np.count_nonzero(self.layer.allowed.blocks))
+
+    @property
+    def tile_shape(self) -> tuple:
+        """`(rows, cols)` of one tile."""
+        return self._geometry()[:2]
+
+    def tile_of_block(self):
+        """int32 `(R * C,)`: the tile index of each block of the pattern (-1: none)."""
+        return self._geometry()[2]
+
+    def _tiles_of(self, rows, cols):
+        """numpy tile index of each connection `(rows, cols)`."""
+        th, tw, tile_of_block, _ = self._geometry()
+        blocks_per_row = self.layer.allowed.blocks.shape[1]
+        return tile_of_block[(rows // th) * blocks_per_row + cols // tw]
+
+    def _layout(self, rows, cols, capacity=None):
+        """`(rows, cols, order)`: the slots of connections `(rows, cols)` laid out
+        tile by tile, `capacity` slots a tile (default: the fullest tile's
+        count), parked slots after each tile's connections; `order[i]` is the
+        connection in slot `i` (-1: parked)."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        tiles = self._tiles_of(rows, cols)
+        counts = np.bincount(tiles, minlength=self.num_tiles)
+        if capacity is None:
+            capacity = max(1, int(counts.max(initial=0)))
+        if counts.max(initial=0) > capacity:
+            layer = self.layer
+            raise ValueError(
+                f"`{layer._owner}` '{layer.name}' has {capacity} connection slots a tile. "
+                f"Received: {int(counts.max())} connections in tile "
+                f"{int(counts.argmax())}: build it with a higher density."
+            )
+        order = np.argsort(tiles, kind="stable")
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = tiles[order] * capacity + (np.arange(order.size) - start[tiles[order]])
+        where = np.full(self.num_tiles * capacity, -1, np.int64)
+        where[slot] = order
+        live = where >= 0
+        n_in = self.shape[0]
+        out_rows = np.where(live, rows[np.maximum(where, 0)], n_in).astype(np.int32)
+        out_cols = np.where(live, cols[np.maximum(where, 0)], 0).astype(np.int32)
+        return out_rows, out_cols, where, capacity
+
+    def random_positions(self, count, seed):
+        """The Erdős–Rényi draw, stratified: every tile gets `count / tiles`
+        distinct uniform positions (the remainder one more each in the first
+        tiles), so no tile needs spare slots."""
+        th, tw, _, block_of_tile = self._geometry()
+        tiles, per_row = block_of_tile.size, self.layer.allowed.blocks.shape[1]
+        counts = np.full(tiles, count // tiles)
+        counts[: count % tiles] += 1
+        generator = _runtime.rng(seed)
+        rows, cols = [], []
+        for tile, n in enumerate(counts):
+            local = np.sort(generator.choice(th * tw, size=int(n), replace=False))
+            block = block_of_tile[tile]
+            rows.append((block // per_row) * th + local // tw)
+            cols.append((block % per_row) * tw + local % tw)
+        return np.concatenate(rows).astype(np.int32), np.concatenate(cols).astype(np.int32)
+
+    def build(self, rows, cols, scale):
+        rows, cols, _, self.capacity = self._layout(rows, cols)
+        super().build(rows, cols, scale)
+
+    def assign_connections(self, rows, cols, values):
+        rows, cols, where, _ = self._layout(rows, cols, self.capacity)
+        values = np.asarray(values)
+        for variable, array in zip(self.variables[1:], self._pack(rows, cols)):
+            variable.assign(array)
+        kept = np.where(where >= 0, values[np.maximum(where, 0)], 0) if values.size else where * 0
+        self.layer.values.assign(kept.astype(self.layer.values.dtype))
+        self.refresh()
+
+    # Forward pass ------------------------------------------------------- #
+    def tile_arrays(self, tiles):
+        """`(values, rows, cols)`, each `(len(tiles), capacity)`: the slots of the
+        given tiles (int32 indices), with rows and columns inside the tile.
+        Only those slots are read and unpacked (O(len(tiles) * capacity));
+        parked slots give row 0 and value zero (and no gradient)."""
+        n_in, n_out = (int(n) for n in self.shape)
+        th, tw = self.tile_shape
+        shape = (self.num_tiles, self.capacity)
+        values = ops.take(ops.reshape(ops.convert_to_tensor(self.layer.values), shape), tiles, 0)
+        indices = [ops.take(ops.reshape(v, shape), tiles, 0) for v in self.variables[1:]]
+        rows, cols = self._unpack(indices)
+        rows, cols = ops.cast(rows, "int32"), ops.cast(cols, "int32")
+        values = ops.where(rows < n_in, values, 0.0)
+        return values, rows % th, cols % tw
+
+    # Compiled rewiring primitives --------------------------------------- #
+    def draw_candidates(self, seed, count):
+        """`(rows, cols)` of about `count` candidates, evenly over the tiles, tile
+        by tile: `ceil(count / tiles)` uniform random ones a tile (positions may
+        repeat), or every position of each tile when that is as many."""
+        th, tw, _, block_of_tile = self._geometry()
+        tiles = self.num_tiles
+        per_tile = max(1, -(-int(count) // tiles))
+        if per_tile >= th * tw:
+            per_tile, local = th * tw, ops.tile(ops.arange(th * tw, dtype="int32"), (tiles,))
+            local_rows, local_cols = local // tw, local % tw
+        else:
+            local_rows, local_cols = rewiring.random_indices(seed, tiles * per_tile, (th, tw))
+        blocks_per_row = self.layer.allowed.blocks.shape[1]
+        origin_rows = np.repeat((block_of_tile // blocks_per_row) * th, per_tile)
+        origin_cols = np.repeat((block_of_tile % blocks_per_row) * tw, per_tile)
+        return local_rows + origin_rows.astype(np.int32), local_cols + origin_cols.astype(np.int32)
+
+    def _per_tile(self, x):
+        return ops.reshape(x, (self.num_tiles, -1))
+
+    def _ranked(self, valid, scores, candidates):
+        """A growth answer: per tile, its candidates best first (`order`), how many
+        are acceptable, and the candidates' positions."""
+        valid = self._per_tile(valid)
+        key = ops.where(valid, -self._per_tile(scores), np.float32(3.0e38))
+        order = ops.cast(ops.argsort(key, axis=-1), "int32")
+        acceptable = ops.sum(ops.cast(valid, "int32"), axis=-1)
+        return order, acceptable, candidates[0], candidates[1]
+
+    def _drops_per_tile(self, drop):
+        return ops.sum(ops.cast(self._per_tile(drop), "int32"), axis=-1)
+
+    def random_growth(self, state, positions, drop, count, k_max, n_candidates, seed):
+        """SET's growth: each dropped connection regrows at a random empty position
+        of its own tile (a position dropped now may be regrown). `enough` is
+        False when some tile has fewer acceptable candidates than drops."""
+        candidates = self.draw_candidates(seed, n_candidates)
+        kept = ops.logical_and(state.rows < self.shape[0], ops.logical_not(drop))
+        valid = rewiring.empty_candidates(
+            state.rows, state.cols, kept, candidates, self.shape, seed[1]
+        )
+        # Random scores: acceptable candidates are taken in a random order.
+        salted = seed + np.array([0x51ED270B, 0], "int32")
+        scores = _runtime.stateless_randint(salted, (valid.shape[0],), 1 << 24)
+        grown = self._ranked(valid, ops.cast(scores, "float32"), candidates)
+        enough = ops.all(grown[1] >= self._drops_per_tile(drop))
+        return grown, enough, ops.convert_to_tensor(True)
+
+    def scored_growth(self, state, positions, count, k_max, exact, salt, *gradient):
+        """RigL's growth: `gradient = (scores, rows, cols)` at `draw_candidates`
+        positions; each tile regrows at its empty candidates of largest
+        `|score|`, as many as it drops (`refillable` caps a tile's drops at its
+        acceptable candidates)."""
+        scores, cand_rows, cand_cols = gradient
+        candidates = (ops.cast(cand_rows, "int32"), ops.cast(cand_cols, "int32"))
+        active = state.rows < self.shape[0]
+        valid = rewiring.empty_candidates(
+            state.rows, state.cols, active, candidates, self.shape, salt
+        )
+        grown = self._ranked(valid, ops.abs(ops.cast(scores, "float32")), candidates)
+        count = ops.minimum(ops.cast(count, "int32"), ops.sum(grown[1]))
+        true = ops.convert_to_tensor(True)
+        return grown, count, true, true
+
+    def refillable(self, drop, grown):
+        """Each tile's drops, at most as many as it has acceptable candidates
+        (the first ones in slot order)."""
+        rank = ops.cumsum(ops.cast(self._per_tile(drop), "int32"), axis=-1)
+        room = ops.expand_dims(grown[1], -1)
+        return ops.logical_and(drop, ops.reshape(rank <= room, (-1,)))
+
+    def replace(self, state, positions, drop, grown, grown_values=None):
+        """The j-th drop of each tile (slot order) takes the tile's j-th best
+        candidate; `drop` must be `refillable`."""
+        order, _, cand_rows, cand_cols = grown
+        per_tile = order.shape[-1]
+        rank = ops.cumsum(ops.cast(self._per_tile(drop), "int32"), axis=-1) - 1
+        rank = ops.clip(rank, 0, per_tile - 1)
+        chosen = ops.take_along_axis(order, rank, axis=-1)
+        tile = ops.expand_dims(ops.arange(self.num_tiles, dtype="int32"), -1)
+        flat = ops.reshape(tile * per_tile + chosen, (-1,))
+        flat_state = rewiring.write_slots(
+            self.flat(state),
+            drop,
+            ops.take(cand_rows, flat),
+            ops.take(cand_cols, flat),
+            None if grown_values is None else rewiring.per_dropped_slot(grown_values, drop),
+        )
+        return self.state(flat_state), None
+
+
+STORAGES = {storage.name: storage for storage in (MaskedStorage, SlotStorage, TileStorage)}
 DEFAULT_STORAGE = MaskedStorage.name  # the layers' default `implementation`

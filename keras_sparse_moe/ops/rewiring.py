@@ -38,6 +38,8 @@ __all__ = [
     "remove",
     "remove_slots",
     "rewire_slots",
+    "per_dropped_slot",
+    "write_slots",
     "connection_list_is_current",
     "dropped_marker",
     "dropped_positions",
@@ -547,13 +549,26 @@ def rewire_slots(state, drop, grown_rows, grown_cols, grown_values=None):
     starting at `grown_values[r]` (zero when None) with zero optimizer state.
     O(nnz): every array is rewritten with one select.
     """
-    values, rows, cols, *slots = state
     rank = ops.maximum(prefix_count(drop) - 1, 0)
-    start = 0.0 if grown_values is None else ops.take(grown_values, rank)
+    start = None if grown_values is None else ops.take(grown_values, rank)
+    return write_slots(state, drop, ops.take(grown_rows, rank), ops.take(grown_cols, rank), start)
+
+
+def per_dropped_slot(grown_values, drop):
+    """`grown_values[r]` at the r-th dropped slot (slot order), for every slot."""
+    return ops.take(grown_values, ops.maximum(prefix_count(drop) - 1, 0))
+
+
+def write_slots(state, drop, rows_at, cols_at, start_at=None):
+    """`[values, rows, cols, *slots]` with every `drop` slot moved to `(rows_at,
+    cols_at)` (per slot), starting at `start_at` (per slot; zero when None)
+    with zero optimizer state."""
+    values, rows, cols, *slots = state
+    start = 0.0 if start_at is None else start_at
     return [
         ops.where(drop, ops.cast(start, values.dtype), values),
-        ops.where(drop, ops.take(grown_rows, rank), rows),
-        ops.where(drop, ops.take(grown_cols, rank), cols),
+        ops.where(drop, ops.cast(rows_at, rows.dtype), rows),
+        ops.where(drop, ops.cast(cols_at, cols.dtype), cols),
         *(ops.where(drop, ops.zeros_like(s), s) for s in slots),
     ]
 

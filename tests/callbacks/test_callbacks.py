@@ -283,6 +283,7 @@ def test_rigl_on_sparse_experts_grows_what_exact_rigl_grows_on_masked_experts(ro
             route_density=routes,
             seed=0,
             implementation=implementation,
+            route_implementation=implementation,  # tiles regrow inside each tile
         )
         return keras.Model(inputs, mixture(inputs))
 
