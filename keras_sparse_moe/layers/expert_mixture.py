@@ -156,7 +156,10 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
     computed only between the experts a token visited: `k * (k - 1)` tiles of
     `expert_units^2` a token. Without `top_k` (or with `dispatch="all"`, or in
     the capacity dispatch) the masked routes cost a dense `(E*expert_units)^2`
-    matmul per token.
+    matmul per token. Routes kept by tile (`route_implementation="tiles"`, the
+    default for large route matrices) store only their connections, and a
+    token reads only the tiles between the experts it visited (`k * (k - 1)`
+    tiles' connections), in the grouped and the capacity dispatch.
 
     **User experts** (`experts=[...]`): any Keras layers or models with equal
     output shapes, e.g. small CNNs.

@@ -212,9 +212,21 @@ class SparseExperts(keras.layers.Layer):
 
     def _slot_routes(self, hidden, plan, index):
         """The routes' contribution to each slot: via the tokens' active hidden states."""
-        e, h = self.num_experts, self.hidden_units
+        e, h, k = self.num_experts, self.hidden_units, index.shape[-1]
         flat = ops.reshape(hidden, (-1, h))
         num_slots = ops.shape(flat)[0]
+        static = isinstance(index.shape[0], (int, np.integer))
+        if self._tiled_routes and k > 1 and static and not self.expert_routes.storage.probing:
+            # Only the tiles between visited experts; a dropped choice reads the zero row.
+            padded = ops.concatenate([flat, ops.zeros_like(flat[:1])], axis=0)
+            per_pair = self._pair_routes_by_tile(padded, plan.slot, index)
+            per_choice = ops.sum(ops.reshape(per_pair, (-1, k, k - 1, h)), axis=2)
+            at_slot = ops.segment_sum(
+                ops.reshape(per_choice, (-1, h)),
+                ops.reshape(plan.slot, (-1,)),
+                num_segments=num_slots + 1,
+            )
+            return ops.reshape(at_slot[:num_slots], (e, -1, h))
         expert_of_slot = ops.arange(num_slots, dtype="int32") // plan.capacity
         token_of_slot = ops.maximum(plan.token_of_slot, 0)
         routed = self._row_routes(flat, plan.slot, token_of_slot, expert_of_slot, index)
@@ -303,8 +315,9 @@ class SparseExperts(keras.layers.Layer):
 
     def route_form(self, num_tokens, top_k):
         """How the grouped dispatch computes the routes for `num_tokens` tokens:
-        `"tiles"` (`_visited_routes`) or `"folded"` (`_output_with_folded_routes`); None
-        without routes or with `top_k` 1.
+        `"tiles"` (`_visited_routes`) or `"folded"` (`_output_with_folded_routes`);
+        `"connections"` (`_visited_route_connections`) for routes kept by tile
+        (`route_implementation="tiles"`); None without routes or with `top_k` 1.
 
         The folded form multiplies each row by `E * units` columns where the
         tiles multiply each ordered pair by `h`, but it needs no second plan,
@@ -388,31 +401,38 @@ class SparseExperts(keras.layers.Layer):
         return _on_target_rows(ops.take(routed, pairs.row_of_choice, axis=0), plan, k)
 
     def _visited_route_connections(self, hidden, plan, index, experts):
-        """`_visited_routes` in O(connections): each ordered pair of a token's
-        visited experts reads only the connections of its tile
-        (`TileStorage.tile_arrays`): `tokens * k * (k - 1) * capacity`
-        multiply-adds, gathered and summed per target unit. A symbolic token
-        count (exports) and RigL's growth probe take every connection on the
-        visited rows instead (`_row_routes`)."""
-        e, h, k = self.num_experts, self.hidden_units, index.shape[-1]
-        storage = self.expert_routes.storage
-        tokens = index.shape[0]
-        if not isinstance(tokens, (int, np.integer)) or storage.probing:
+        """`_visited_routes` in O(connections) (`_pair_routes_by_tile`) for the
+        grouped layout. A symbolic token count (exports) and RigL's growth probe
+        take every connection on the visited rows instead (`_row_routes`)."""
+        k = index.shape[-1]
+        if not isinstance(index.shape[0], (int, np.integer)) or self.expert_routes.storage.probing:
             token_of_row = plan.token_of_row
             return self._row_routes(hidden, plan.row_of_choice, token_of_row, experts, index)
+        per_pair = self._pair_routes_by_tile(hidden, plan.row_of_choice, index)
+        return _on_target_rows(per_pair, plan, k)
+
+    def _pair_routes_by_tile(self, hidden, row_of_choice, index):
+        """What each ordered pair of a token's visited experts (`_ordered_pairs`
+        order) sends along the routes, reading only the connections of its tile
+        (`TileStorage.tile_arrays`): `(tokens * k * (k - 1), h)`, from
+        `tokens * k * (k - 1) * capacity` multiply-adds gathered and summed per
+        target unit. `row_of_choice` is each choice's row of `hidden` (a
+        dropped choice: a zero row)."""
+        e, h, k = self.num_experts, self.hidden_units, index.shape[-1]
+        storage = self.expert_routes.storage
         source, target = _ordered_pairs(k)
         pair_blocks = ops.take(index, source, axis=1) * e + ops.take(index, target, axis=1)
         tile = ops.take(storage.tile_of_block(), ops.reshape(pair_blocks, (-1,)))
-        source_rows = ops.reshape(ops.take(plan.row_of_choice, source, axis=1), (-1,))
+        source_rows = ops.reshape(ops.take(row_of_choice, source, axis=1), (-1,))
         inputs = ops.take(hidden, source_rows, axis=0)  # (pairs, h)
         values, rows, cols = storage.tile_arrays(tile)
         products = ops.take_along_axis(inputs, rows, axis=1) * ops.cast(values, inputs.dtype)
-        pairs = tokens * k * (k - 1)
+        pairs = index.shape[0] * k * (k - 1)
         units = ops.expand_dims(ops.arange(pairs, dtype="int32") * h, -1) + cols
         routed = ops.segment_sum(
             ops.reshape(products, (-1,)), ops.reshape(units, (-1,)), num_segments=pairs * h
         )
-        return _on_target_rows(ops.reshape(routed, (pairs, h)), plan, k)
+        return ops.reshape(routed, (pairs, h))
 
     def _grouped_layer(self, layer, rows, width, plan, experts):
         """`rows @ W_e + b_e` for each row's expert `e` (the dense kernel of either storage)."""

@@ -173,3 +173,37 @@ def test_executed_flops_count_each_pair_by_its_tiles_slots():
     # batch 1: the gate, 3 experts, 3 * 2 ordered pairs reading a tile's slots, the combine.
     gate, experts = 2 * 10 * 4, 3 * 2 * (10 * 8 + 8 * 3)
     assert flops == gate + experts + 3 * 2 * 2 * capacity + 2 * 3 * 3
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 4.0])
+def test_capacity_dispatch_reads_the_visited_tiles_as_every_connection_does(
+    capacity_factor, monkeypatch
+):
+    from keras_sparse_moe.layers.experts import SparseExperts
+
+    def model():
+        layer = SparseExpertMixture(
+            top_k=3,
+            capacity_factor=capacity_factor,
+            route_density=0.3,
+            route_implementation="tiles",
+            **BUILTIN,
+        )
+        m = keras.Sequential([keras.Input((10,)), layer])
+        m.compile(keras.optimizers.SGD(0.1), "mse")
+        return m
+
+    tiled, every = model(), model()
+    every.set_weights(tiled.get_weights())
+    with_tiles = compiled_call(tiled, X, training=True)
+    if capacity_factor > 1:  # nothing dropped: the grouped path's output
+        np.testing.assert_allclose(with_tiles, compiled_call(tiled, X), rtol=1e-5, atol=1e-5)
+    tiled.train_on_batch(X, Y)
+    # The reference: every connection, on the hidden states of the visited slots.
+    monkeypatch.setattr(SparseExperts, "_tiled_routes", property(lambda self: False))
+    np.testing.assert_allclose(
+        with_tiles, compiled_call(every, X, training=True), rtol=1e-5, atol=1e-5
+    )
+    every.train_on_batch(X, Y)  # the same gradients: the same weights after a step
+    for a, b in zip(tiled.trainable_weights, every.trainable_weights):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-5)
