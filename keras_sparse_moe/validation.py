@@ -393,11 +393,6 @@ def check_expert_bank(
         tiles = num_experts > 1 and routes > 0
         tiles = tiles and (large or not STORAGES[implementation].stores_dense)
         route_implementation = "tiles" if tiles else implementation
-    elif route_implementation == "tiles" and num_experts < 2:
-        raise ValueError(
-            f"`{owner}`: route_implementation='tiles' keeps routes between experts, and "
-            f"there is one. Received: num_experts={num_experts}"
-        )
     return {
         "units": units,
         "num_experts": num_experts,

@@ -24,7 +24,7 @@ from keras import ops
 from keras_sparse_moe import topologies
 from keras_sparse_moe.layers.sparse_dense import SparseDense
 from keras_sparse_moe.layers.sparse_kernel import DENSE_LIMIT
-from keras_sparse_moe.layers.storage import STORAGES, TileStorage
+from keras_sparse_moe.layers.storage import STORAGES
 from keras_sparse_moe.ops import dispatch
 
 __all__ = ["LayerExperts", "SparseExperts"]
@@ -274,9 +274,7 @@ class SparseExperts(keras.layers.Layer):
     def _tiled_routes(self):
         """True: the routes keep their connections by tile (`TileStorage`), and the
         grouped dispatch reads only the tiles between visited experts."""
-        return self.expert_routes is not None and isinstance(
-            self.expert_routes.storage, TileStorage
-        )
+        return self.expert_routes is not None and self.expert_routes.storage.reads_tiles
 
     @property
     def _densified_layers(self):

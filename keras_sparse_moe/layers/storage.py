@@ -89,6 +89,8 @@ class _Storage:
     # True: the whole kernel is stored, so the dense gradient is the growth score
     # and a dense view costs nothing more.
     stores_dense = False
+    # True: the connections can be read one block of `allowed` at a time (`tile_arrays`).
+    reads_tiles = False
 
     def __init__(self, layer):
         self.layer = layer
@@ -770,6 +772,7 @@ class TileStorage(SlotStorage):
     """
 
     name = "tiles"
+    reads_tiles = True
 
     def __init__(self, layer):
         from keras_sparse_moe.topologies import BlockPattern
