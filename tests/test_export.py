@@ -92,8 +92,15 @@ MODELS = {
             top_k=2, capacity_factor=1.0, route_density=0.2, implementation="sparse", **MIXTURE
         )
     ),
+    # Masked experts with routes kept by tile: a free batch size reads every connection.
     "noisy_top_k_capacity": lambda: _sequential(
-        SparseExpertMixture(gate=NoisyTopKGate(4, top_k=2, seed=0), capacity_factor=1.25, **MIXTURE)
+        SparseExpertMixture(
+            gate=NoisyTopKGate(4, top_k=2, seed=0),
+            capacity_factor=1.25,
+            route_density=0.2,
+            route_implementation="tiles",
+            **MIXTURE,
+        )
     ),
     "user_experts": lambda: _sequential(
         SparseExpertMixture(experts=_user_experts(), top_k=2, capacity_factor=1.0)
