@@ -106,3 +106,19 @@ def assert_masked_weights_zero(model):
             continue
         kernel, mask = to_numpy(layer.kernel), to_numpy(layer.mask)
         assert np.all(kernel[mask == 0] == 0), f"{layer.name}: masked weights moved"
+
+
+def rewire_once(model, callback, fraction):
+    """Runs `callback` once on `model` now, outside `fit` (the optimizer built):
+    `SETEvolution` evolves, `RigL` drops and grows `fraction`, `MagnitudePruning`
+    prunes to density `fraction`. Returns the count it changed."""
+    from keras_sparse_moe import callbacks
+
+    callback.set_model(model)
+    callback.set_params({"epochs": 2, "steps": 4})
+    callback.on_train_begin()
+    if isinstance(callback, callbacks.SETEvolution):
+        return callback.evolve()
+    if isinstance(callback, callbacks.MagnitudePruning):
+        return callback.prune(fraction)
+    return callback.update(fraction)

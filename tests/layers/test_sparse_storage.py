@@ -16,6 +16,7 @@ from tests.test_case import (
     assert_config_covers_init,
     compiled_call,
     masked_layers,
+    rewire_once,
     to_numpy,
 )
 
@@ -197,17 +198,7 @@ def test_callbacks_keep_counts_and_reset_state_at_changed_slots(name, layout, mo
             schedules.ConstantSparsity(0.9, begin_step=0, frequency=1)
         ),
     }[name]()
-    callback.set_model(model)
-    callback.set_params({"epochs": 2, "steps": 4})
-    callback.on_train_begin()
-    changed = (
-        callback.evolve()
-        if name == "set"
-        else callback.prune(0.1)
-        if name == "pruning"
-        else callback.update(0.3)
-    )
-    assert changed > 0
+    assert rewire_once(model, callback, 0.1 if name == "pruning" else 0.3) > 0
     for layer, count, old in zip(layers, counts, before):
         new = _slot_state(model, layer)
         moved = (new[0] != old[0]) | (new[1] != old[1])

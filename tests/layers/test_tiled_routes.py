@@ -10,7 +10,7 @@ import keras_sparse_moe as ksm
 from keras_sparse_moe import callbacks, schedules
 from keras_sparse_moe.layers import SparseDense, SparseExpertMixture
 from keras_sparse_moe.topologies import BlockPattern
-from tests.test_case import compiled_call, to_numpy
+from tests.test_case import compiled_call, rewire_once, to_numpy
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((48, 10)).astype("float32")
@@ -126,17 +126,7 @@ def test_rewiring_keeps_every_tiles_count_and_a_rewired_model_saves(name, tmp_pa
             schedules.ConstantSparsity(0.9, begin_step=0, frequency=1)
         ),
     }[name]()
-    callback.set_model(model)
-    callback.set_params({"epochs": 1, "steps": 3})
-    callback.on_train_begin()
-    changed = (
-        callback.evolve()
-        if name == "set"
-        else callback.prune(0.1)
-        if name == "pruning"
-        else callback.update(0.5)
-    )
-    assert changed > 0
+    assert rewire_once(model, callback, 0.1 if name == "pruning" else 0.5) > 0
     tiles, own = _tiles_of_slots(routes)
     assert np.all((tiles == own) | (tiles == -1))  # every connection in its slot's tile
     after = set(zip(*(a.tolist() for a in routes.connection_indices())))
