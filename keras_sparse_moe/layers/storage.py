@@ -823,10 +823,10 @@ class TileStorage(SlotStorage):
         return tile_of_block[(rows // th) * blocks_per_row + cols // tw]
 
     def _layout(self, rows, cols, capacity=None):
-        """`(rows, cols, order)`: the slots of connections `(rows, cols)` laid out
-        tile by tile, `capacity` slots a tile (default: the fullest tile's
-        count), parked slots after each tile's connections; `order[i]` is the
-        connection in slot `i` (-1: parked)."""
+        """`(rows, cols, where, capacity)`: the slots of connections `(rows, cols)`
+        laid out tile by tile, `capacity` slots a tile (default: the fullest
+        tile's count), parked slots after each tile's connections; `where[i]`
+        is the connection in slot `i` (-1: parked)."""
         rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
         tiles = self._tiles_of(rows, cols)
         counts = np.bincount(tiles, minlength=self.num_tiles)
