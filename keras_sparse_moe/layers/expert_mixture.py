@@ -9,6 +9,7 @@ from keras import activations, initializers, ops
 from keras_sparse_moe import _runtime, losses, validation
 from keras_sparse_moe.layers import gates as gates_lib
 from keras_sparse_moe.layers.experts import LayerExperts, SparseExperts
+from keras_sparse_moe.layers.storage import DEFAULT_STORAGE
 from keras_sparse_moe.ops import dispatch as dispatch_ops
 from keras_sparse_moe.saving import VersionedConfig, read_config
 
@@ -866,5 +867,5 @@ class SparseExpertMixture(VersionedConfig, keras.layers.Layer):
             config.pop("route_implementation", None)
         elif "route_implementation" not in config:
             # Saved before the routes had a storage of their own: the experts'.
-            config["route_implementation"] = config.get("implementation") or "masked"
+            config["route_implementation"] = config.get("implementation") or DEFAULT_STORAGE
         return cls(**config)
